@@ -1,0 +1,230 @@
+"""The phi-1.5 Transformer (report section 2.1), in one file.
+
+Order: rotary helpers -> KVCache -> Attention -> MLP -> Block -> PhiModel.
+A phi block has ONE LayerNorm whose output feeds attention and the MLP in
+parallel; both results are added to the residual. Rotary embeddings touch only
+the first ``rotary_dim`` (32) channels of each 64-wide head, in the
+"rotate half" layout that the released weights and ``transformers`` use.
+
+``PhiModel.forward(idx, positions=None, cache=None, attention_mask=None)``
+serves training (no cache: causal SDPA fast path), prefill and decode (a
+preallocated ``KVCache`` passed in by the caller, so the model itself holds no
+inference state between calls).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from phibook.config import PhiConfig
+
+# --------------------------------------------------------------------------- rotary
+
+
+def rotary_tables(cfg: PhiConfig, length: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """cos/sin tables of shape (length, rotary_dim), duplicated across the two halves."""
+    inv_freq = 1.0 / (
+        cfg.rope_base ** (torch.arange(0, cfg.rotary_dim, 2, dtype=torch.float32, device=device) / cfg.rotary_dim)
+    )
+    t = torch.arange(length, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first cos.shape[-1] channels of x (B, H, T, D); cos/sin are (B or 1, 1, T, R)."""
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    x_rot = (x_rot.float() * cos + rotated.float() * sin).to(x.dtype)
+    return torch.cat([x_rot, x_pass], dim=-1)
+
+
+# --------------------------------------------------------------------------- cache
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, with an explicit fill position.
+
+    Shapes are (n_layer, batch, n_head, max_len, head_dim). ``pos`` counts the
+    positions already written; a forward with T new tokens writes slots
+    [pos, pos + T) and then advances ``pos``.
+    """
+
+    def __init__(
+        self,
+        cfg: PhiConfig,
+        batch: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.pos = 0
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, H, T, D) at the current position; return all keys/values so far."""
+        end = self.pos + k.shape[2]
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: PhiConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        # q, k and v in one matmul; the HF converter splits/fuses it explicitly.
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, mask: Tensor | None
+    ) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        # mask None + no cache (or a fresh cache) means plain causal attention;
+        # a single decode step without padding attends to everything cached.
+        is_causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        return self.out(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: PhiConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Parallel block: x + attn(ln(x)) + mlp(ln(x)), one LayerNorm shared by both."""
+
+    def __init__(self, cfg: PhiConfig, layer: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
+        self.attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, mask: Tensor | None
+    ) -> Tensor:
+        h = self.ln(x)
+        return x + self.attn(h, cos, sin, cache, mask) + self.mlp(h)
+
+
+class PhiModel(nn.Module):
+    """Embedding -> n_layer parallel blocks -> final LayerNorm -> untied LM head with bias.
+
+    Constructing the module allocates weights with PyTorch's default init;
+    call ``init_weights()`` for the training init, or load a state dict.
+    """
+
+    def __init__(self, cfg: PhiConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size)
+        cos, sin = rotary_tables(cfg, cfg.max_seq_len)
+        # Not persistent: derived from the config, so never stored in checkpoints.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """The training init: N(0, 0.02) weights, zero biases, output projections
+        scaled by 1/sqrt(2 * n_layer) (GPT-2's rule for residual branches)."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif ".ln" in name or name.startswith("ln_f"):
+                p.fill_(1.0)
+            else:
+                scale = 1 / math.sqrt(2 * self.config.n_layer) if name.endswith(("out.weight", "fc2.weight")) else 1.0
+                p.normal_(0.0, std * scale, generator=generator)
+        self.reset_rope()
+
+    def reset_rope(self) -> None:
+        """Recompute the rotary tables (after building on the meta device)."""
+        cos, sin = rotary_tables(self.config, self.config.max_seq_len, device=self.embed.weight.device)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    def forward(
+        self,
+        idx: Tensor,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Logits (B, T, vocab) for token ids ``idx`` (B, T).
+
+        positions: (T,) or (B, T) rotary positions; default start..start+T where
+            start is ``cache.pos`` (0 without a cache).
+        cache: written at [cache.pos, cache.pos + T), then advanced.
+        attention_mask: (B, S) with 1 for real tokens and 0 for padding, where S
+            covers every position up to the end of this call (cache included).
+        """
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device)
+        if int(positions.max()) >= self.config.max_seq_len:
+            raise ValueError(
+                f"position {int(positions.max())} is past the model's context of {self.config.max_seq_len}"
+            )
+        if positions.dim() == 1:
+            positions = positions.unsqueeze(0)
+        cos = self.rope_cos[positions].unsqueeze(1)  # (B or 1, 1, T, R)
+        sin = self.rope_sin[positions].unsqueeze(1)
+        mask = self._mask(T, start, attention_mask, idx.device)
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin, cache, mask)
+        if cache is not None:
+            cache.pos += T
+        return self.lm_head(self.ln_f(x))
+
+    @staticmethod
+    def _mask(T: int, start: int, attention_mask: Tensor | None, device: torch.device) -> Tensor | None:
+        """Boolean (B|1, 1, T, start+T) mask, or None where SDPA's own causal path suffices."""
+        if attention_mask is None and (start == 0 or T == 1):
+            return None
+        S = start + T
+        q_pos = torch.arange(start, S, device=device).unsqueeze(1)
+        k_pos = torch.arange(S, device=device).unsqueeze(0)
+        mask = (k_pos <= q_pos).unsqueeze(0)  # (1, T, S)
+        if attention_mask is not None:
+            keep = attention_mask[:, :S].bool().unsqueeze(1)  # (B, 1, S)
+            # A padded query must still see one key, or its softmax row is all
+            # -inf and NaNs leak into the cache; let every query see itself.
+            mask = (mask & keep) | (k_pos == q_pos).unsqueeze(0)
+        return mask.unsqueeze(1)
