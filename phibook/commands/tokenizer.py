@@ -102,7 +102,9 @@ def measure_tokens_per_char(tok, files: list[Path]) -> tuple[int, int, bool]:
     tokens = chars = 0
     batch: list[str] = []
     capped = False
-    with tqdm(total=None, unit="char", unit_scale=True, desc="measuring", file=sys.stderr, leave=False) as bar:
+    with tqdm(
+        total=None, unit="char", unit_scale=True, desc="measuring", file=sys.stderr, leave=False
+    ) as bar:
         for text in iter_training_texts(files):
             batch.append(text)
             chars += len(text)
