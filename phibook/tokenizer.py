@@ -189,10 +189,21 @@ class StreamDecoder:
 # -- training ---------------------------------------------------------------
 
 
-def _open_text(path: Path) -> IO[str]:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _open_binary(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) pairs. Binary reads keep CRLF as written (text mode
+    would turn it into LF) and let a decoding error name its exact line."""
+    with _open_binary(path) as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise PhibookError(
+                    f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+                ) from exc
 
 
 def iter_training_texts(files: list[Path]) -> Iterator[str]:
@@ -202,30 +213,24 @@ def iter_training_texts(files: list[Path]) -> Iterator[str]:
     in blocks of whole lines. A malformed JSONL line raises PhibookError naming
     ``file:line``.
     """
-    for path in files:
-        path = Path(path)
-        is_jsonl = path.name.endswith((".jsonl", ".jsonl.gz"))
-        lineno = 0
+    for path in map(Path, files):
         try:
-            with _open_text(path) as fh:
-                if is_jsonl:
-                    for lineno, line in enumerate(fh, 1):
-                        if line.strip():
-                            yield _jsonl_text(line, path, lineno)
-                else:
-                    block: list[str] = []
-                    size = 0
-                    for lineno, line in enumerate(fh, 1):  # noqa: B007 - the except clause reports it
-                        block.append(line)
-                        size += len(line)
-                        if size >= TEXT_BLOCK_CHARS:
-                            yield "".join(block)
-                            block, size = [], 0
-                    if block:
+            if path.name.endswith((".jsonl", ".jsonl.gz")):
+                for lineno, line in _iter_lines(path):
+                    if line.strip():
+                        yield _jsonl_text(line, path, lineno)
+            else:
+                block: list[str] = []
+                size = 0
+                for _, line in _iter_lines(path):
+                    block.append(line)
+                    size += len(line)
+                    if size >= TEXT_BLOCK_CHARS:
                         yield "".join(block)
-        except UnicodeDecodeError as exc:
-            raise PhibookError(f"{path}:{lineno + 1}: not UTF-8 text ({exc.reason})") from exc
-        except (OSError, EOFError) as exc:
+                        block, size = [], 0
+                if block:
+                    yield "".join(block)
+        except (OSError, EOFError) as exc:  # unreadable file, truncated .gz
             raise PhibookError(f"cannot read {path}: {exc}") from exc
 
 
