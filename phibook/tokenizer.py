@@ -45,6 +45,8 @@ class Tokenizer:
 
         path = Path(path)
         file = path / TOKENIZER_FILE if path.is_dir() else path
+        if path.is_dir() and not file.is_file() and (path / "vocab.json").is_file():
+            return cls(_from_vocab_and_merges(path), path)
         if not file.is_file():
             where = f"no {TOKENIZER_FILE} in directory {path}" if path.is_dir() else f"{path} does not exist"
             raise PhibookError(f"tokenizer not found: {where}")
@@ -65,10 +67,14 @@ class Tokenizer:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """Text of ``ids`` (a list, or a 1-D torch/numpy array). Ids past the
+        vocabulary (padding rows of the embedding) decode to nothing."""
+        return self._tok.decode(_as_id_list(ids), skip_special_tokens=skip_special_tokens)
 
     def decode_batch(self, batch, skip_special_tokens: bool = False) -> list[str]:
-        return self._tok.decode_batch([list(ids) for ids in batch], skip_special_tokens=skip_special_tokens)
+        return self._tok.decode_batch(
+            [_as_id_list(ids) for ids in batch], skip_special_tokens=skip_special_tokens
+        )
 
     # -- vocabulary -------------------------------------------------------
 
@@ -87,6 +93,14 @@ class Tokenizer:
         if eos is None:
             raise PhibookError(f"tokenizer {self.path or '(in memory)'} has no {EOS_TOKEN} token")
         return eos
+
+    def check_fits(self, n_rows: int, what: str = "the model") -> None:
+        """Raise PhibookError unless every token id has a row in an embedding of ``n_rows``."""
+        if self.vocab_size > n_rows:
+            raise PhibookError(
+                f"tokenizer {self.path or '(in memory)'} has {self.vocab_size} tokens but {what} "
+                f"has only {n_rows} embedding rows; use the tokenizer the model was trained with"
+            )
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -143,6 +157,45 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+def _as_id_list(ids) -> list[int]:
+    return ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
+
+
+def _from_vocab_and_merges(directory: Path):
+    """Build a byte-level BPE from the older GPT-2 file set (vocab.json, merges.txt,
+    added_tokens.json) for model directories that predate tokenizer.json."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as RustTokenizer
+
+    vocab, merges = directory / "vocab.json", directory / "merges.txt"
+    if not merges.is_file():
+        raise PhibookError(
+            f"tokenizer not found: {directory} has vocab.json but no merges.txt or {TOKENIZER_FILE}"
+        )
+    try:
+        backend = RustTokenizer(models.BPE.from_file(str(vocab), str(merges)))
+        added_file = directory / "added_tokens.json"
+        added = json.loads(added_file.read_text(encoding="utf-8")) if added_file.is_file() else {}
+    except Exception as exc:
+        raise PhibookError(f"cannot read tokenizer files in {directory}: {exc}") from exc
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    if backend.token_to_id(EOS_TOKEN) is not None or EOS_TOKEN in added:
+        backend.add_special_tokens([AddedToken(EOS_TOKEN, special=True, normalized=False)])
+    # Added tokens get the next free ids in the order they are added, so add
+    # them by id and check each landed where added_tokens.json says.
+    for content, token_id in sorted(added.items(), key=lambda kv: kv[1]):
+        if content != EOS_TOKEN:
+            backend.add_tokens([AddedToken(content, normalized=True)])
+        if backend.token_to_id(content) != token_id:
+            raise PhibookError(
+                f"{directory / 'added_tokens.json'}: token {content!r} should have id {token_id} "
+                f"but the vocabulary gives {backend.token_to_id(content)}"
+            )
+    return backend
 
 
 class StreamDecoder:

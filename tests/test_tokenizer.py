@@ -139,6 +139,30 @@ def test_save_is_atomic_and_leaves_no_temp(trained, tmp_path):
     assert Tokenizer.from_file(tmp_path / "t").fingerprint == trained.fingerprint
 
 
+def test_vocab_json_and_merges_fallback_matches_tokenizer_json(
+    codegen, codegen_tokenizer_dir, shared_dir, tmp_path
+):
+    # A model directory that predates tokenizer.json: GPT-2 style vocab/merges/added tokens.
+    for name in ("vocab.json", "merges.txt", "added_tokens.json"):
+        (tmp_path / name).symlink_to(codegen_tokenizer_dir / name)
+    old = Tokenizer.from_file(tmp_path)
+    assert old.vocab_size == 50295 and old.eos_id == 50256
+    assert old.fingerprint == codegen.fingerprint
+    lines = _shared_lines(shared_dir)[::4] + CONSTRUCTED
+    assert old.encode_batch(lines) == codegen.encode_batch(lines)
+
+
+def test_decode_accepts_tensors_and_check_fits(codegen):
+    torch = pytest.importorskip("torch")
+    ids = codegen.encode("print('hi')\n")
+    assert codegen.decode(torch.tensor(ids)) == "print('hi')\n"
+    assert codegen.decode_batch([torch.tensor(ids), ids]) == ["print('hi')\n"] * 2
+    assert codegen.decode(ids + [51199]) == "print('hi')\n"  # padding rows decode to nothing
+    codegen.check_fits(51200)
+    with pytest.raises(PhibookError, match="50295 tokens but checkpoint x has only 2048 embedding rows"):
+        codegen.check_fits(2048, "checkpoint x")
+
+
 def test_from_file_errors_name_the_path(tmp_path):
     with pytest.raises(PhibookError, match="does not exist"):
         Tokenizer.from_file(tmp_path / "missing.json")
