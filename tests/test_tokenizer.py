@@ -212,6 +212,18 @@ def test_train_rejects_too_small_vocab(corpus, tmp_path):
         train_bpe([corpus["txt"]], 256, tmp_path / "out")
 
 
+def test_train_rejects_directories_and_empty_inputs(tmp_path):
+    with pytest.raises(PhibookError, match="training input is not a file"):
+        train_bpe([tmp_path], 300, tmp_path / "out")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(PhibookError, match="hold no text.*empty.txt"):
+        train_bpe([empty], 300, tmp_path / "out")
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
+    with pytest.raises(PhibookError, match="no training files"):
+        train_bpe([], 300, tmp_path / "out")
+
+
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n\n{"text": "also fine"}\n{"text": broken\n')
@@ -285,7 +297,7 @@ def test_cli_train_end_to_end(corpus, tmp_path):
         str(corpus["txt"]),
     )
     assert res.returncode == 0, res.stderr
-    assert "vocab size: 600" in res.stdout
+    assert res.stdout.startswith("vocab size: 600\n")  # nothing else on stdout before the report
     assert "tokens/char:" in res.stdout
     assert str(out / "tokenizer.json") in res.stdout
     tok = Tokenizer.from_file(out)

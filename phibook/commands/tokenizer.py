@@ -75,8 +75,14 @@ def _no_action(parser: argparse.ArgumentParser) -> int:
 def run_train(args: argparse.Namespace) -> int:
     from phibook.tokenizer import train_bpe
 
+    # The trainer's own progress bars also print blank lines to stdout, so
+    # they are only shown to a terminal, never into a pipe or a log file.
     tok = train_bpe(
-        args.files, args.vocab_size, args.out, min_frequency=args.min_frequency, show_progress=True
+        args.files,
+        args.vocab_size,
+        args.out,
+        min_frequency=args.min_frequency,
+        show_progress=sys.stdout.isatty(),
     )
     print(f"vocab size: {tok.vocab_size}")
     if tok.vocab_size < args.vocab_size:
