@@ -37,6 +37,7 @@ class Tokenizer:
         self._tok = backend
         self.path = path
         self._fingerprint: str | None = None
+        self._plain = None  # copy that encodes special tokens as text; built on first use
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
@@ -58,13 +59,31 @@ class Tokenizer:
 
     # -- encoding ---------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; no BOS/EOS added (the caller appends ``eos_id`` between documents)."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        """Token ids of ``text``; no BOS/EOS added (the caller appends ``eos_id`` between documents).
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        With ``allow_special=False`` a literal ``<|endoftext|>`` in the text is
+        encoded as ordinary characters instead of the EOS id, so document text
+        can never forge a document boundary (use it when tokenizing corpora).
+        """
+        return self._backend_for(allow_special).encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str], allow_special: bool = True) -> list[list[int]]:
         """Encode many texts on all cores (the library's parallel batch encode)."""
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        backend = self._backend_for(allow_special)
+        return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def _backend_for(self, allow_special: bool):
+        if allow_special:
+            return self._tok
+        # A separate copy with the library's encode_special_tokens switch on:
+        # flipping the switch on the shared backend would race other threads.
+        if self._plain is None:
+            from tokenizers import Tokenizer as RustTokenizer
+
+            self._plain = RustTokenizer.from_str(self._tok.to_str())
+            self._plain.encode_special_tokens = True
+        return self._plain
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Text of ``ids`` (a list, or a 1-D torch/numpy array). Ids past the

@@ -121,6 +121,18 @@ def test_codegen_vocab_and_eos(codegen):
     assert codegen.path.name == "tokenizer.json"
 
 
+@pytest.mark.parametrize("which", ["codegen", "trained"])
+def test_allow_special_false_keeps_literal_eos_as_text(which, request):
+    tok = request.getfixturevalue(which)
+    text = "doc one <|endoftext|> still doc one"
+    assert tok.eos_id in tok.encode(text)  # default: same as transformers
+    plain = tok.encode(text, allow_special=False)
+    assert tok.eos_id not in plain
+    assert tok.decode(plain) == text
+    assert tok.encode_batch([text, "x"], allow_special=False) == [plain, tok.encode("x")]
+    assert tok.eos_id in tok.encode(text)  # the switch does not leak into the default path
+
+
 def test_fingerprint_stable_and_distinct(codegen, codegen_tokenizer_dir, trained, tmp_path):
     again = Tokenizer.from_file(codegen_tokenizer_dir / "tokenizer.json")
     assert again.fingerprint == codegen.fingerprint
