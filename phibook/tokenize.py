@@ -351,7 +351,10 @@ def run_unit(
         pending = {"bytes": 0, "chars": 0}
 
         def flush() -> None:
-            ids_list = tokenizer.encode_batch([text for _, text in batch]) if batch else []
+            # allow_special=False: a literal "<|endoftext|>" in a document stays text, so a
+            # document can never forge a boundary; only the EOS appended here separates documents.
+            texts = [text for _, text in batch]
+            ids_list = tokenizer.encode_batch(texts, allow_special=False) if batch else []
             tokens = 0
             for (split_key, _), ids in zip(batch, ids_list):
                 split = "val" if is_val(split_key, options.val_fraction) else "train"

@@ -53,6 +53,9 @@ def corpus(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
             lines.append("")  # blank lines are allowed and skipped
     lines.append(json.dumps({"id": "uni", "text": "Ünïcödé → ∑ x² ✓ 字", "source": "t", "meta": {}}))
     docs.append(("uni", "Ünïcödé → ∑ x² ✓ 字"))
+    forged = "a document that mentions <|endoftext|> is still one document"
+    lines.append(json.dumps({"id": "forged", "text": forged}))
+    docs.append(("forged", forged))
     (root / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     for name, word in (("a.txt", "Discrete"), ("b.md", "Fluid")):
@@ -93,7 +96,7 @@ def _split_docs(tok: Tokenizer, out: Path, split: str) -> list[str]:
 def test_counts_and_decoded_shards_reproduce_the_documents(corpus: dict, reference: Path) -> None:
     tok, docs = corpus["tok"], corpus["docs"]
     m = load_manifest(reference)
-    lengths = [len(ids) + 1 for ids in tok.encode_batch([t for _, t in docs])]
+    lengths = [len(ids) + 1 for ids in tok.encode_batch([t for _, t in docs], allow_special=False)]
     assert m.total_tokens("train") + m.total_tokens("val") == sum(lengths)
     assert m.fingerprint == tok.fingerprint and m.eos_id == tok.eos_id and m.vocab_size == tok.vocab_size
     assert m.dtype == "uint16" and m.extra["skipped_empty_documents"] == 1
