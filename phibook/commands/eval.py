@@ -1,0 +1,147 @@
+"""`phibook eval`: run the report's benchmarks on a checkpoint and print them beside the report's numbers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DESCRIPTION = """\
+Evaluate a checkpoint (a phibook checkpoint, a training run directory, or a Hugging Face phi
+directory such as the released phi-1.5) on the report's benchmarks, with lm-evaluation-harness's
+prompts and metrics: zero-shot winogrande, arc_easy, arc_challenge, boolq, siqa, piqa, hellaswag,
+openbookqa (acc, acc_norm) and 2-shot mmlu (per subject + average), plus the generative tasks
+registered by other modules. Prints a table beside the report's Tables 2-4 and writes a results JSON.
+
+Benchmark files are read from --data-dir (or $PHIBOOK_DATA_DIR): one folder per task, laid out
+like shared/benchmarks (arc_easy/ARC-Easy-Test.jsonl, boolq/val.jsonl, mmlu/{dev,test}/*.csv, ...).
+`--data-dir hf` reads them from the Hugging Face hub instead (needs `pip install datasets` and
+network access). See docs/eval.md for where to get each file.
+"""
+
+EPILOG = """\
+examples:
+  phibook eval --model runs/phi-small --tasks arc_easy,boolq --data-dir ~/benchmarks --limit 100
+  phibook eval --model ~/phi-1_5 --tasks all --data-dir ~/benchmarks --output phi15.json --batch-size 32
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="score a checkpoint on the report's benchmarks",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, metavar="PATH",
+                   help="checkpoint directory, training run directory (newest checkpoint), or HF phi directory")
+    p.add_argument("--tasks", required=True, metavar="LIST",
+                   help="comma-separated task names, or 'all' (every registered task); "
+                        "'list' prints the known names and exits")
+    p.add_argument("--data-dir", metavar="DIR", default=None,
+                   help="folder of benchmark files, one subfolder per task (default: $PHIBOOK_DATA_DIR); "
+                        "'hf' to read them from the Hugging Face hub")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="evaluate only the first N documents of each task (per subject for mmlu)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="B",
+                   help="continuation rows per forward pass for log-likelihoods; prompts per batch for generation "
+                        "(default: 16)")
+    p.add_argument("--output", metavar="FILE.json", default=None,
+                   help="write the results JSON here (atomically); default: print the table only")
+    p.add_argument("--log-samples", action="store_true",
+                   help="include per-document records (prompts, log-likelihoods, metrics) in the results JSON")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype (default: float32; log-probabilities are always computed in float32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    p.set_defaults(func=run)
+
+
+def resolve_tasks(spec: str) -> list[str]:
+    from phibook.errors import PhibookError
+    from phibook.eval.task import task_names
+
+    known = task_names()
+    if spec.strip() == "all":
+        # "all" means the report's benchmarks: mmlu's per-subject tasks are inside "mmlu".
+        return [n for n in known if not n.startswith("mmlu_")]
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise PhibookError("--tasks is empty; give a comma-separated list or 'all'")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        shown = ", ".join(n for n in known if not n.startswith("mmlu_")) + ", mmlu_<subject>"
+        raise PhibookError(f"unknown task(s) {', '.join(unknown)}; known tasks: {shown}")
+    return list(dict.fromkeys(names))
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from phibook.errors import PhibookError
+    from phibook.eval.loaders import data_dir_from_env
+    from phibook.eval.task import get_task, task_names
+
+    if args.tasks.strip() == "list":
+        print("\n".join(task_names()))
+        return 0
+    if args.limit is not None and args.limit < 1:
+        raise PhibookError(f"--limit must be >= 1, got {args.limit}")
+    names = resolve_tasks(args.tasks)
+    data_dir = data_dir_from_env(args.data_dir)
+    if data_dir is None:
+        raise PhibookError(
+            "no benchmark data: pass --data-dir DIR (one folder per task, laid out like shared/benchmarks; "
+            "see docs/eval.md for where to get each file), set PHIBOOK_DATA_DIR, or use --data-dir hf "
+            "to read them from the Hugging Face hub"
+        )
+    if str(data_dir) == "hf":
+        data_dir = None
+    elif not data_dir.is_dir():
+        raise PhibookError(f"--data-dir {data_dir} is not a directory")
+    tasks = [get_task(n) for n in names]
+    # Read every task's files before loading the model, so a missing file fails in a second.
+    for task in tasks:
+        task.load_docs(data_dir, 1)
+
+    import torch
+
+    from phibook.checkpoint import load_model
+    from phibook.eval.results import build_results, format_table, task_entry, write_json_atomic
+    from phibook.eval.runner import Runner, run_task
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    loaded = load_model(args.model, device=args.device, dtype=dtype)
+    if loaded.tokenizer is None:
+        raise PhibookError(f"{args.model}: no tokenizer.json found beside the model; evaluation needs one")
+    runner = Runner(loaded.model, loaded.tokenizer, batch_size=args.batch_size, progress=not args.no_progress)
+
+    entries, samples = {}, {}
+    for task in tasks:
+        outcome = run_task(runner, task, data_dir, args.limit, log_samples=args.log_samples)
+        entries[task.name] = task_entry(task, outcome)
+        if args.log_samples:
+            samples[task.name] = outcome["samples"]
+    if runner.scorer.n_truncated:
+        print(
+            f"phibook eval: note: {runner.scorer.n_truncated} request(s) were longer than the model's context "
+            f"({loaded.config.max_seq_len} tokens); their contexts were cut from the left, as the harness does",
+            file=sys.stderr,
+        )
+    results = build_results(
+        entries,
+        model_path=str(loaded.path),
+        fingerprint=loaded.fingerprint,
+        source=loaded.source,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        data_dir="hf" if data_dir is None else str(Path(data_dir).resolve()),
+        device=args.device,
+        dtype=args.dtype,
+        samples=samples if args.log_samples else None,
+    )
+    print(format_table(results))
+    if args.output:
+        path = write_json_atomic(args.output, results)
+        print(f"results written to {path}", file=sys.stderr)
+    return 0

@@ -1,0 +1,306 @@
+"""Answer tasks' requests in batches: log-likelihoods (shared-context KV reuse), rolling windows, generation.
+
+Log-likelihood semantics are lm-evaluation-harness's (HFLM, causal):
+- trailing spaces of the context move to the front of the continuation;
+- whole = encode(context + continuation), context_enc = encode(context), and the scored
+  tokens are whole[len(context_enc):] (so a merge across the boundary counts as continuation);
+- an empty context is replaced by the EOS token;
+- a pair longer than the model's context (max_len + 1 tokens) loses tokens from the LEFT of
+  the context; a continuation that alone exceeds max_len is an error.
+
+Speed: the choices of one question share their context, so the context runs ONCE per batch
+row group and its KV cache is copied to one row per choice; only the continuations run again.
+Groups are sorted longest first and packed up to --batch-size continuation rows.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from phibook.errors import PhibookError
+from phibook.eval.task import GenerationRequest, LoglikelihoodRequest, RollingLoglikelihoodRequest
+from phibook.model import KVCache, PhiModel
+
+
+@dataclass
+class TokenPair:
+    """One scoring request in token ids: P(continuation | context)."""
+
+    context: list[int]
+    continuation: list[int]
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> TokenPair:
+    """Split exactly as the harness does (see module docstring)."""
+    if not context:
+        return TokenPair([tokenizer.eos_id], tokenizer.encode(continuation))
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context)
+    return TokenPair(ctx, whole[len(ctx) :])
+
+
+def rolling_windows(tokens: list[int], prefix_id: int, max_len: int) -> list[TokenPair]:
+    """lm-eval's get_rolling_token_windows(context_len=1) + make_disjoint_window.
+
+    The first window predicts up to max_len tokens after the prefix (EOS) token; each later
+    window predicts the next max_len tokens conditioned on the tokens before them.
+    """
+    if not tokens:
+        return []
+    windows = []
+    first = min(max_len, len(tokens))
+    windows.append(([prefix_id] + tokens[: first - 1], tokens[:first]))
+    done = first
+    while done < len(tokens):
+        n = min(len(tokens) - done, max_len)
+        end = done + n
+        windows.append((tokens[max(end - max_len - 1, 0) : end - 1], tokens[end - n : end]))
+        done += n
+    # make_disjoint: the context keeps only what precedes the first predicted token.
+    return [TokenPair(ctx[: len(ctx) - (len(pred) - 1)], pred) for ctx, pred in windows]
+
+
+class LoglikelihoodScorer:
+    """Scores TokenPairs on a PhiModel; batched, with the context of a group encoded once."""
+
+    def __init__(self, model: PhiModel, batch_size: int = 16, progress: bool = True) -> None:
+        if batch_size < 1:
+            raise PhibookError(f"--batch-size must be >= 1, got {batch_size}")
+        self.model = model.eval()
+        self.cfg = model.config
+        self.max_len = model.config.max_seq_len
+        self.batch_size = batch_size
+        self.progress = progress
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.n_truncated = 0
+
+    # ------------------------------------------------------------------ public
+
+    @torch.no_grad()
+    def score(self, pairs: Sequence[TokenPair], desc: str = "loglikelihood") -> list[tuple[float, bool]]:
+        """(sum of continuation log-probs, whether every continuation token is the argmax) per pair."""
+        groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+        for i, pair in enumerate(pairs):
+            ctx, cont = self._fit(pair)
+            groups.setdefault(tuple(ctx), []).append((i, cont))
+        # Longest first: the biggest batch runs first, so running out of memory shows at once.
+        order = sorted(groups.items(), key=lambda kv: -(len(kv[0]) + max(len(c) for _, c in kv[1])))
+        out: list[tuple[float, bool] | None] = [None] * len(pairs)
+        bar = tqdm(total=len(pairs), desc=desc, disable=not self.progress, file=sys.stderr, unit="req")
+        for batch in self._pack(order):
+            for index, value in self._run_batch(batch):
+                out[index] = value
+            bar.update(sum(len(rows) for _, rows in batch))
+        bar.close()
+        return out  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ internals
+
+    def _fit(self, pair: TokenPair) -> tuple[list[int], list[int]]:
+        """Left-truncate the context so context + continuation fits max_len + 1 tokens (harness rule)."""
+        ctx, cont = pair.context, pair.continuation
+        if not cont:
+            raise PhibookError("a log-likelihood request has an empty continuation (nothing to score)")
+        if len(cont) > self.max_len:
+            raise PhibookError(
+                f"a continuation of {len(cont)} tokens exceeds the model's context of {self.max_len} tokens"
+            )
+        keep = self.max_len + 1 - len(cont)
+        if len(ctx) > keep:
+            self.n_truncated += 1
+            ctx = ctx[-keep:]
+        return ctx, cont
+
+    def _pack(self, order):
+        """Batches of whole groups, up to batch_size continuation rows (a bigger group is split)."""
+        batch, rows = [], 0
+        for ctx, items in order:
+            for start in range(0, len(items), self.batch_size):
+                chunk = items[start : start + self.batch_size]
+                if batch and rows + len(chunk) > self.batch_size:
+                    yield batch
+                    batch, rows = [], 0
+                batch.append((ctx, chunk))
+                rows += len(chunk)
+        if batch:
+            yield batch
+
+    def _run_batch(self, batch):
+        dev = self.device
+        G = len(batch)
+        ctx_lens = [len(ctx) for ctx, _ in batch]
+        L = max(ctx_lens)
+        padded = any(n != L for n in ctx_lens)
+        # Contexts left-padded so each one's last token sits at column L-1.
+        ctx_ids = torch.zeros(G, L, dtype=torch.long)
+        ctx_mask = torch.zeros(G, L, dtype=torch.long)
+        for g, (ctx, _) in enumerate(batch):
+            ctx_ids[g, L - len(ctx) :] = torch.tensor(ctx)
+            ctx_mask[g, L - len(ctx) :] = 1
+        ctx_ids, ctx_mask = ctx_ids.to(dev), ctx_mask.to(dev)
+        positions = (ctx_mask.cumsum(-1) - 1).clamp(min=0)
+
+        rows = [(g, index, cont) for g, (_, items) in enumerate(batch) for index, cont in items]
+        T = max(len(cont) for _, _, cont in rows) - 1  # continuation tokens fed after the context
+        cache = KVCache(self.cfg, G, L, dtype=self.dtype, device=dev)
+        logits = self.model(ctx_ids, positions, cache, attention_mask=ctx_mask if padded else None)
+        first = logits[:, -1, :].float().log_softmax(-1)  # (G, V): predicts each continuation's 1st token
+
+        rest = None
+        if T > 0:
+            R = len(rows)
+            g_of_row = torch.tensor([g for g, _, _ in rows], device=dev)
+            # Copy each group's context K/V to one row per continuation.
+            big = KVCache(self.cfg, R, L + T, dtype=self.dtype, device=dev)
+            big.k[:, :, :, :L] = cache.k[:, g_of_row]
+            big.v[:, :, :, :L] = cache.v[:, g_of_row]
+            big.pos = L
+            cont_ids = torch.zeros(R, T, dtype=torch.long)
+            for r, (_, _, cont) in enumerate(rows):
+                cont_ids[r, : len(cont) - 1] = torch.tensor(cont[:-1])
+            lens = torch.tensor(ctx_lens, device=dev)[g_of_row]
+            cont_pos = (lens.unsqueeze(1) + torch.arange(T, device=dev)).clamp(max=self.max_len - 1)
+            # Right padding of the continuations needs no mask (causal); left padding of contexts does.
+            mask = None
+            if padded:
+                mask = torch.cat([ctx_mask[g_of_row], torch.ones(R, T, dtype=torch.long, device=dev)], dim=1)
+            rest = self.model(cont_ids.to(dev), cont_pos, big, attention_mask=mask).float().log_softmax(-1)
+
+        results = []
+        for r, (g, index, cont) in enumerate(rows):
+            target = torch.tensor(cont, device=dev)
+            logp = first[g].unsqueeze(0)
+            if len(cont) > 1:
+                logp = torch.cat([logp, rest[r, : len(cont) - 1]], dim=0)  # (len(cont), V)
+            total = logp.gather(1, target.unsqueeze(1)).sum().item()
+            greedy = bool((logp.argmax(-1) == target).all())
+            results.append((index, (float(total), greedy)))
+        return results
+
+
+class Runner:
+    """Dispatches a task's requests to the right engine; all answers in the order asked."""
+
+    def __init__(self, model: PhiModel, tokenizer, batch_size: int = 16, progress: bool = True) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.progress = progress
+        self.scorer = LoglikelihoodScorer(model, batch_size, progress)
+        self._generator = None
+
+    def loglikelihood(self, requests: Sequence[LoglikelihoodRequest], desc: str = "loglikelihood"):
+        pairs = [encode_pair(self.tokenizer, r.context, r.continuation) for r in requests]
+        return self.scorer.score(pairs, desc)
+
+    def loglikelihood_rolling(self, requests: Sequence[RollingLoglikelihoodRequest], desc: str = "rolling"):
+        """(sum log-prob over the whole text, number of tokens) per request."""
+        pairs, owner, n_tokens = [], [], []
+        for i, req in enumerate(requests):
+            tokens = self.tokenizer.encode(req.text)
+            n_tokens.append(len(tokens))
+            for pair in rolling_windows(tokens, self.tokenizer.eos_id, self.scorer.max_len):
+                pairs.append(pair)
+                owner.append(i)
+        totals = [0.0] * len(requests)
+        for i, (ll, _) in zip(owner, self.scorer.score(pairs, desc), strict=True):
+            totals[i] += ll
+        return list(zip(totals, n_tokens, strict=True))
+
+    def generate(self, requests: Sequence[GenerationRequest], desc: str = "generate") -> list[str]:
+        """Generated text per request, in batches of batch_size, longest prompts first."""
+        from phibook.generate import Generator
+
+        if self._generator is None:
+            self._generator = Generator(self.model, self.tokenizer)
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt))
+        out: list[str] = [""] * len(requests)
+        bar = tqdm(total=len(requests), desc=desc, disable=not self.progress, file=sys.stderr, unit="req")
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            completions = self._generator.run([requests[i].prompt for i in idx], [requests[i].params for i in idx])
+            for i, c in zip(idx, completions, strict=True):
+                out[i] = c.text
+            bar.update(len(idx))
+        bar.close()
+        return out
+
+    def answer(self, requests: Sequence, desc: str) -> list:
+        """Answers for a mixed list of requests, grouped by kind for batching."""
+        out: list = [None] * len(requests)
+        kinds = {
+            LoglikelihoodRequest: self.loglikelihood,
+            RollingLoglikelihoodRequest: self.loglikelihood_rolling,
+            GenerationRequest: self.generate,
+        }
+        for kind, fn in kinds.items():
+            idx = [i for i, r in enumerate(requests) if isinstance(r, kind)]
+            if idx:
+                for i, value in zip(idx, fn([requests[i] for i in idx], desc=desc), strict=True):
+                    out[i] = value
+        unknown = [type(r).__name__ for r in requests if not isinstance(r, tuple(kinds))]
+        if unknown:
+            raise TypeError(f"unknown request type(s): {sorted(set(unknown))}")
+        return out
+
+
+def naive_loglikelihood(model: PhiModel, pair: TokenPair) -> tuple[float, bool]:
+    """Reference: one unbatched full forward of context + continuation (harness truncation)."""
+    max_len = model.config.max_seq_len
+    seq = (pair.context + pair.continuation)[-(max_len + 1) :]
+    idx = torch.tensor([seq[:-1]], device=next(model.parameters()).device)
+    with torch.no_grad():
+        logp = model(idx).float().log_softmax(-1)[0, -len(pair.continuation) :]
+    target = torch.tensor(pair.continuation, device=idx.device)
+    return float(logp.gather(1, target.unsqueeze(1)).sum()), bool((logp.argmax(-1) == target).all())
+
+
+
+def run_task(runner: Runner, task, data_dir, limit: int | None, log_samples: bool = False) -> dict:
+    """Load a task's docs, answer all its requests in one batched pass, and aggregate.
+
+    Returns {"metrics": {name: (value, stderr)}, "n": docs, "samples": [...] (only with log_samples)}.
+    """
+    docs = task.load_docs(data_dir, limit)
+    if not docs:
+        raise PhibookError(f"{task.name}: no documents loaded (empty data file?)")
+    per_doc_requests = [task.requests(doc) for doc in docs]
+    flat = [req for reqs in per_doc_requests for req in reqs]
+    answers = runner.answer(flat, desc=task.name)
+    per_doc, samples, at = [], [], 0
+    for i, (doc, reqs) in enumerate(zip(docs, per_doc_requests, strict=True)):
+        results = answers[at : at + len(reqs)]
+        at += len(reqs)
+        values = task.process_results(doc, results)
+        per_doc.append(values)
+        if log_samples:
+            samples.append(
+                {
+                    "doc_index": i,
+                    # few-shot examples repeat in every MMLU doc; the prompt below already shows them.
+                    "doc": {k: v for k, v in doc.items() if k not in ("fewshot", "_line")},
+                    "requests": [_request_record(q) for q in reqs],
+                    "results": [list(a) if isinstance(a, tuple) else a for a in results],
+                    "metrics": values,
+                }
+            )
+    return {"metrics": task.aggregate(per_doc), "n": len(docs), "samples": samples}
+
+
+def _request_record(req) -> dict:
+    if isinstance(req, LoglikelihoodRequest):
+        return {"context": req.context, "continuation": req.continuation}
+    if isinstance(req, RollingLoglikelihoodRequest):
+        return {"text": req.text}
+    params = req.params
+    return {"prompt": req.prompt, "params": getattr(params, "__dict__", repr(params))}
