@@ -286,7 +286,9 @@ def hf_tokenizer_config(eos_token: str, max_len: int) -> dict[str, Any]:
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def export_hf(src: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+def export_hf(
+    src: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | str | None = None
+) -> Path:
     """Write ``out_dir`` as an HF directory that ``AutoModelForCausalLM.from_pretrained`` loads.
 
     ``src`` is anything ``load_model`` accepts. The directory is built under a

@@ -1,0 +1,66 @@
+"""``phibook export CKPT OUT_DIR``: write a checkpoint as an HF directory that transformers loads."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="write a checkpoint as a Hugging Face PhiForCausalLM directory",
+        description=(
+            "Convert a model to the Hugging Face layout that transformers.AutoModelForCausalLM loads as "
+            "PhiForCausalLM (model_type \"phi\"): config.json, model.safetensors (q/k/v split into "
+            "q_proj/k_proj/v_proj), generation_config.json, and tokenizer.json + tokenizer_config.json "
+            "when the checkpoint has a tokenizer. CKPT may be a phibook checkpoint, a training run "
+            "directory (its newest checkpoints/step_* is used), or an HF directory in any layout phibook "
+            "reads (transformers phi, or the pre-2024 microsoft/phi-1_5 mixformer/phi-msft releases, "
+            "safetensors or pytorch_model.bin, sharded or not). The output is written under a temporary "
+            "name and renamed into place, so an interrupted export leaves nothing half-written."
+        ),
+        epilog=(
+            "example: phibook export runs/tiny/checkpoints/step_00001000 exported/tiny-hf\n"
+            "then:    python -c \"import transformers as t; t.AutoModelForCausalLM.from_pretrained('exported/tiny-hf')\""
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("ckpt", type=Path, metavar="CKPT", help="checkpoint, run directory or HF directory to read")
+    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="HF directory to create")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="precision of the written weights; 'auto' (default) keeps the stored precision",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUT_DIR if it already exists and holds a model (it must contain config.json); "
+        "without this flag an existing non-empty OUT_DIR is an error",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from phibook.convert import export_hf
+    from phibook.errors import PhibookError
+
+    out = args.out_dir
+    if out.resolve() == args.ckpt.resolve():
+        raise PhibookError(f"output {out} is the input checkpoint; choose another directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not args.force:
+            raise PhibookError(f"output {out} already exists and is not empty; pass --force to replace it")
+        if not (out / "config.json").is_file():
+            raise PhibookError(f"refusing to replace {out}: it does not look like a model directory (no config.json)")
+    dtype = None if args.dtype == "auto" else args.dtype
+    print(f"phibook export: reading {args.ckpt}", file=sys.stderr)
+    export_hf(args.ckpt, out, dtype=dtype)
+    print(f"phibook export: wrote HF directory {out}", file=sys.stderr)
+    print(out)
+    return 0
