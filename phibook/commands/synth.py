@@ -1,0 +1,106 @@
+"""`phibook synth run|topics`: synthetic textbook data from a teacher."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _add_teacher_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("teacher")
+    g.add_argument("--teacher", choices=["builtin", "openai", "local"], default="builtin",
+                   help="builtin: offline procedural exercises with verified solutions (default); "
+                   "openai: any OpenAI-compatible server(s); local: a phibook checkpoint or HF directory")
+    g.add_argument("--base-url", action="append", default=[], metavar="URL",
+                   help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1; repeat to fan out")
+    g.add_argument("--teacher-model", default="default", help="model name sent to the endpoint")
+    g.add_argument("--api-key", default=None, help="API key (default: $OPENAI_API_KEY, or a dummy)")
+    g.add_argument("--api", choices=["chat", "completions"], default="chat", help="endpoint flavour")
+    g.add_argument("--checkpoint", default=None, help="checkpoint for --teacher local")
+    g.add_argument("--temperature", type=float, default=0.8, help="teacher sampling temperature")
+    g.add_argument("--top-p", type=float, default=0.95, help="teacher nucleus sampling")
+    g.add_argument("--max-tokens", type=int, default=1024, help="max tokens per teacher answer")
+    g.add_argument("--timeout", type=float, default=120.0, help="seconds before a request is retried")
+    g.add_argument("--max-retries", type=int, default=5, help="retries per document (429/5xx/timeouts/malformed)")
+
+
+def make_teacher(args: argparse.Namespace, templates=None):
+    from phibook.errors import PhibookError
+    from phibook.synth.teachers import BuiltinTeacher, LocalTeacher, OpenAITeacher
+
+    if args.teacher == "builtin":
+        return BuiltinTeacher(templates)
+    if args.teacher == "openai":
+        if not args.base_url:
+            raise PhibookError("--teacher openai needs --base-url URL (repeat it for several endpoints)")
+        return OpenAITeacher(
+            args.base_url, args.teacher_model, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
+            temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+            timeout_s=args.timeout, max_retries=args.max_retries, api=args.api,
+        )
+    if not args.checkpoint:
+        raise PhibookError("--teacher local needs --checkpoint PATH")
+    return LocalTeacher(args.checkpoint, args.temperature, args.top_p, args.max_tokens)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="generate synthetic textbook data with a teacher",
+                       description="Synthetic textbook-quality data (report section 2.2).")
+    verbs = p.add_subparsers(dest="synth_command", metavar="SUBVERB", required=True)
+
+    r = verbs.add_parser(
+        "run", help="generate documents (resumable, shardable)",
+        description="Plan --num-docs documents from topics x templates (a pure function of --seed), ask the "
+        "teacher for each and append them to --out as document JSONL. Kill it and rerun: it continues "
+        "with exactly the missing documents. Failed documents are logged to OUT.failures.jsonl and "
+        "retried by the next run.",
+    )
+    _add_teacher_args(r)
+    r.add_argument("--topics", default=None, help="topic file (default: the built-in seed taxonomy)")
+    r.add_argument("--templates", default=None, help="prompt template TOML (default: the built-in genres)")
+    r.add_argument("--web-samples", default=None, help="document JSONL whose excerpts are put in prompts")
+    r.add_argument("--num-docs", type=int, required=True, help="documents in the whole job (all shards)")
+    r.add_argument("--out", required=True, help="output document JSONL (appended to; resumable)")
+    r.add_argument("--shard", default="0/1", help="i/N: make only documents with index %% N == i")
+    r.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    r.add_argument("--seed", type=int, default=0, help="planning seed")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=run_cmd)
+
+    t = verbs.add_parser("topics", help="expand seed topics into N topics",
+                         description="Expand the seed taxonomy into --num deduplicated topics with a teacher.")
+    _add_teacher_args(t)
+    t.add_argument("--seeds", default=None, help="seed topic file (default: built-in taxonomy)")
+    t.add_argument("--num", type=int, required=True, help="how many topics to produce (the report used 20K)")
+    t.add_argument("--out", required=True, help="topic file to write")
+    t.set_defaults(func=topics_cmd)
+
+
+def run_cmd(args: argparse.Namespace) -> int:
+    from phibook.synth.prompts import load_templates, load_topics, load_web_samples
+    from phibook.synth.run import parse_shard, run_synth
+
+    shard = parse_shard(args.shard)
+    topics = load_topics(args.topics)
+    templates = load_templates(args.templates)
+    web = load_web_samples(args.web_samples) if args.web_samples else None
+    teacher = make_teacher(args, templates)
+    stats = run_synth(args.out, args.num_docs, teacher, topics, templates, web, args.seed, shard,
+                      args.concurrency, progress=not args.no_progress)
+    print(f"synth: {stats.summary()} -> {args.out}", file=sys.stderr)
+    if stats.failed:
+        print(f"synth: {stats.failed} documents failed (see {args.out}.failures.jsonl); rerun to retry them",
+              file=sys.stderr)
+    return 0
+
+
+def topics_cmd(args: argparse.Namespace) -> int:
+    from phibook.synth.prompts import load_topics
+    from phibook.synth.topics import expand_topics, write_topics
+
+    seeds = load_topics(args.seeds)
+    topics = expand_topics(seeds, args.num, make_teacher(args))
+    write_topics(topics, args.out)
+    print(f"synth topics: {len(topics)} topics from {len(seeds)} seeds -> {args.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,1 @@
+"""Synthetic textbook data: topics, prompts, teachers and resumable generation jobs."""
