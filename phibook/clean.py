@@ -1,0 +1,283 @@
+"""`phibook clean`: filters, exact and near deduplication, decontamination.
+
+One streaming pass over document JSONL, in this order (cheapest first, so the
+expensive checks see fewer documents):
+1. length and repetition filters;
+2. exact duplicates: SHA-1 of the text lowercased with whitespace collapsed;
+3. decontamination: any word 13-gram shared with the benchmark files
+   (questions and answers) under --benchmarks drops the document;
+4. near duplicates: MinHash over word 5-gram shingles with datasketch's LSH
+   index at a Jaccard threshold (0.8 by default); the first document of a
+   cluster is kept.
+
+State lives in memory (one hash per kept document plus the LSH index), which
+is fine to tens of millions of documents on one machine; past that, run the
+same MinHash stages with datatrove's executors (see docs/clean.md).
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from phibook.errors import PhibookError
+
+WORD = re.compile(r"[a-z0-9]+")
+
+
+@dataclass
+class CleanConfig:
+    near_dup_threshold: float = 0.8
+    num_perm: int = 128
+    shingle: int = 5
+    ngram: int = 13
+    min_chars: int = 50
+    max_chars: int = 1_000_000
+    # Drop a document when more than this share of its characters sit in
+    # lines that repeat within it (Gopher-style repetition filter).
+    max_dup_line_frac: float = 0.3
+    skip_bad: bool = False
+
+
+@dataclass
+class CleanReport:
+    inputs: list[str] = field(default_factory=list)
+    read: int = 0
+    kept: int = 0
+    bad_lines: int = 0
+    removed: Counter = field(default_factory=Counter)
+    examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    benchmark_ngrams: int = 0
+    seconds: float = 0.0
+    bytes_read: int = 0
+
+    def note(self, reason: str, doc_id: str, detail: str, limit: int = 20) -> None:
+        self.removed[reason] += 1
+        bucket = self.examples.setdefault(reason, [])
+        if len(bucket) < limit:
+            bucket.append({"id": doc_id, "detail": detail})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "inputs": self.inputs,
+            "read": self.read,
+            "kept": self.kept,
+            "bad_lines": self.bad_lines,
+            "removed": dict(self.removed),
+            "examples": self.examples,
+            "benchmark_ngrams": self.benchmark_ngrams,
+            "seconds": round(self.seconds, 3),
+            "docs_per_s": round(self.read / self.seconds, 1) if self.seconds else None,
+            "mb_per_s": round(self.bytes_read / 1e6 / self.seconds, 2) if self.seconds else None,
+        }
+
+
+def words(text: str) -> list[str]:
+    return WORD.findall(text.lower())
+
+
+def normalized_hash(text: str) -> str:
+    return hashlib.sha1(" ".join(text.lower().split()).encode()).hexdigest()
+
+
+def dup_line_fraction(text: str) -> float:
+    # Short lines (code fences, "Solution:") repeat in any structured text; only
+    # substantial lines count.
+    lines = [ln.strip() for ln in text.splitlines() if len(ln.strip()) >= 12]
+    if not lines:
+        return 0.0
+    counts = Counter(lines)
+    dup_chars = sum(len(ln) * c for ln, c in counts.items() if c > 1)
+    return dup_chars / sum(len(ln) for ln in lines)
+
+
+def _ngram_hashes(tokens: list[str], n: int) -> np.ndarray:
+    if len(tokens) < n:
+        return np.empty(0, dtype=np.uint64)
+    grams = (" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little") for g in grams),
+        dtype=np.uint64,
+    )
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+
+def _strings(obj: Any) -> Iterator[str]:
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+
+
+def benchmark_texts(root: str | Path) -> Iterator[tuple[str, str]]:
+    """(file, text) for every question/answer-like string under a benchmark folder.
+
+    Format-agnostic on purpose: JSON/JSONL (gz or bz2 too) values, CSV cells
+    and text lines are all taken, so every benchmark the evaluation reads
+    (and any the user adds) is covered without a per-task loader.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise PhibookError(f"--benchmarks {root} is not a directory")
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or path.suffix in (".zip", ".lst", ".md"):
+            continue
+        name = path.name.lower()
+        opener = gzip.open if name.endswith(".gz") else bz2.open if name.endswith(".bz2") else open
+        base = name.removesuffix(".gz").removesuffix(".bz2")
+        try:
+            with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+                if base.endswith(".jsonl"):
+                    for line in f:
+                        if line.strip():
+                            try:
+                                yield from ((str(path), s) for s in _strings(json.loads(line)))
+                            except json.JSONDecodeError:
+                                yield str(path), line
+                elif base.endswith(".json"):
+                    yield from ((str(path), s) for s in _strings(json.load(f)))
+                elif base.endswith(".csv"):
+                    for row in csv.reader(f):
+                        yield str(path), " ".join(row)
+                elif base.endswith(".txt"):
+                    for line in f:
+                        yield str(path), line
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, EOFError) as exc:
+            raise PhibookError(f"cannot read benchmark file {path}: {exc}") from exc
+
+
+def benchmark_ngrams(root: str | Path, n: int = 13) -> np.ndarray:
+    """Sorted unique hashes of every word n-gram in the benchmark files."""
+    chunks = [_ngram_hashes(words(text), n) for _, text in benchmark_texts(root)]
+    chunks = [c for c in chunks if len(c)]
+    if not chunks:
+        raise PhibookError(f"no benchmark text with {n}+ words found under {root}")
+    return np.unique(np.concatenate(chunks))
+
+
+# --------------------------------------------------------------------------- documents
+
+
+def read_documents(paths: list[str | Path], cfg: CleanConfig, report: CleanReport) -> Iterator[dict[str, Any]]:
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise PhibookError(f"input {path} does not exist")
+        report.inputs.append(str(path))
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                report.bytes_read += len(raw)
+                try:
+                    doc = json.loads(raw)
+                    if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+                        raise ValueError("needs a string 'text' field")
+                except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+                    if cfg.skip_bad:
+                        report.bad_lines += 1
+                        continue
+                    raise PhibookError(
+                        f"{path}:{lineno}: not a document JSON line ({exc}); pass --skip-bad to count and skip"
+                    ) from exc
+                doc.setdefault("id", f"{path.name}:{lineno}")
+                yield doc
+
+
+def clean(
+    inputs: list[str | Path],
+    out: str | Path,
+    cfg: CleanConfig | None = None,
+    benchmarks: str | Path | None = None,
+    report_path: str | Path | None = None,
+    progress: bool = True,
+) -> CleanReport:
+    from datasketch import MinHash, MinHashLSH
+    from tqdm import tqdm
+
+    cfg = cfg or CleanConfig()
+    if not 0 < cfg.near_dup_threshold <= 1:
+        raise PhibookError(f"--near-dup-threshold must be in (0, 1], got {cfg.near_dup_threshold}")
+    if not inputs:
+        raise PhibookError("no input files given")
+    report = CleanReport()
+    start = time.perf_counter()
+    contaminated = benchmark_ngrams(benchmarks, cfg.ngram) if benchmarks else None
+    report.benchmark_ngrams = 0 if contaminated is None else len(contaminated)
+    lsh = MinHashLSH(threshold=cfg.near_dup_threshold, num_perm=cfg.num_perm)
+    seen: dict[str, str] = {}  # normalized hash -> id of the kept document
+    lsh_ids: dict[int, str] = {}
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    bar = tqdm(desc="clean", unit="doc", disable=not progress, file=sys.stderr)
+    with tmp.open("w", encoding="utf-8") as sink:
+        for doc in read_documents(inputs, cfg, report):
+            report.read += 1
+            bar.update(1)
+            text, did = doc["text"], str(doc["id"])
+            if len(text) < cfg.min_chars:
+                report.note("too_short", did, f"{len(text)} chars < {cfg.min_chars}")
+                continue
+            if len(text) > cfg.max_chars:
+                report.note("too_long", did, f"{len(text)} chars > {cfg.max_chars}")
+                continue
+            frac = dup_line_fraction(text)
+            if frac > cfg.max_dup_line_frac:
+                report.note("repetitive", did, f"{frac:.2f} of characters in repeated lines")
+                continue
+            h = normalized_hash(text)
+            if h in seen:
+                report.note("exact_duplicate", did, f"same text as {seen[h]}")
+                continue
+            tokens = words(text)
+            if contaminated is not None:
+                grams = _ngram_hashes(tokens, cfg.ngram)
+                pos = np.searchsorted(contaminated, grams)
+                hit = (pos < len(contaminated)) & (contaminated[np.minimum(pos, len(contaminated) - 1)] == grams)
+                if hit.any():
+                    i = int(np.argmax(hit))
+                    report.note("benchmark_contamination", did, " ".join(tokens[i : i + cfg.ngram]))
+                    continue
+            m = MinHash(num_perm=cfg.num_perm)
+            shingles = {" ".join(tokens[i : i + cfg.shingle]) for i in range(max(1, len(tokens) - cfg.shingle + 1))}
+            m.update_batch([s.encode() for s in shingles])
+            match = lsh.query(m)
+            if match:
+                report.note("near_duplicate", did, f"near duplicate of {lsh_ids[match[0]]}")
+                continue
+            # LSH keys must be unique even when input ids are not.
+            lsh.insert(report.read, m)
+            lsh_ids[report.read] = did
+            seen[h] = did
+            sink.write(json.dumps(doc, ensure_ascii=False) + "\n")
+            report.kept += 1
+    bar.close()
+    os.replace(tmp, out)
+    report.seconds = time.perf_counter() - start
+    if report_path:
+        report_path = Path(report_path)
+        rtmp = report_path.with_name(report_path.name + f".tmp-{os.getpid()}")
+        rtmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        os.replace(rtmp, report_path)
+    return report
