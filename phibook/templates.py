@@ -125,3 +125,30 @@ def get_template(name: str) -> Template:
         return TEMPLATES[name]
     except KeyError:
         raise PhibookError(f"unknown template {name!r}; valid templates: {', '.join(TEMPLATES)}") from None
+
+
+# --------------------------------------------------------------------------- chat history
+
+
+def chat_transcript(turns: list[tuple[str, str]], message: str) -> str:
+    """The chat prompt for ``message`` after earlier (user, bot) ``turns``, oldest first.
+
+    Alice: first question\\nBob: first answer\\nAlice: MESSAGE\\nBob:
+    """
+    past = "".join(f"{USER_NAME}: {user.strip()}\n{BOT_NAME}: {bot.strip()}\n" for user, bot in turns)
+    return past + _chat(message)
+
+
+def fit_chat_prompt(
+    turns: list[tuple[str, str]], message: str, count_tokens: Callable[[str], int], limit: int
+) -> tuple[str, int]:
+    """(prompt, number of oldest turns dropped) so that the prompt has at most ``limit`` tokens.
+
+    Whole turns are dropped, oldest first; the new message is always kept, even
+    when it alone is over the limit (the generator then reports the lengths).
+    """
+    for dropped in range(len(turns) + 1):
+        prompt = chat_transcript(turns[dropped:], message)
+        if count_tokens(prompt) <= limit:
+            return prompt, dropped
+    return prompt, len(turns)

@@ -1,0 +1,169 @@
+"""``phibook generate``: continue one or more prompts with a model (streaming for a single prompt)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+
+DTYPE_CHOICES = ("fp32", "bf16")
+
+
+def unescape(text: str) -> str:
+    r"""Turn the shell-friendly escapes \n, \t and \\ into the characters they name."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in "nt\\":
+            out.append({"n": "\n", "t": "\t", "\\": "\\"}[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", required=True, metavar="PATH",
+        help="a phibook checkpoint, a training run directory (its newest checkpoint), or an HF phi directory "
+        "(config.json + safetensors or pytorch_model.bin + tokenizer.json)",
+    )
+    parser.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default="fp32",
+        help="weights and compute precision (default: fp32; bf16 halves memory and is faster on CPUs with AVX-512 BF16)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda (default: cpu)")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
+    """The sampling flags shared by generate and chat."""
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+        help=f"most tokens to generate per prompt; clamped to what the context leaves (default: {max_new_tokens})",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, metavar="T",
+        help="sampling temperature; 0 is greedy, always the most likely token (default: 0)",
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=0, metavar="K",
+        help="sample only among the K most likely tokens; 0 turns it off (default: 0)",
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=1.0, metavar="P",
+        help="nucleus sampling: the smallest set of tokens whose probability reaches P; 1 turns it off (default: 1)",
+    )
+    parser.add_argument(
+        "--repetition-penalty", type=float, default=1.0, metavar="R",
+        help="CTRL-style penalty (>1 discourages tokens already in the prompt or output); 1 turns it off (default: 1)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, metavar="S",
+        help="seed for sampling, so a run with temperature > 0 can be repeated exactly (default: random)",
+    )
+    parser.add_argument(
+        "--stop", action="append", default=[], metavar="STR",
+        help=r"stop when the output contains STR (not printed); repeat the flag for several; \n and \t are "
+        "understood. The template's own stop strings are always added",
+    )
+
+
+def register(subparsers) -> None:
+    from phibook.templates import TEMPLATES
+
+    parser = subparsers.add_parser(
+        "generate",
+        help="continue prompts with a model (greedy or sampled), streaming to the terminal",
+        description=textwrap.fill(
+            "Continue each PROMPT with the model and print the continuation (not the prompt) to stdout. "
+            "phi-1.5 is a base model and does not stop by itself (report, section 5): use --template for the "
+            "report's prompt formats, --stop and --max-new-tokens to end the output. One prompt streams its "
+            "text as it is produced; several prompts run as one batch and are printed in order, each after a "
+            "'=== prompt i ===' line on stderr.",
+            width=88,
+        ),
+        epilog=(
+            "examples:\n"
+            "  phibook generate --model runs/tiny 'Alice had three apples.'\n"
+            "  phibook generate --model phi-1_5/ --template step-by-step --max-new-tokens 200 "
+            "'Alice had 3 apples and Bob gave her 7. How many apples does Alice have?'\n"
+            "  phibook generate --model phi-1_5/ --temperature 0.7 --top-p 0.95 --seed 1 --stop '\\n\\n' A B C\n"
+            "  echo 'def fib(n):' | phibook generate --model phi-1_5/ -"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_args(parser)
+    add_sampling_args(parser)
+    parser.add_argument(
+        "--template", default="completion", choices=list(TEMPLATES), metavar="NAME",
+        help="prompt format: " + "; ".join(f"{t.name}: {t.description}" for t in TEMPLATES.values())
+        + " (default: completion)",
+    )
+    parser.add_argument(
+        "--no-stream", action="store_true",
+        help="print a single prompt's continuation only when it is complete",
+    )
+    parser.add_argument(
+        "prompts", nargs="+", metavar="PROMPT",
+        help="prompt text; '-' reads one prompt from stdin (one trailing newline removed)",
+    )
+    parser.set_defaults(func=run)
+
+
+def sampling_params_from(args: argparse.Namespace, stop: list[str]):
+    from phibook.generate import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=stop,
+    ).validate()
+
+
+def load_generator(args: argparse.Namespace):
+    from phibook.generate import Generator
+
+    return Generator.from_path(args.model, device=args.device, dtype=args.dtype)
+
+
+def read_prompts(prompts: list[str]) -> list[str]:
+    out = []
+    for p in prompts:
+        if p == "-":
+            text = sys.stdin.read()
+            out.append(text[:-1] if text.endswith("\n") else text)
+        else:
+            out.append(p)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from phibook.templates import get_template
+
+    template = get_template(args.template)
+    raw = read_prompts(args.prompts)
+    prompts = [template.format(p) for p in raw]
+    user_stops = [unescape(s) for s in args.stop]
+    # Validate the flags before the (slow) model load.
+    params = [sampling_params_from(args, template.stops(p) + user_stops) for p in raw]
+    generator = load_generator(args)
+
+    if len(prompts) == 1 and not args.no_stream:
+        for piece in generator.stream(prompts[0], params[0]):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+
+    results = generator.generate(prompts, params)
+    for i, r in enumerate(results):
+        sys.stdout.flush()
+        print(f"=== prompt {i} ({r.completion_tokens} tokens, {r.finish_reason}) ===", file=sys.stderr, flush=True)
+        sys.stdout.write(r.text + "\n")
+        sys.stdout.flush()
+    return 0
+
