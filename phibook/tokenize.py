@@ -488,8 +488,11 @@ def tokenize_inputs(
 
     _run_units(todo, units, metas, tokenizer, tokenizer_path, options, work, dtype, workers, progress)
     manifest = _assemble(units, metas, tokenizer, tokenizer_path, options, out, work, dtype,
-                         shard_tokens, source, plan_hash)
+                         shard_tokens, source, plan_hash, progress)
     shutil.rmtree(work, ignore_errors=True)
+    if val_fraction > 0 and not manifest.split_shards("val"):
+        _say(f"warning: --val-fraction {val_fraction} held out none of the documents (too few documents?); "
+             "there is no val split")
     return manifest
 
 
@@ -549,7 +552,12 @@ def _run_pool(todo, metas, tokenizer_path, options, work, dtype, workers, advanc
 
 
 def _assemble(units, metas, tokenizer, tokenizer_path, options, out, work, dtype, shard_tokens, source,
-              plan_hash) -> Manifest:
+              plan_hash, show) -> Manifest:
+    from tqdm import tqdm
+
+    total = sum(m["tokens"][split] for m in metas.values() for split in SPLITS)
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="write shards", file=sys.stderr,
+               disable=not show, dynamic_ncols=True)
     shards = []
     for split in SPLITS:
         writer = ShardWriter(out, split, dtype, shard_tokens)
@@ -561,8 +569,10 @@ def _assemble(units, metas, tokenizer, tokenizer_path, options, out, work, dtype
             lengths = np.fromfile(paths[f"{split}.len"], dtype="<u4")
             tokens = np.memmap(paths[f"{split}.bin"], dtype=dtype, mode="r")
             writer.add_documents(tokens, lengths, origin=unit.origin())
+            bar.update(len(tokens))
             del tokens
         shards.extend(writer.finish())
+    bar.close()
     keep = {s.file for s in shards}
     for split in SPLITS:  # shards left over from an earlier, bigger build of this folder
         for old in out.glob(f"{split}-*.bin"):
