@@ -50,6 +50,7 @@ from phibook.shards import (
 )
 
 WORK_DIR = ".work"
+TOKENIZER_COPY = "tokenizer.json"
 UNIT_VERSION = 1
 JSONL_EXT = {".jsonl", ".ndjson"}
 TEXT_EXT = {".txt", ".text", ".md"}
@@ -578,6 +579,7 @@ def _assemble(units, metas, tokenizer, tokenizer_path, options, out, work, dtype
         for old in out.glob(f"{split}-*.bin"):
             if old.name not in keep:
                 old.unlink()
+    tokenizer.save(out)
     empty = sum(m["empty"] for m in metas.values())
     files: dict[str, int] = {}
     for u in units:
@@ -588,7 +590,10 @@ def _assemble(units, metas, tokenizer, tokenizer_path, options, out, work, dtype
             "fingerprint": tokenizer.fingerprint,
             "vocab_size": tokenizer.vocab_size,
             "eos_id": tokenizer.eos_id,
-            "path": str(tokenizer_path),
+            # Relative to the manifest: the shard set carries a copy of its tokenizer, so
+            # training finds it (and puts it in checkpoints) wherever the folder is moved.
+            "path": TOKENIZER_COPY,
+            "source_path": str(Path(tokenizer_path).resolve()),
         },
         dtype=dtype_name(dtype),
         source=source,

@@ -112,6 +112,8 @@ def test_counts_and_decoded_shards_reproduce_the_documents(corpus: dict, referen
         assert shard.sha256 == file_sha256(reference / shard.file)
     assert len(m.split_shards("train")) > 3
     assert not (reference / WORK_DIR).exists()
+    copy = Tokenizer.from_file(reference / m.tokenizer["path"])  # the shard set carries its tokenizer
+    assert copy.fingerprint == tok.fingerprint
 
 
 def test_output_is_identical_for_any_worker_count_and_chunking(corpus: dict, reference: Path, tmp_path: Path) -> None:
