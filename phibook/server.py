@@ -238,6 +238,8 @@ class ServerStats:
     batch_sizes: Counter = field(default_factory=Counter)
     failed_jobs: int = 0
     rejected_requests: int = 0  # answered 4xx
+    disconnected_jobs: int = 0  # streams whose client left before the end
+    abandoned_batches: int = 0  # batches stopped early because nobody was waiting
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -248,7 +250,13 @@ class ServerStats:
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "failed_jobs": self.failed_jobs,
             "rejected_requests": self.rejected_requests,
+            "disconnected_jobs": self.disconnected_jobs,
+            "abandoned_batches": self.abandoned_batches,
         }
+
+
+class _BatchAbandoned(Exception):
+    """Raised inside on_delta to stop a batch early (shutdown, or every client disconnected)."""
 
 
 class BatchScheduler:
@@ -265,6 +273,7 @@ class BatchScheduler:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.executor: ThreadPoolExecutor | None = None
         self.task: asyncio.Task | None = None
+        self.stopping = False  # set at shutdown: the running batch aborts at its next text piece
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -273,6 +282,7 @@ class BatchScheduler:
         self.task = asyncio.create_task(self._schedule(), name="phibook-batch-scheduler")
 
     async def stop(self) -> None:
+        self.stopping = True
         if self.task is not None:
             self.task.cancel()
             try:
@@ -319,6 +329,9 @@ class BatchScheduler:
 
     def _run_batch(self, batch: list[Job]) -> None:
         def on_delta(i: int, piece: str) -> None:
+            # Raising here unwinds Generator.run: the way to stop a batch nobody waits for.
+            if self.stopping or all(job.cancelled for job in batch):
+                raise _BatchAbandoned
             if piece:
                 batch[i].emitted = True
                 self._post(batch[i], "delta", piece)
@@ -327,6 +340,13 @@ class BatchScheduler:
             completions = self.generator.run(
                 [job.prompt for job in batch], [job.params for job in batch], on_delta=on_delta
             )
+        except _BatchAbandoned:
+            self.stats.abandoned_batches += 1
+            log.info("batch of %d abandoned (%s)", len(batch),
+                     "server stopping" if self.stopping else "every client went away")
+            for job in batch:
+                self._post(job, "error", APIError(503, "the server is shutting down", type="server_error"))
+            return
         except Exception as exc:
             log.warning("batch of %d failed: %s: %s", len(batch), type(exc).__name__, exc)
             self._recover(batch, exc)
@@ -453,11 +473,12 @@ async def _collect(sink: asyncio.Queue, n: int) -> list[Completion]:
 
 async def _stream(
     first: tuple, sink: asyncio.Queue, jobs: list[Job], make_chunks: Callable[[tuple], list[dict]],
-    finish: Callable[[], list[dict]],
+    finish: Callable[[], list[dict]], stats: ServerStats,
 ) -> AsyncIterator[str]:
     """SSE body: chunks for each event until every job is done, then ``finish()`` and [DONE].
     An error after the response began can only be reported inside the stream."""
     remaining = len(jobs)
+    ended = False
     event: tuple | None = first
     try:
         while remaining:
@@ -476,8 +497,13 @@ async def _stream(
             for chunk in finish():
                 yield _sse(chunk)
         yield _sse("[DONE]")
+        ended = True
     finally:
-        for job in jobs:  # client gone or stream over: queued jobs need not run
+        # Stream over, or the client went away (Starlette then closes this generator):
+        # its jobs need not run any more, and a batch of only such jobs stops early.
+        if not ended and remaining:
+            stats.disconnected_jobs += remaining
+        for job in jobs:
             job.cancelled = True
 
 
@@ -605,7 +631,7 @@ def create_app(
 
         first = await _first_event(sink, jobs)
         prologue = [_sse(chunk([choice(i, p, None)])) for i, p in enumerate(prompts)] if req.echo else []
-        return _sse_response(prologue, _stream(first, sink, jobs, on_event, finish))
+        return _sse_response(prologue, _stream(first, sink, jobs, on_event, finish, service.stats))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
@@ -661,7 +687,7 @@ def create_app(
 
         first = await _first_event(sink, jobs)
         prologue = [_sse(chunk({"role": "assistant", "content": ""}, None))]
-        return _sse_response(prologue, _stream(first, sink, jobs, on_event, finish))
+        return _sse_response(prologue, _stream(first, sink, jobs, on_event, finish, service.stats))
 
     return app
 

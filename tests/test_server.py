@@ -85,12 +85,22 @@ class GatedGenerator(Generator):
     def __init__(self, base: Generator) -> None:
         super().__init__(base.model, base.tokenizer)
         self.gate = threading.Event()
+        self.hold: threading.Event | None = None  # when set up: pause after the first text piece
 
     def run(self, prompts, params, on_delta=None):
         assert self.gate.wait(TIMEOUT), "test never opened the gate"
         if any("BOOM" in p for p in prompts):
             raise RuntimeError("injected failure for a BOOM prompt")
-        return super().run(prompts, params, on_delta)
+        pieces = 0
+
+        def delta(i: int, text: str) -> None:
+            nonlocal pieces
+            on_delta(i, text)
+            pieces += 1
+            if pieces == 1 and self.hold is not None:
+                assert self.hold.wait(TIMEOUT), "test never released the hold"
+
+        return super().run(prompts, params, delta if on_delta else None)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -445,3 +455,25 @@ def _health_ok(url: str) -> bool:
         return httpx.get(f"{url}/health", timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_disconnected_stream_stops_its_batch(generator):
+    prompt, budget = "Once upon a time", 200
+    full = generator.run([prompt], SamplingParams(max_new_tokens=budget))[0]
+    assert full.finish_reason == "length", "the test needs a reply that runs to its budget"
+    gated = GatedGenerator(generator)
+    gated.gate.set()
+    gated.hold = threading.Event()
+    with serve_in_thread(create_app(gated, MODEL)) as url:
+        stats = lambda: httpx.get(f"{url}/health", timeout=TIMEOUT).json()["stats"]  # noqa: E731
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": budget, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=TIMEOUT) as r:
+            first = next(line for line in r.iter_lines() if line.startswith("data: "))
+            assert json.loads(first[6:])["choices"][0]["text"]
+        # The client hung up after one piece while the worker is held mid-batch.
+        wait_for(lambda: stats()["disconnected_jobs"] == 1, "the server to notice the disconnect")
+        gated.hold.set()
+        wait_for(lambda: stats()["abandoned_batches"] == 1, "the batch to stop early")
+        gated.hold = None
+        r = client(url).completions.create(model=MODEL, prompt="next", max_tokens=4, temperature=0)
+        assert r.choices[0].text == greedy(generator, "next", 4)
