@@ -250,6 +250,7 @@ class _Batch:
         self.cache_len = total
         self.prompt_ids, self.lengths = prompt_ids, lengths
         self.B = B
+        self.chunk = gen.prefill_chunk
         self.cache: KVCache | None = None
         self.mask: Tensor | None = None
         self.positions: Tensor | None = None
@@ -272,10 +273,18 @@ class _Batch:
             self.seen = torch.zeros((B, self.model.config.vocab_size), dtype=torch.bool, device=dev)
             # Padding slots point at the row's last (real) token, so only real ids are marked.
             self.seen.scatter_(1, torch.where(prompt_mask.bool(), idx, idx[:, -1:]), True)
-        # Padded rows at the front: the mask hides them from real tokens.
-        # Only the last position's logits matter.
-        logits = self.model(idx, positions=positions, cache=self.cache, attention_mask=self.mask)[:, -1]
-        return self._pick(logits)
+        # Without padding the model's own causal path (no explicit mask) is
+        # exact and faster; with padding the mask hides the pad slots.
+        if all(n == S for n in self.lengths):
+            self.mask = None
+        # Chunks bound the (B, chunk, vocab) logits and the attention scores of
+        # a long prompt; only the last position's logits are used.
+        for start in range(0, S, self.chunk):
+            end = min(S, start + self.chunk)
+            logits = self.model(
+                idx[:, start:end], positions=positions[:, start:end], cache=self.cache, attention_mask=self.mask
+            )
+        return self._pick(logits[:, -1])
 
     @torch.inference_mode()
     def step(self, tokens: Tensor) -> Tensor:
@@ -313,6 +322,8 @@ class Generator:
             )
         self.n_real_vocab = tokenizer.vocab_size
         self.context = model.config.max_seq_len
+        # Prompts are prefilled this many tokens at a time (memory bound for long prompts).
+        self.prefill_chunk = 512
 
     @classmethod
     def from_path(

@@ -252,3 +252,12 @@ def test_templates_follow_the_report() -> None:
 def test_unknown_template_lists_names() -> None:
     with pytest.raises(PhibookError, match="valid templates: completion, step-by-step, qa, chat, code"):
         get_template("poem")
+
+
+def test_chunked_prefill_matches_whole(tiny: Generator) -> None:
+    params = SamplingParams(max_new_tokens=10, stop_at_eos=False)
+    whole = tiny.generate(PROMPTS, params)
+    chunked = copy.copy(tiny)
+    chunked.prefill_chunk = 3
+    assert chunked.generate(PROMPTS, params) == whole
+    assert chunked.generate([PROMPTS[1]], params) == tiny.generate([PROMPTS[1]], params)
