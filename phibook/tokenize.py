@@ -335,6 +335,7 @@ def unit_done(work: Path, unit: Unit, key: str) -> dict[str, Any] | None:
 def run_unit(
     unit: Unit,
     tokenizer,
+    fingerprint: str,
     options: Options,
     work: Path,
     dtype: np.dtype,
@@ -342,7 +343,7 @@ def run_unit(
 ) -> dict[str, Any]:
     """Tokenize one unit into its work files and write its sidecar; returns the sidecar."""
     paths = unit_paths(work, unit.index)
-    key = unit.key(tokenizer.fingerprint, options)
+    key = unit.key(fingerprint, options)
     eos = tokenizer.eos_id
     slow = float(os.environ.get(SLOW_ENV, "0") or 0)
     counts = {"tokens": dict.fromkeys(SPLITS, 0), "documents": dict.fromkeys(SPLITS, 0), "empty": 0}
@@ -401,21 +402,22 @@ def run_unit(
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(tokenizer_path: str, options: Options, work: str, dtype: str, queue) -> None:
+def _worker_init(tokenizer_path: str, fingerprint: str, options: Options, work: str, dtype: str, queue) -> None:
     # One process per core already; keep the Rust encoder to one thread each.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
     from phibook.tokenizer import Tokenizer
 
     _WORKER.update(
-        tokenizer=Tokenizer.from_file(tokenizer_path), options=options, work=Path(work),
+        # The parent's fingerprint: hashing the vocabulary again costs each worker about a second.
+        tokenizer=Tokenizer.from_file(tokenizer_path), fingerprint=fingerprint, options=options, work=Path(work),
         dtype=np.dtype(dtype), queue=queue,
     )
 
 
 def _worker_run(unit: Unit) -> dict[str, Any]:
     w = _WORKER
-    return run_unit(unit, w["tokenizer"], w["options"], w["work"], w["dtype"],
+    return run_unit(unit, w["tokenizer"], w["fingerprint"], w["options"], w["work"], w["dtype"],
                     lambda b, d, t: w["queue"].put((b, d, t)))
 
 
@@ -520,14 +522,15 @@ def _run_units(todo, units, metas, tokenizer, tokenizer_path, options, work, dty
     try:
         if workers == 1 or len(todo) <= 1:
             for unit in todo:
-                metas[unit.index] = run_unit(unit, tokenizer, options, work, dtype, advance)
+                metas[unit.index] = run_unit(unit, tokenizer, tokenizer.fingerprint, options, work, dtype, advance)
         else:
-            _run_pool(todo, metas, tokenizer_path, options, work, dtype, min(workers, len(todo)), advance)
+            _run_pool(todo, metas, tokenizer_path, tokenizer.fingerprint, options, work, dtype,
+                      min(workers, len(todo)), advance)
     finally:
         bar.close()
 
 
-def _run_pool(todo, metas, tokenizer_path, options, work, dtype, workers, advance) -> None:
+def _run_pool(todo, metas, tokenizer_path, fingerprint, options, work, dtype, workers, advance) -> None:
     import multiprocessing as mp
     import queue as queue_mod
 
@@ -535,7 +538,7 @@ def _run_pool(todo, metas, tokenizer_path, options, work, dtype, workers, advanc
     ctx = mp.get_context("spawn")
     progress_q = ctx.Queue()
     with ctx.Pool(workers, initializer=_worker_init,
-                  initargs=(str(tokenizer_path), options, str(work), np.dtype(dtype).str, progress_q)) as pool:
+                  initargs=(str(tokenizer_path), fingerprint, options, str(work), np.dtype(dtype).str, progress_q)) as pool:
         pending = {u.index: pool.apply_async(_worker_run, (u,)) for u in todo}
         while pending:
             try:
