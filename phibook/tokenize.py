@@ -562,6 +562,9 @@ def _assemble(units, metas, tokenizer, tokenizer_path, options, out, work, dtype
     total = sum(m["tokens"][split] for m in metas.values() for split in SPLITS)
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="write shards", file=sys.stderr,
                disable=not show, dynamic_ncols=True)
+    for pattern in (".train-*.bin.tmp", ".val-*.bin.tmp", f".{MANIFEST}.*.tmp"):
+        for stale in out.glob(pattern):  # half-written files of an assembly that was killed
+            stale.unlink()
     shards = []
     for split in SPLITS:
         writer = ShardWriter(out, split, dtype, shard_tokens)

@@ -190,6 +190,13 @@ def test_shipped_mixtures_parse_and_load(tmp_path: Path) -> None:
         PackedLoader(tmp_path / f"{name}.toml", seq_len=16).next_batch(4)
 
 
+def test_cli_defaults_match_the_library() -> None:
+    import phibook.commands.tokenize as cmd
+    import phibook.tokenize as lib
+
+    assert (cmd.DEFAULT_SHARD_TOKENS, cmd.DEFAULT_CHUNK_BYTES) == (lib.DEFAULT_SHARD_TOKENS, lib.DEFAULT_CHUNK_BYTES)
+
+
 # ------------------------------------------------------------------ errors
 
 

@@ -32,9 +32,13 @@ examples:
   phibook train --data shards/synthetic ...   (or a mixture .toml naming several shard folders)"""
 
 
-def register(subparsers) -> None:
-    from phibook.tokenize import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_TOKENS
+# The library's defaults (phibook.tokenize), repeated here so `--help` does not import
+# numpy; tests/test_tokenize.py checks they agree.
+DEFAULT_SHARD_TOKENS = 1 << 24
+DEFAULT_CHUNK_BYTES = 16 << 20
 
+
+def register(subparsers) -> None:
     p = subparsers.add_parser(
         "tokenize",
         help="documents (JSONL, text, parquet) -> token shards + manifest.json",
