@@ -167,8 +167,13 @@ def parallelize(
 
         ids = [info.device.index] if info.device.type == "cuda" else None
         return DDP(model, device_ids=ids)
+    import warnings
+
     from torch.distributed.fsdp import fully_shard
 
+    # Our forward returns the LM head's output, which autograd sees as a view; we
+    # never modify it in place, so FSDP2's warning about in-place ops does not apply.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     reshard = distributed == "fsdp-zero3"
     for block in blocks:
         fully_shard(block, reshard_after_forward=reshard)

@@ -34,6 +34,7 @@ from phibook.errors import PhibookError
 METRICS_FILE = "metrics.jsonl"
 RESOLVED_CONFIG = "config.resolved.json"
 TOKENIZER_FILE = "tokenizer.json"
+STEP_DELAY_ENV = "PHIBOOK_TEST_STEP_DELAY"
 
 
 def _f(default: Any, help: str, choices: tuple[str, ...] | None = None):
@@ -693,6 +694,9 @@ class _Trainer:
             unit="step",
         )
         start = time.perf_counter()
+        # Test hook: seconds to sleep after every step, so a test can SIGKILL the
+        # process at a point of its choosing (tests/test_resume.py).
+        delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
         tokens_per_step = cfg.global_batch * self.seq_len
         self.log(
             f"model {self.mcfg.num_params() / 1e6:.1f}M params, {info.world_size} process(es) on "
@@ -740,6 +744,8 @@ class _Trainer:
                     )
                 if last or (cfg.save_every and step % cfg.save_every == 0):
                     self.save(step, record["elapsed"])
+                if delay:
+                    time.sleep(delay)
         finally:
             bar.close()
             if metrics is not None:

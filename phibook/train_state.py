@@ -103,25 +103,30 @@ def remove_stale_tmp(run_dir: Path) -> list[Path]:
 
 
 def capture_rng(device: torch.device) -> dict[str, Any]:
-    """Every generator a training step could draw from, as plain tensors/tuples (weights_only-safe)."""
-    np_state = np.random.get_state()
+    """Every generator a training step could draw from, as plain picklable values (no tensors,
+    so the states of all ranks can be gathered with all_gather_object)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-        "torch": torch.get_rng_state(),
+        "numpy": (kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)),
+        "torch": torch.get_rng_state().numpy().tobytes(),
     }
     if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
+        state["cuda"] = torch.cuda.get_rng_state(device).numpy().tobytes()
     return state
+
+
+def _bytes_tensor(b: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(b), dtype=torch.uint8)
 
 
 def restore_rng(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(_to_tuple(state["python"]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
-    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(_bytes_tensor(state["torch"]))
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(_bytes_tensor(state["cuda"]), device)
 
 
 def _to_tuple(x):
@@ -267,7 +272,7 @@ def _check_shapes(model: nn.Module, saved: dict[str, torch.Tensor], ckpt: Path) 
     """Name the first tensor whose shape differs, instead of a long load_state_dict dump."""
     from phibook.parallel import unwrap
 
-    expected = {k: tuple(v.shape) for k, v in _full_shapes(unwrap(model)).items()}
+    expected = {k: tuple(shape) for k, shape in _full_shapes(unwrap(model)).items()}
     for name, shape in expected.items():
         if name not in saved:
             raise PhibookError(f"checkpoint {ckpt / MODEL_FILE} has no tensor {name}")
