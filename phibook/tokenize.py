@@ -236,7 +236,7 @@ def _read_jsonl(unit: Unit, options: Options) -> Iterator[tuple[str, str, int]]:
                 raise fail(f"expected a JSON object per line, got {type(doc).__name__}")
             text = doc.get(options.text_field)
             if not isinstance(text, str):
-                what = "missing" if text is None else f"a {type(text).__name__}, not a string"
+                what = "missing" if text is None else f"of type {type(text).__name__}, not a string"
                 raise fail(f"field {options.text_field!r} is {what}")
             doc_id = doc.get("id")
             # Progress for .gz counts compressed bytes, reported once at the end of the unit.

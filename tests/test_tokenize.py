@@ -190,6 +190,21 @@ def test_shipped_mixtures_parse_and_load(tmp_path: Path) -> None:
         PackedLoader(tmp_path / f"{name}.toml", seq_len=16).next_batch(4)
 
 
+def test_gzipped_jsonl_gives_the_same_shards(corpus: dict, tmp_path: Path) -> None:
+    import gzip
+
+    plain = corpus["root"] / "docs.jsonl"
+    gz = tmp_path / "docs.jsonl.gz"
+    gz.write_bytes(gzip.compress(plain.read_bytes()))
+    a, b = tmp_path / "a", tmp_path / "b"
+    tokenize_inputs([plain], corpus["tok"].path, a, workers=1, **OPTS)
+    tokenize_inputs([gz], corpus["tok"].path, b, workers=1, **OPTS)
+    assert _shard_bytes(a) == _shard_bytes(b)
+    gz.write_bytes(gzip.compress(b'{"text": "ok"}\n{"text": 5}\n'))
+    with pytest.raises(PhibookError, match=r"docs.jsonl.gz:2: field 'text' is of type int, not a string"):
+        tokenize_inputs([gz], corpus["tok"].path, tmp_path / "c", workers=1, progress=False)
+
+
 def test_cli_defaults_match_the_library() -> None:
     import phibook.commands.tokenize as cmd
     import phibook.tokenize as lib
