@@ -261,3 +261,16 @@ def test_chunked_prefill_matches_whole(tiny: Generator) -> None:
     chunked.prefill_chunk = 3
     assert chunked.generate(PROMPTS, params) == whole
     assert chunked.generate([PROMPTS[1]], params) == tiny.generate([PROMPTS[1]], params)
+
+
+def test_row_text_multibyte_characters_and_stop(tiny: Generator) -> None:
+    # The small BPE saw only ASCII: each of these characters spans several byte tokens.
+    row = _RowText(tiny.tokenizer, ["🙂"])
+    pieces = []
+    for t in tiny.tokenizer.encode("naïve café 日本語 🙂 end"):
+        delta, stopped = row.push(t)
+        pieces.append(delta)
+        if stopped:
+            break
+    assert stopped and "".join(pieces) == "naïve café 日本語 " == row.text
+    assert not any("\ufffd" in p for p in pieces)
