@@ -274,3 +274,20 @@ def test_row_text_multibyte_characters_and_stop(tiny: Generator) -> None:
             break
     assert stopped and "".join(pieces) == "naïve café 日本語 " == row.text
     assert not any("\ufffd" in p for p in pieces)
+
+
+def test_codegen_tokenizer_with_phi_vocab_padding(codegen_tokenizer_dir) -> None:
+    from phibook.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(codegen_tokenizer_dir)
+    cfg = PhiConfig(n_layer=1, d_model=64, n_head=1, vocab_size=51200, max_seq_len=64)
+    model = PhiModel(cfg)
+    model.init_weights(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.lm_head.bias[tok.vocab_size :] = 1e4  # the 905 padding rows would win if unmasked
+    gen = Generator(model, tok)
+    pieces: list[str] = []
+    r = gen.run(["Alice: Hi\nBob:", ""], SamplingParams(max_new_tokens=6, temperature=1.0, seed=0),
+                on_delta=lambda i, d: pieces.append(d) if i == 0 else None)
+    assert r[1].prompt_tokens == 1  # the empty prompt is <|endoftext|> (id 50256)
+    assert all(max(c.token_ids) < 50295 for c in r) and "".join(pieces) == r[0].text
