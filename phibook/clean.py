@@ -226,6 +226,7 @@ def clean(
     lsh = MinHashLSH(threshold=cfg.near_dup_threshold, num_perm=cfg.num_perm)
     seen: dict[str, str] = {}  # normalized hash -> id of the kept document
     lsh_ids: dict[int, str] = {}
+    signatures: dict[int, np.ndarray] = {}
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -262,13 +263,19 @@ def clean(
             m = MinHash(num_perm=cfg.num_perm)
             shingles = {" ".join(tokens[i : i + cfg.shingle]) for i in range(max(1, len(tokens) - cfg.shingle + 1))}
             m.update_batch([s.encode() for s in shingles])
-            match = lsh.query(m)
-            if match:
-                report.note("near_duplicate", did, f"near duplicate of {lsh_ids[match[0]]}")
+            sig = m.hashvalues.astype(np.uint32)  # datasketch hashes live in 32 bits
+            # LSH candidates are probabilistic; confirm with the estimated Jaccard
+            # so the threshold means what it says.
+            match = next(
+                (k for k in lsh.query(m) if float(np.mean(signatures[k] == sig)) >= cfg.near_dup_threshold), None
+            )
+            if match is not None:
+                report.note("near_duplicate", did, f"near duplicate of {lsh_ids[match]}")
                 continue
             # LSH keys must be unique even when input ids are not.
             lsh.insert(report.read, m)
             lsh_ids[report.read] = did
+            signatures[report.read] = sig
             seen[h] = did
             sink.write(json.dumps(doc, ensure_ascii=False) + "\n")
             report.kept += 1
