@@ -313,3 +313,22 @@ def test_synth_cli_help_mentions_resume() -> None:
     r = subprocess.run([sys.executable, "-m", "phibook.cli", "synth", "run", "--help"], capture_output=True,
                        text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
     assert r.returncode == 0 and "rerun" in r.stdout and "--shard" in r.stdout
+
+
+def test_openai_teacher_against_phibook_serve(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The teacher client end to end against phibook's own OpenAI-compatible server."""
+    from phibook.generate import Generator
+    from phibook.server import create_app
+    from tests.test_server import serve_in_thread
+
+    app = create_app(Generator.from_path(tiny_checkpoint, device="cpu"), "tiny", max_batch_size=8)
+    out = tmp_path / "docs.jsonl"
+    with serve_in_thread(app) as base:
+        for api in ("chat", "completions"):
+            teacher = OpenAITeacher([base + "/v1"], "tiny", temperature=0.0, max_tokens=24, timeout_s=60, api=api)
+            stats = run_synth(out, 4, teacher, load_topics(), load_templates(), seed=3, concurrency=4,
+                              progress=False)
+            assert stats.failed == 0 and stats.written == 4 and stats.completion_tokens > 0
+    docs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(docs) == 8 and len({d["id"] for d in docs}) == 8  # api is part of the teacher fingerprint
+    assert {d["meta"]["api"] for d in docs} == {"chat", "completions"}
