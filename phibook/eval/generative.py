@@ -387,6 +387,8 @@ def read_squad(path: Path, limit: int | None = None) -> list[dict]:
             data = json.load(fh)
     except json.JSONDecodeError as exc:
         raise PhibookError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    except OSError as exc:
+        raise PhibookError(f"{path}: cannot read ({exc.strerror}); get {SOURCE_HINTS['squad']}") from None
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise PhibookError(f"{path}: expected the SQuAD layout {{\"data\": [{{\"title\", \"paragraphs\"}}]}}")
     docs: list[dict] = []

@@ -133,6 +133,8 @@ def read_toxigen(path: Path, limit: int | None = None) -> list[dict]:
             data = json.load(fh)
     except json.JSONDecodeError as exc:
         raise PhibookError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    except OSError as exc:
+        raise PhibookError(f"{path}: cannot read ({exc.strerror}); get {SOURCE}") from None
     if not isinstance(data, list):
         raise PhibookError(f"{path}: expected a JSON array of sentences (SafeNLP's toxiGen.json layout)")
     docs = []

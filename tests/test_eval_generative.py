@@ -1,0 +1,273 @@
+"""Generative tasks: loaders on the real files, programs through the sandbox, SQuAD and pass@k math."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from phibook.errors import PhibookError
+from phibook.eval.generative import (
+    GSM8K,
+    MBPP,
+    SQuAD,
+    exact_match,
+    extract_program_answer,
+    gsm8k_gold,
+    normalize_answer,
+    pass_at_k,
+    read_squad,
+    squad_scores,
+    token_f1,
+    truncate_at_stops,
+)
+from phibook.eval.task import get_task
+from phibook.sandbox import check_many
+
+FIXTURE = Path(__file__).parent / "fixtures" / "squad_mini.json"
+
+
+@pytest.fixture(scope="module")
+def benchmarks(shared_dir: Path) -> Path:
+    return shared_dir / "benchmarks"
+
+
+# --------------------------------------------------------------------------- pass@k
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "k", "expected"),
+    [
+        (1, 1, 1, 1.0),
+        (1, 0, 1, 0.0),
+        (5, 2, 1, 0.4),  # 1 - C(3,1)/C(5,1) = 1 - 3/5
+        (5, 2, 2, 0.7),  # 1 - C(3,2)/C(5,2) = 1 - 3/10
+        (10, 3, 5, 1 - 21 / 252),  # 1 - C(7,5)/C(10,5)
+        (10, 0, 5, 0.0),
+        (4, 1, 4, 1.0),  # n - c < k: every draw of 4 contains the passing one
+        (200, 13, 100, 1 - math.comb(187, 100) / math.comb(200, 100)),
+    ],
+)
+def test_pass_at_k_against_hand_computed(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pass_at_k_rejects_impossible_counts():
+    with pytest.raises(ValueError):
+        pass_at_k(3, 4, 1)
+    with pytest.raises(ValueError):
+        pass_at_k(3, 1, 4)
+
+
+# --------------------------------------------------------------------------- HumanEval
+
+
+def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(benchmarks):
+    task = get_task("humaneval")
+    docs = task.load_docs(benchmarks, 20)
+    assert [d["task_id"] for d in docs[:2]] == ["HumanEval/0", "HumanEval/1"]
+    good = check_many([task.program(d, d["canonical_solution"]) for d in docs])
+    assert [o.status for o in good] == ["ok"] * 20
+    wrong = check_many([task.program(d, "    return None\n") for d in docs[:5]])
+    assert not any(o.passed for o in wrong)
+
+
+@pytest.mark.slow
+def test_humaneval_all_164_canonical_solutions_pass(benchmarks):
+    task = get_task("humaneval")
+    docs = task.load_docs(benchmarks, None)
+    assert len(docs) == 164
+    outcomes = check_many([task.program(d, d["canonical_solution"]) for d in docs])
+    assert [d["task_id"] for d, o in zip(docs, outcomes) if not o.passed] == []
+
+
+def test_humaneval_process_results_greedy_and_sampled(benchmarks):
+    doc = get_task("humaneval").load_docs(benchmarks, 1)[0]
+    greedy = get_task("humaneval")
+    assert greedy.metrics == {"pass@1": True} and greedy.temperature == 0.0
+    (req,) = greedy.requests(doc)
+    assert req.prompt == doc["prompt"] and req.params.stop == ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
+    # What follows the function body is cut at the first stop sequence, as the generator does.
+    noisy = doc["canonical_solution"] + "\ndef helper():\n    raise SystemExit(1)\nprint(helper())\n"
+    assert greedy.process_results(doc, [noisy]) == {"pass@1": 1.0}
+    assert greedy.process_results(doc, ["    return not_defined\n"]) == {"pass@1": 0.0}
+
+    sampled = type(greedy)(samples=4, temperature=0.8)
+    reqs = sampled.requests(doc)
+    assert len(reqs) == 4 and [r.params.seed for r in reqs] == [0, 1, 2, 3]
+    assert all(r.params.temperature == 0.8 and r.params.top_p == 0.95 for r in reqs)
+    assert set(sampled.metrics) == {"pass@1"}  # k=10, 100 need >= 10 samples
+    sampled.ks = (1, 2)
+    good, bad = doc["canonical_solution"], "    return 42\n"
+    out = sampled.process_results(doc, [good, bad, good, bad])
+    assert out["pass@1"] == pytest.approx(0.5)
+    assert out["pass@2"] == pytest.approx(1 - 1 / 6)  # 1 - C(2,2)/C(4,2)
+    with pytest.raises(PhibookError, match="temperature"):
+        type(greedy)(samples=4, temperature=0.0)
+
+
+# --------------------------------------------------------------------------- MBPP
+
+
+def test_mbpp_loader_split_and_reference_code_passes(benchmarks):
+    task = get_task("mbpp")
+    docs = task.load_docs(benchmarks, None)
+    assert len(docs) == 500 and docs[0]["task_id"] == 11 and docs[-1]["task_id"] == 510
+    assert "\r" not in docs[0]["code"]
+    sample = docs[:20]
+    good = check_many([task.program(d, d["code"]) for d in sample])
+    assert [o.status for o in good] == ["ok"] * 20
+    wrong = check_many([task.program(d, "def f():\n    return 0\n") for d in sample[:5]])
+    assert not any(o.passed for o in wrong)
+    assert task.prompt(docs[0]) == (
+        '"""\nWrite a python function to remove first and last occurrence of a given character from the '
+        'string.\nassert remove_Occ("hello","l") == "heo"\n"""\n'
+    )
+
+
+@pytest.mark.slow
+def test_mbpp_all_500_reference_solutions_pass(benchmarks):
+    task = get_task("mbpp")
+    docs = task.load_docs(benchmarks, None)
+    outcomes = check_many([task.program(d, d["code"]) for d in docs])
+    assert [d["task_id"] for d, o in zip(docs, outcomes) if not o.passed] == []
+
+
+def test_mbpp_missing_file_names_where(tmp_path):
+    (tmp_path / "mbpp").mkdir()
+    with pytest.raises(PhibookError, match=r"mbpp\.jsonl not found in .*mbpp.*google-research"):
+        MBPP().load_docs(tmp_path, None)
+
+
+# --------------------------------------------------------------------------- GSM8K via coding
+
+
+def test_gsm8k_gold_extraction():
+    assert gsm8k_gold("She makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18") == 18.0
+    assert gsm8k_gold("... #### 1,200") == 1200.0
+    assert gsm8k_gold("#### -3.5") == -3.5
+    with pytest.raises(ValueError):
+        gsm8k_gold("no marker here")
+
+
+def test_gsm8k_program_answer_extraction():
+    assert extract_program_answer("__PHIBOOK_RESULT__ 18\n") == 18.0
+    assert extract_program_answer("noise 3\n\n__PHIBOOK_RESULT__ 18.0\n") == 18.0
+    assert extract_program_answer("__PHIBOOK_RESULT__ '1,234'\n") == 1234.0
+    assert extract_program_answer("The answer is 42\n\n__PHIBOOK_RESULT__ None\n") == 42.0  # printed, not returned
+    assert extract_program_answer("nothing numeric\n__PHIBOOK_RESULT__ None\n") is None
+
+
+def test_gsm8k_hand_written_programs_on_a_real_problem(benchmarks):
+    task = get_task("gsm8k")
+    task.timeout_s = 1.0  # the busy-loop case below only has to time out
+    docs = task.load_docs(benchmarks, 2)
+    doc = docs[0]
+    assert doc["gold"] == 18.0 and "Janet" in doc["question"]
+    (req,) = task.requests(doc)
+    assert req.prompt.startswith('def solution():\n    """Janet') and req.prompt.endswith('"""\n')
+    correct = "    eggs = 16 - 3 - 4\n    return eggs * 2\n"
+    assert task.process_results(doc, [correct]) == {"acc": 1.0}
+    assert task.process_results(doc, ["    print(9 * 2)\n"]) == {"acc": 1.0}  # printed answer counts
+    assert task.process_results(doc, ["    return 16 - 3\n"]) == {"acc": 0.0}
+    assert task.process_results(doc, ["    while True:\n        pass\n"]) == {"acc": 0.0}  # timeout = wrong
+    assert task.process_results(doc, ["    return 18\n\ndef extra():\n    return 1\n"]) == {"acc": 1.0}
+
+
+def test_gsm8k_malformed_row_names_file_and_line(tmp_path):
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n{oops\n")
+    with pytest.raises(PhibookError, match=r"test\.jsonl:2"):
+        GSM8K().load_docs(tmp_path, None)
+
+
+# --------------------------------------------------------------------------- SQuAD
+
+
+def test_squad_normalization_matches_the_official_script():
+    assert normalize_answer("The  Denver Broncos!") == "denver broncos"
+    assert normalize_answer("an apple a day") == "apple day"
+    assert normalize_answer("Levi's Stadium") == "levis stadium"
+    assert normalize_answer("1,000") == "1000"
+
+
+@pytest.mark.parametrize(
+    ("prediction", "golds", "em", "f1"),
+    [
+        ("the Denver Broncos", ["Denver Broncos"], 1.0, 1.0),
+        ("Denver Broncos won", ["Denver Broncos", "Broncos"], 0.0, 0.8),  # P=2/3 R=1 vs the first gold
+        ("Santa Clara, California.", ["Levi's Stadium", "Santa Clara, California"], 1.0, 1.0),
+        ("the the cat cat cat", ["cat"], 0.0, 0.5),  # P=1/3 R=1
+        ("Carolina Panthers", ["Denver Broncos"], 0.0, 0.0),
+        ("", ["8"], 0.0, 0.0),
+        ("a highly reactive element", ["a highly reactive nonmetal", "nonmetal"], 0.0, 2 / 3),  # P=R=2/3
+    ],
+)
+def test_squad_em_and_f1_known_cases(prediction, golds, em, f1):
+    assert squad_scores(prediction, golds) == {"exact_match": em, "f1": pytest.approx(f1)}
+    assert exact_match(prediction, golds[0]) <= em
+    assert token_f1(prediction, golds[0]) <= f1 + 1e-12
+
+
+def test_squad_loader_prompt_and_scoring_on_the_fixture():
+    task = SQuAD()
+    docs = read_squad(FIXTURE)
+    assert len(docs) == 5
+    assert docs[0]["answers"] == ["Denver Broncos", "The Denver Broncos", "Broncos"]
+    (req,) = task.requests(docs[0])
+    assert req.prompt.startswith("Title: Super Bowl 50\n\nBackground: Super Bowl 50 was")
+    assert req.prompt.endswith("\n\nQuestion: Which team won Super Bowl 50?\n\nAnswer:")
+    assert req.params.stop == ["\n"] and req.params.temperature == 0.0
+    assert task.process_results(docs[0], [" The Denver Broncos.\nQuestion: next"]) == {"exact_match": 1.0, "f1": 1.0}
+    per_doc = [task.process_results(docs[0], [" Broncos"]), task.process_results(docs[3], [" 9"])]
+    agg = task.aggregate(per_doc)
+    assert agg["exact_match"][0] == 0.5 and agg["f1"][0] == 0.5
+
+
+def test_squad_data_dir_layout_and_errors(tmp_path):
+    (tmp_path / "squad").mkdir()
+    with pytest.raises(PhibookError, match=r"dev-v1\.1\.json not found .*rajpurkar\.github\.io"):
+        SQuAD().load_docs(tmp_path, None)
+    (tmp_path / "squad" / "dev-v1.1.json").write_text(FIXTURE.read_text())
+    assert len(SQuAD().load_docs(tmp_path, 2)) == 2
+    (tmp_path / "squad" / "dev-v1.1.json").write_text('{"data": [{"title": "x", "paragraphs": [{"context": "c"}]}]}')
+    with pytest.raises(PhibookError, match=r"data\[0\]\.paragraphs\[0\]"):
+        SQuAD().load_docs(tmp_path, None)
+
+
+def test_truncate_at_stops_takes_the_earliest():
+    assert truncate_at_stops("a\nprint(x)\n#c", ["\n#", "\nprint"]) == "a"
+    assert truncate_at_stops("no stop", ["\n"]) == "no stop"
+
+
+# --------------------------------------------------------------------------- through the runner
+
+
+def test_squad_and_gsm8k_through_the_eval_command(tiny_checkpoint, benchmarks, tmp_path, capsys):
+    from phibook.cli import main
+
+    data = tmp_path / "data"
+    (data / "squad").mkdir(parents=True)
+    (data / "squad" / "dev-v1.1.json").write_text(FIXTURE.read_text())
+    (data / "gsm8k").mkdir()
+    (data / "gsm8k" / "test.jsonl").write_text(
+        "".join(line for line in (benchmarks / "gsm8k" / "test.jsonl").open() if len(line) < 400)
+    )
+    out = tmp_path / "results.json"
+    rc = main(["eval", "--model", str(tiny_checkpoint), "--tasks", "squad,gsm8k", "--data-dir", str(data),
+               "--limit", "2", "--output", str(out), "--log-samples", "--no-progress"])
+    assert rc == 0
+    results = json.loads(out.read_text())
+    for name, metrics in (("squad", ("exact_match", "f1")), ("gsm8k", ("acc",))):
+        entry = results["results"][name]
+        assert entry["n"] == 2
+        for metric in metrics:
+            assert 0.0 <= entry[metric] <= 1.0
+        assert entry["prompt_settings"]["num_fewshot"] == 0
+        samples = results["samples"][name]
+        assert len(samples) == 2 and isinstance(samples[0]["results"][0], str)  # the generated text
+    assert results["samples"]["squad"][0]["requests"][0]["prompt"].startswith("Title: Super Bowl 50")
+    text = capsys.readouterr().out
+    assert "squad" in text and "gsm8k" in text
