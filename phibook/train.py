@@ -255,6 +255,19 @@ def model_config(cfg: TrainConfig, data_vocab: int, log=print) -> PhiConfig:
     return PhiConfig.from_name(cfg.preset, **overrides, vocab_size=int(vocab))
 
 
+def param_groups(model, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: matrices decay; LayerNorm weights and biases (1-D) never do, and the
+    token embedding only with decay_embedding. Each group lists its parameter names."""
+    groups = {True: {"params": [], "names": [], "weight_decay": cfg.weight_decay},
+              False: {"params": [], "names": [], "weight_decay": 0.0}}
+    for name, p in model.named_parameters():
+        name = name.replace("_checkpoint_wrapped_module.", "")
+        decay = p.dim() >= 2 and (cfg.decay_embedding or name != "embed.weight")
+        groups[decay]["params"].append(p)
+        groups[decay]["names"].append(name)
+    return [groups[True], groups[False]]
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Learning rate for optimizer step ``step`` (0-based): warm-up, then constant or cosine."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -496,18 +509,9 @@ class _Trainer:
 
         from phibook.parallel import unwrap
 
-        decay, no_decay = [], []
-        for name, p in unwrap(self.model).named_parameters():
-            # Matrices decay; LayerNorm weights, biases (1-D) and, by default, the embedding do not.
-            is_embedding = name.replace("_checkpoint_wrapped_module.", "") == "embed.weight"
-            if p.dim() >= 2 and (self.cfg.decay_embedding or not is_embedding):
-                decay.append(p)
-            else:
-                no_decay.append(p)
-        groups = [
-            {"params": decay, "weight_decay": self.cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        groups = param_groups(unwrap(self.model), self.cfg)
+        for g in groups:
+            g.pop("names")
         return torch.optim.AdamW(
             groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.eps
         )
@@ -761,7 +765,7 @@ class _Trainer:
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
         return (
             f"loss is {exc.loss} at step {exc.step}: training stopped before applying that update "
-            f"(nothing saved for it); {kept}. Lower lr, enable grad_clip or use bf16/fp32."
+            f"(nothing saved for it); {kept}. Lower lr (or check the data), then --resume from the last good checkpoint."
         )
 
     def _tensorboard(self):

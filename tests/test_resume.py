@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import env, make_shards, metrics, run, train_cmd
+
+try:  # tests/ may or may not be a package (tests/__init__.py)
+    from tests.train_helpers import env, make_shards, metrics, run, train_cmd
+except ImportError:
+    from train_helpers import env, make_shards, metrics, run, train_cmd
 
 SETS = ["global_batch=8", "micro_batch=4", "seq_len=32", "eval_every=0", "keep_last=0", "lr=1e-3"]
 
