@@ -359,8 +359,9 @@ def load_model(
         )
     if layout is not None:
         foreign = _foreign_shapes(expected, name_map(cfg, layout))
-        keep = {k: v for k, v in state.items() if k in foreign}
         _check_foreign_extras(state, foreign, where)
+        keep = {k: v for k, v in state.items() if k in foreign}
+        state.clear()  # so q/k/v parts are freed as soon as they are fused
         check_tensors(keep, foreign, where)
         state = foreign_to_phi(keep, cfg, layout, where)
     check_tensors(state, expected, where)

@@ -14,14 +14,18 @@ def register(subparsers) -> None:
         "export",
         help="write a checkpoint as a Hugging Face PhiForCausalLM directory",
         description=(
-            "Convert a model to the Hugging Face layout that transformers.AutoModelForCausalLM loads as "
-            "PhiForCausalLM (model_type \"phi\"): config.json, model.safetensors (q/k/v split into "
-            "q_proj/k_proj/v_proj), generation_config.json, and tokenizer.json + tokenizer_config.json "
-            "when the checkpoint has a tokenizer. CKPT may be a phibook checkpoint, a training run "
-            "directory (its newest checkpoints/step_* is used), or an HF directory in any layout phibook "
-            "reads (transformers phi, or the pre-2024 microsoft/phi-1_5 mixformer/phi-msft releases, "
-            "safetensors or pytorch_model.bin, sharded or not). The output is written under a temporary "
-            "name and renamed into place, so an interrupted export leaves nothing half-written."
+            "Convert a model to the Hugging Face layout that transformers.AutoModelForCausalLM\n"
+            'loads as PhiForCausalLM (model_type "phi"): config.json, model.safetensors (fused qkv\n'
+            "split into q_proj/k_proj/v_proj), generation_config.json, and tokenizer.json +\n"
+            "tokenizer_config.json when the checkpoint has a tokenizer.\n\n"
+            "CKPT may be a phibook checkpoint, a training run directory (its newest\n"
+            "checkpoints/step_* is used), or an HF directory in any layout phibook reads\n"
+            "(transformers phi, or the pre-2024 microsoft/phi-1_5 mixformer-sequential / phi-msft\n"
+            "releases; safetensors or pytorch_model.bin, sharded or not).\n\n"
+            "The output is written under a temporary name and renamed into place, so an\n"
+            "interrupted export leaves nothing half-written. Bad input (not a checkpoint,\n"
+            "truncated weights, tensor shapes that do not fit config.json, a tokenizer larger\n"
+            "than the embedding) is reported in one line with exit status 2."
         ),
         epilog=(
             "example: phibook export runs/tiny/checkpoints/step_00001000 exported/tiny-hf\n"
