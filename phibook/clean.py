@@ -105,14 +105,33 @@ def dup_line_fraction(text: str) -> float:
     return dup_chars / sum(len(ln) for ln in lines)
 
 
+_WORD_IDS: dict[str, int] = {}
+_MULT = np.uint64(0x100000001B3)  # FNV prime: mixes word hashes into an n-gram hash
+
+
+def _word_hashes(tokens: list[str]) -> np.ndarray:
+    # Stable 64-bit word hashes, cached: a corpus has far fewer distinct words
+    # than n-grams, so hashing each word once makes n-grams a few numpy ops.
+    out = np.empty(len(tokens), dtype=np.uint64)
+    for i, t in enumerate(tokens):
+        h = _WORD_IDS.get(t)
+        if h is None:
+            h = _WORD_IDS[t] = int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little")
+        out[i] = h
+    return out
+
+
 def _ngram_hashes(tokens: list[str], n: int) -> np.ndarray:
+    """64-bit hashes of every word n-gram (polynomial in the word hashes, mod 2**64)."""
     if len(tokens) < n:
         return np.empty(0, dtype=np.uint64)
-    grams = (" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
-    return np.fromiter(
-        (int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little") for g in grams),
-        dtype=np.uint64,
-    )
+    h = _word_hashes(tokens)
+    m = len(tokens) - n + 1
+    acc = h[:m].copy()
+    with np.errstate(over="ignore"):
+        for k in range(1, n):
+            acc = acc * _MULT + h[k : k + m]
+    return acc
 
 
 # --------------------------------------------------------------------------- benchmarks
