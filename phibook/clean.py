@@ -42,6 +42,7 @@ WORD = re.compile(r"[a-z0-9]+")
 @dataclass
 class CleanConfig:
     near_dup_threshold: float = 0.8
+    near_dup: bool = True  # off when a later stage (e.g. datatrove) does it across shards
     num_perm: int = 128
     shingle: int = 5
     ngram: int = 13
@@ -234,8 +235,10 @@ def clean(
     from tqdm import tqdm
 
     cfg = cfg or CleanConfig()
-    if not 0 < cfg.near_dup_threshold <= 1:
-        raise PhibookError(f"--near-dup-threshold must be in (0, 1], got {cfg.near_dup_threshold}")
+    if not 0 < cfg.near_dup_threshold < 1:
+        raise PhibookError(
+            f"--near-dup-threshold must be in (0, 1), got {cfg.near_dup_threshold}; use --no-near-dup to skip it"
+        )
     if not inputs:
         raise PhibookError("no input files given")
     report = CleanReport()
@@ -279,6 +282,11 @@ def clean(
                     i = int(np.argmax(hit))
                     report.note("benchmark_contamination", did, " ".join(tokens[i : i + cfg.ngram]))
                     continue
+            if not cfg.near_dup:
+                seen[h] = did
+                sink.write(json.dumps(doc, ensure_ascii=False) + "\n")
+                report.kept += 1
+                continue
             m = MinHash(num_perm=cfg.num_perm)
             shingles = {" ".join(tokens[i : i + cfg.shingle]) for i in range(max(1, len(tokens) - cfg.shingle + 1))}
             m.update_batch([s.encode() for s in shingles])

@@ -19,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--benchmarks", default=None,
                    help="benchmark folder (e.g. ../shared/benchmarks); its questions and answers are the "
                    "decontamination set")
-    p.add_argument("--near-dup-threshold", type=float, default=0.8, help="MinHash Jaccard threshold (0-1]")
+    p.add_argument("--near-dup-threshold", type=float, default=0.8, help="MinHash Jaccard threshold, in (0, 1)")
+    p.add_argument("--no-near-dup", action="store_true",
+                   help="skip MinHash near-dup removal (e.g. when datatrove does it across shards)")
     p.add_argument("--ngram", type=int, default=13, help="decontamination n-gram length in words")
     p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
     p.add_argument("--min-chars", type=int, default=50, help="drop documents shorter than this")
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from phibook.clean import CleanConfig, clean
 
     cfg = CleanConfig(
-        near_dup_threshold=args.near_dup_threshold, num_perm=args.num_perm, ngram=args.ngram,
+        near_dup_threshold=args.near_dup_threshold, near_dup=not args.no_near_dup, num_perm=args.num_perm, ngram=args.ngram,
         min_chars=args.min_chars, max_chars=args.max_chars, max_dup_line_frac=args.max_dup_line_frac,
         skip_bad=args.skip_bad,
     )
