@@ -112,9 +112,9 @@ def write_docs(path: Path, texts: list[str], prefix: str) -> Path:
 def labelled(shared_dir: Path, tmp_path_factory) -> dict:
     """Train docs (educational + length-matched junk) and apply-time docs from a held-out book."""
     root = tmp_path_factory.mktemp("filter_data")
-    edu = educational_passages(shared_dir, lambda n: HELDOUT_BOOK not in n, limit=300)
+    edu = educational_passages(shared_dir, lambda n: HELDOUT_BOOK not in n, limit=200)
     lengths = [len(t) for t in edu]
-    junk = junk_documents(300, lengths, seed=1)
+    junk = junk_documents(200, lengths, seed=1)
     fresh_edu = educational_passages(shared_dir, lambda n: HELDOUT_BOOK in n, limit=60)
     fresh_junk = junk_documents(60, lengths, seed=2)
     return {
@@ -289,7 +289,7 @@ def _length_baseline_auc(texts: list[str], y: np.ndarray, test_fraction: float, 
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import train_test_split
 
-    X = np.log1p(np.array([[len(t), len(t.split())] for t in texts], dtype=np.float64))
+    X = np.log1p(np.array([[len(t)] for t in texts], dtype=np.float64))  # length in characters
     X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=test_fraction, random_state=seed, stratify=y)
     return float(roc_auc_score(y_te, LogisticRegression().fit(X_tr, y_tr).predict_proba(X_te)[:, 1]))
 
@@ -317,9 +317,9 @@ def test_recipe_beats_length_baseline_and_keeps_passages(embedder: str, labelled
         assert main(annotate_args(server.url, [labelled["train"]], ann, "--concurrency", "16")) == 0
     emb = tmp_path / "emb.npy"
     assert main(["filter", "embed", str(ann), "--out", str(emb), "--embedder", spec, "--no-progress",
-                 "--max-tokens", "256"]) == 0
+                 "--max-tokens", "128"]) == 0
     meta = json.loads((tmp_path / "emb.meta.json").read_text())
-    assert meta["count"] == 600 and np.load(emb).shape == (600, meta["dim"])
+    assert meta["count"] == 400 and np.load(emb).shape == (400, meta["dim"])
 
     clf = tmp_path / "clf.joblib"
     assert main(["filter", "train", "--embeddings", str(emb), "--annotations", str(ann), "--out", str(clf),
@@ -328,14 +328,14 @@ def test_recipe_beats_length_baseline_and_keeps_passages(embedder: str, labelled
     assert "roc_auc" in printed and "threshold  precision  recall" in printed
     report = json.loads((tmp_path / "clf.metrics.json").read_text())
     held = report["heldout"]
-    assert held["n"] == 120 and len(held["curve"]) == 19
+    assert held["n"] == 80 and len(held["curve"]) == 19
 
     # The same split as `train` (same seed, size, stratification) for the length-only baseline.
     ids = [json.loads(x) for x in (tmp_path / "emb.ids.jsonl").read_text().splitlines()]
     texts = {json.loads(x)["id"]: json.loads(x)["text"] for x in ann.read_text().splitlines()}
     y = np.array([texts[i] in educational for i in ids], dtype=np.int64)
     baseline = _length_baseline_auc([texts[i] for i in ids], y, 0.2, 0)
-    assert baseline < 0.8, f"the junk should be length-matched, baseline AUC {baseline:.3f}"
+    assert baseline < 0.7, f"the junk should be length-matched, baseline AUC {baseline:.3f}"
     assert held["roc_auc"] >= 0.95 and held["roc_auc"] > baseline + 0.15, (held, baseline)
     assert held["precision"] >= 0.9 and held["recall"] >= 0.9
 
@@ -400,7 +400,7 @@ def test_apply_killed_midway_resumes_to_same_output(labelled: dict, tmp_path: Pa
     # A classifier on the (slower) checkpoint embedder, so the kill lands between chunks.
     ann = tmp_path / "ann.jsonl"
     with open(ann, "w") as f:
-        for line in labelled["train"].read_text().splitlines():
+        for line in labelled["train"].read_text().splitlines()[::4]:  # 100 documents: quality is not the point
             d = json.loads(line)
             f.write(json.dumps({"key": d["id"], "id": d["id"], "text": d["text"], "status": "ok",
                                 "rating": 5 if d["text"] in labelled["educational"] else 0}) + "\n")
@@ -410,7 +410,7 @@ def test_apply_killed_midway_resumes_to_same_output(labelled: dict, tmp_path: Pa
     clf = tmp_path / "clf.joblib"
     assert main(["filter", "train", "--embeddings", str(tmp_path / "e.npy"), "--annotations", str(ann),
                  "--out", str(clf), "--model", "logreg"]) == 0
-    inputs = [labelled["train"], labelled["fresh_edu"], labelled["fresh_junk"]]
+    inputs = [labelled["fresh_edu"], labelled["fresh_junk"]]
 
     ref = tmp_path / "ref"
     subprocess.run(_apply_cmd(inputs, clf, ref, workers=2), check=True, capture_output=True, timeout=300)
@@ -434,7 +434,7 @@ def test_apply_killed_midway_resumes_to_same_output(labelled: dict, tmp_path: Pa
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming" in rerun.stderr
     assert json.loads((out / "summary.json").read_text())["chunks_scored_this_run"] == total_chunks - done_at_kill
-    for name in ("train.jsonl", "fresh_edu.jsonl", "fresh_junk.jsonl"):
+    for name in ("fresh_edu.jsonl", "fresh_junk.jsonl"):
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
     ref_s, out_s = (json.loads((d / "summary.json").read_text()) for d in (ref, out))
     assert [(f["total"], f["kept"]) for f in ref_s["files"]] == [(f["total"], f["kept"]) for f in out_s["files"]]

@@ -156,6 +156,7 @@ def train_cmd(args: argparse.Namespace) -> int:
     model, report = train(X, y, args.model, args.test_fraction, args.seed, args.workers)
     meta = {
         "embedder": emb_meta["embedder"], "embedder_spec": emb_meta.get("embedder_spec"), "dim": emb_meta["dim"],
+        "max_tokens": emb_meta.get("max_tokens"),
         "label_threshold": args.label_threshold, "model": args.model, "documents": int(len(y)),
         "positives": int(y.sum()), "seed": args.seed, **report,
     }

@@ -165,7 +165,8 @@ def _worker_init(classifier_path: str, embedder_spec: str, batch_size: int, text
     torch.set_num_threads(threads)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     clf = load_classifier(classifier_path)
-    embedder = load_embedder(embedder_spec, max_tokens=int(clf.meta.get("max_tokens", 512)))
+    # Truncate as the training embeddings were, or the scores drift from what was learned.
+    embedder = load_embedder(embedder_spec, max_tokens=int(clf.meta.get("max_tokens") or 512))
     clf.check_embedder(embedder.name, embedder.dim, f"--embedder {embedder_spec}")
     _WORKER.update(clf=clf, embedder=embedder, batch_size=batch_size, text_field=text_field, work=Path(work))
 

