@@ -166,7 +166,8 @@ def parallelize(
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [info.device.index] if info.device.type == "cuda" else None
-        return DDP(model, device_ids=ids)
+        # The only buffers are the rotary tables, identical on every rank: nothing to broadcast.
+        return DDP(model, device_ids=ids, broadcast_buffers=False)
     import warnings
 
     from torch.distributed.fsdp import fully_shard
