@@ -24,6 +24,7 @@ finish_reason "length" when prompt + output reach the context.
 
 from __future__ import annotations
 
+import functools
 import math
 import queue
 import threading
@@ -39,6 +40,7 @@ from phibook.errors import PhibookError
 from phibook.model import KVCache, PhiModel
 
 if TYPE_CHECKING:
+    from phibook.fast_decode import FastForward
     from phibook.tokenizer import Tokenizer
 
 
@@ -240,6 +242,7 @@ class _Batch:
 
     def __init__(self, gen: Generator, prompt_ids: list[list[int]], budgets: list[int], sampling: _RowSampling):
         self.model, self.device = gen.model, gen.device
+        self.forward = gen.forward  # the model itself, or the fast path (phibook.fast_decode)
         self.n_real = gen.n_real_vocab
         self.sampling = sampling
         lengths = [len(p) for p in prompt_ids]
@@ -259,7 +262,7 @@ class _Batch:
     @torch.inference_mode()
     def prefill(self) -> Tensor:
         B, S, dev = self.B, self.pad_to, self.device
-        param = next(self.model.parameters())
+        param = next(self.forward.parameters())
         idx = torch.full((B, S), 0, dtype=torch.long, device=dev)
         self.mask = torch.ones((B, self.cache_len), dtype=torch.long, device=dev)
         for i, ids in enumerate(self.prompt_ids):
@@ -281,7 +284,7 @@ class _Batch:
         # a long prompt; only the last position's logits are used.
         for start in range(0, S, self.chunk):
             end = min(S, start + self.chunk)
-            logits = self.model(
+            logits = self.forward(
                 idx[:, start:end], positions=positions[:, start:end], cache=self.cache, attention_mask=self.mask
             )
         return self._pick(logits[:, -1])
@@ -292,7 +295,7 @@ class _Batch:
         # A finished row keeps riding along; clamp so its positions stay inside
         # the rotary table (active rows never get there: budgets are clamped).
         self.positions = (self.positions + 1).clamp(max=self.model.config.max_seq_len - 1)
-        logits = self.model(tokens.unsqueeze(1), positions=self.positions, cache=self.cache, attention_mask=self.mask)
+        logits = self.forward(tokens.unsqueeze(1), positions=self.positions, cache=self.cache, attention_mask=self.mask)
         return self._pick(logits[:, -1])
 
     def _pick(self, logits: Tensor) -> Tensor:
@@ -311,8 +314,26 @@ class _Batch:
 class Generator:
     """Runs a PhiModel and its tokenizer over batches of prompts."""
 
-    def __init__(self, model: PhiModel, tokenizer: Tokenizer, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        model: PhiModel,
+        tokenizer: Tokenizer,
+        device: torch.device | str | None = None,
+        fast: bool | FastForward = False,
+    ) -> None:
+        """fast=True runs prefill and decode through phibook.fast_decode.FastForward
+        (prepacked, fused weights: a second copy of them unless a FastForward built
+        with release_model=True is passed instead of True)."""
         self.model = model.eval()
+        self.forward: Callable[..., Tensor] = model
+        if fast is True:
+            from phibook.fast_decode import FastForward
+
+            fast = FastForward(model)
+        if fast:
+            # Only the last position's logits are ever used (prefill included).
+            self.forward = functools.partial(fast, last_only=True)
+            self.forward.parameters = fast.parameters  # type: ignore[attr-defined]
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if tokenizer.vocab_size > model.config.vocab_size:
@@ -327,14 +348,26 @@ class Generator:
 
     @classmethod
     def from_path(
-        cls, path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+        cls,
+        path: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        fast: bool = False,
     ) -> Generator:
-        """Load a phibook checkpoint or HF directory (see phibook.checkpoint.load_model)."""
+        """Load a phibook checkpoint or HF directory (see phibook.checkpoint.load_model).
+
+        fast=True packs the weights for phibook.fast_decode and frees the
+        model's own copies as it goes (one copy in memory, not two).
+        """
         from phibook.checkpoint import load_model
 
         loaded = load_model(path, device=device, dtype=dtype)
         if loaded.tokenizer is None:
             raise PhibookError(f"{path}: no tokenizer.json found beside the model; generation needs one")
+        if fast:
+            from phibook.fast_decode import FastForward
+
+            return cls(loaded.model, loaded.tokenizer, device=device, fast=FastForward(loaded.model, release_model=True))
         return cls(loaded.model, loaded.tokenizer, device=device)
 
     # ------------------------------------------------------------------ public

@@ -1,0 +1,107 @@
+"""Helpers the inference benchmarks share: one set of random weights, two systems.
+
+Our PhiModel is built on the meta device, materialized in the target dtype and
+given the training init; transformers' PhiForCausalLM then takes the SAME
+tensors (``load_state_dict(assign=True)``: q/k/v are row views of our fused
+qkv, so the two models share memory instead of holding two copies).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Reads of weights a decode step can sustain on this kind of machine (issue 2):
+# the bandwidth floor is weight bytes per token / this.
+BANDWIDTH_GBS = 65.0
+
+
+def build_ours(preset: str, dtype: torch.dtype, seed: int = 0):
+    from phibook.config import PhiConfig
+    from phibook.model import PhiModel
+
+    cfg = PhiConfig.from_name(preset)
+    with torch.device("meta"):
+        model = PhiModel(cfg)
+    model = model.to(dtype).to_empty(device="cpu")
+    model.init_weights(torch.Generator().manual_seed(seed))
+    # init_weights zeroes biases and sets LayerNorms to 1; give them values so every tensor matters.
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln" in name or name.startswith("ln_f"):
+                p.add_(torch.randn(p.shape, generator=g).to(dtype) * 0.02)
+    return model.eval()
+
+
+def hf_sharing(model, dtype: torch.dtype):
+    """transformers.PhiForCausalLM on the same tensors as our model (no copy)."""
+    import transformers
+
+    from phibook.convert import phi_to_hf, phi_to_hf_config
+
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
+    hf_cfg = transformers.PhiConfig(**phi_to_hf_config(model.config, torch_dtype=name))
+    with torch.device("meta"):
+        hf = transformers.PhiForCausalLM(hf_cfg)
+    hf.load_state_dict(phi_to_hf(model.state_dict(), model.config), assign=True, strict=True)
+    # Rotary inv_freq is a non-persistent buffer built on meta: rebuild it on the CPU.
+    rotary = hf.model.rotary_emb
+    inv_freq, scaling = rotary.compute_default_rope_parameters(rotary.config, torch.device("cpu"))
+    rotary.inv_freq = inv_freq
+    rotary.original_inv_freq = inv_freq.clone()
+    rotary.attention_scaling = scaling
+    hf.generation_config.pad_token_id = 0
+    return hf.eval()
+
+
+def weight_bytes_per_token(cfg, dtype: torch.dtype) -> int:
+    """Bytes a decode step must read: every weight except the embedding table (one row of it)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return (cfg.num_params() - cfg.vocab_size * cfg.d_model) * elem
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        m = re.search(r"model name\s*:\s*(.*)", text)
+        cpu = m.group(1).strip() if m else cpu
+        flags = re.search(r"flags\s*:\s*(.*)", text)
+        if flags:
+            have = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags.group(1).split()]
+            cpu += f" ({', '.join(have)})"
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.python_version()}"
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def git_rev() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "?"
+
+
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M %Z")

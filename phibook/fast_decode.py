@@ -1,0 +1,198 @@
+"""A faster inference forward for PhiModel: prepacked oneDNN weights, two matmuls per block.
+
+Decoding one token at batch 1 is a matrix-vector product per weight matrix, so
+its speed is how fast the weights stream from memory. torch's default kernel
+for ``F.linear`` with one row reads weights at well under the machine's
+bandwidth (worst in bf16); oneDNN's inner-product kernel on a weight reordered
+once into its blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, the
+same packing inductor's ``freezing`` does) reads them much faster.
+
+``FastForward`` also fuses each parallel phi block into two matmuls: because
+attention and the MLP read the same LayerNorm output,
+
+    [q k v | fc1] = ln(x) @ [W_qkv ; W_fc1]^T              (one weight, 14336 x 2048)
+    x + out(y) + fc2(g) = x + [y | g] @ [W_out | W_fc2]^T   (one weight, 2048 x 10240)
+
+with g = gelu(fc1). Fewer, larger matmuls stream better and cut per-op
+overhead (24 blocks x a dozen small ops is the rest of a decode step).
+
+The call signature and semantics are PhiModel.forward's (positions, the same
+``KVCache``, the same padding mask), so ``Generator(fast=True)`` swaps it in
+for prefill and decode alike. Weights are copies: the model stays usable
+unless ``release_model=True`` frees its block and head weights as they are
+packed (peak memory = model + one block, not two models).
+
+Where oneDNN cannot take the dtype or device (CUDA, fp16 without AVX512-FP16,
+or ``pack=False``), the same fused weights run through plain ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from phibook.model import KVCache, PhiModel
+
+
+def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether oneDNN prepacked linears run for this dtype on this device."""
+    if device.type != "cpu" or not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):
+        return False
+    if dtype == torch.float32:
+        return True
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return False
+
+
+class _Linear:
+    """y = x @ W^T + b, optionally followed by tanh-GELU, on a packed or plain weight."""
+
+    def __init__(self, weight: Tensor, bias: Tensor, pack: bool) -> None:
+        self.out_features = weight.shape[0]
+        self.bias = bias.detach().contiguous()
+        self.packed = pack
+        # batch_size 1 is only a hint for the reorder: the packed weight serves any row count.
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1) if pack else weight.detach().contiguous()
+
+    def __call__(self, x: Tensor, gelu: bool = False) -> Tensor:
+        if self.packed:
+            if gelu:
+                return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], "tanh")
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        y = F.linear(x, self.weight, self.bias)
+        return F.gelu(y, approximate="tanh") if gelu else y
+
+
+class _FusedBlock:
+    """One phi block's weights, fused into an input and an output projection."""
+
+    def __init__(self, block: torch.nn.Module, pack: bool) -> None:
+        attn, mlp = block.attn, block.mlp
+        self.ln_weight = block.ln.weight.detach()
+        self.ln_bias = block.ln.bias.detach()
+        self.eps = block.ln.eps
+        self.d = attn.out.weight.shape[0]
+        self.n_head, self.head_dim, self.layer = attn.n_head, attn.head_dim, attn.layer
+        w_in = torch.cat([attn.qkv.weight, mlp.fc1.weight], dim=0)
+        b_in = torch.cat([attn.qkv.bias, mlp.fc1.bias], dim=0)
+        self.proj_in = _Linear(w_in, b_in, pack)
+        del w_in, b_in  # the packed copy is all we keep
+        w_out = torch.cat([attn.out.weight, mlp.fc2.weight], dim=1)
+        self.proj_out = _Linear(w_out, attn.out.bias + mlp.fc2.bias, pack)
+
+    def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, mask: Tensor | None) -> Tensor:
+        B, T, d = x.shape
+        h = F.layer_norm(x, (d,), self.ln_weight, self.ln_bias, self.eps)
+        u = self.proj_in(h)  # (B, T, 3d + d_ff)
+        qk = _rotate(u[..., : 2 * d].view(B, T, 2 * self.n_head, self.head_dim), cos, sin)
+        q, k = qk.transpose(1, 2).split(self.n_head, dim=1)  # (B, H, T, D) each
+        v = u[..., 2 * d : 3 * d].view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        g = F.gelu(u[..., 3 * d :], approximate="tanh")
+        return x + self.proj_out(torch.cat([y.transpose(1, 2).reshape(B, T, d), g], dim=-1))
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """phibook.model.apply_rotary's math on (B, T, heads, D) with cos/sin (B|1, T, 1, R)."""
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    x_rot = (x_rot.float() * cos + rotated.float() * sin).to(x.dtype)
+    return torch.cat([x_rot, x_pass], dim=-1)
+
+
+class FastForward:
+    """PhiModel.forward over packed, fused weights (see the module docstring)."""
+
+    def __init__(self, model: PhiModel, pack: bool | None = None, release_model: bool = False) -> None:
+        self.config = model.config
+        self.dtype = model.embed.weight.dtype
+        self.device = model.embed.weight.device
+        if pack is None:
+            pack = can_pack(self.dtype, self.device)
+        elif pack and not can_pack(self.dtype, self.device):
+            warnings.warn(
+                f"oneDNN prepacking is not available for {self.dtype} on {self.device}; using plain F.linear",
+                stacklevel=2,
+            )
+            pack = False
+        self.packed = pack
+        self.embed = model.embed.weight.detach()
+        self.rope_cos, self.rope_sin = model.rope_cos, model.rope_sin
+        self.blocks: list[_FusedBlock] = []
+        with torch.no_grad():
+            for block in model.blocks:
+                self.blocks.append(_FusedBlock(block, pack))
+                if release_model:
+                    _release(block)
+            self.ln_f = (model.ln_f.weight.detach(), model.ln_f.bias.detach(), model.ln_f.eps)
+            self.lm_head = _Linear(model.lm_head.weight, model.lm_head.bias, pack)
+            if release_model:
+                _release(model.lm_head)
+        self.released = release_model
+
+    @classmethod
+    def from_path(cls, path, dtype: torch.dtype | str = torch.float32, pack: bool | None = None):
+        """Load a checkpoint or HF directory and pack it, never holding two copies of the weights.
+
+        Returns (FastForward, LoadedModel); the LoadedModel's model has its
+        block and head weights freed (its embedding and config remain).
+        """
+        from phibook.checkpoint import load_model
+
+        loaded = load_model(path, dtype=dtype)
+        return cls(loaded.model, pack=pack, release_model=True), loaded
+
+    def parameters(self):
+        """The embedding (so callers that read ``next(model.parameters()).dtype`` keep working)."""
+        yield self.embed
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        idx: Tensor,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+        attention_mask: Tensor | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """Logits (B, T, vocab) as PhiModel.forward; (B, 1, vocab) for the last position
+        only with ``last_only`` (what prefill needs: the head is 51200 x 2048 per position)."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device)
+        if int(positions.max()) >= self.config.max_seq_len:
+            raise ValueError(
+                f"position {int(positions.max())} is past the model's context of {self.config.max_seq_len}"
+            )
+        if positions.dim() == 1:
+            positions = positions.unsqueeze(0)
+        cos = self.rope_cos[positions].unsqueeze(2)  # (B|1, T, 1, R): heads are dim 2 here
+        sin = self.rope_sin[positions].unsqueeze(2)
+        mask = PhiModel._mask(T, start, attention_mask, idx.device)
+        x = F.embedding(idx, self.embed)
+        for block in self.blocks:
+            x = block(x, cos, sin, cache, mask)
+        if cache is not None:
+            cache.pos += T
+        if last_only:
+            x = x[:, -1:]
+        w, b, eps = self.ln_f
+        return self.lm_head(F.layer_norm(x, (x.shape[-1],), w, b, eps))
+
+
+def _release(module: torch.nn.Module) -> None:
+    """Swap a module's parameters for empty tensors so their memory goes back now."""
+    for name, p in list(module.named_parameters(recurse=True)):
+        owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+        setattr(owner, name.rpartition(".")[2], torch.nn.Parameter(p.new_empty(0), requires_grad=False))

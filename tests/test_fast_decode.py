@@ -1,0 +1,168 @@
+"""The fast inference path (phibook.fast_decode) against PhiModel and the reference Generator.
+
+Small configs on the CPU; exactness, never speed (timings live in bench/).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from phibook.config import PhiConfig
+from phibook.fast_decode import FastForward, can_pack
+from phibook.generate import Generator, SamplingParams
+from phibook.model import KVCache, PhiModel
+
+PACKS = [True, False]  # oneDNN prepacked weights, and the plain F.linear fallback
+
+
+def _model(dtype: torch.dtype = torch.float32, seed: int = 0) -> PhiModel:
+    cfg = PhiConfig(n_layer=3, d_model=128, n_head=2, vocab_size=320, max_seq_len=128, init_std=0.1)
+    model = PhiModel(cfg)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # non-trivial biases and LayerNorms, so a misplaced one shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln" in name or name.startswith("ln_f"):
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.to(dtype).eval()
+
+
+def _step_logits(forward, model: PhiModel, prompt: torch.Tensor, mask: torch.Tensor | None, steps: int):
+    """Prefill then greedy-decode ``steps`` tokens; every step's last-position logits (fp32)."""
+    B, S = prompt.shape
+    cfg = model.config
+    cache = KVCache(cfg, B, S + steps, dtype=model.embed.weight.dtype)
+    full_mask = None
+    if mask is not None:
+        full_mask = torch.cat([mask, torch.ones(B, steps, dtype=mask.dtype)], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    else:
+        positions = torch.arange(S).expand(B, S)
+    out = []
+    with torch.inference_mode():
+        logits = forward(prompt, positions=positions, cache=cache, attention_mask=full_mask)[:, -1].float()
+        pos = positions[:, -1:]
+        for _ in range(steps):
+            out.append(logits)
+            token = logits.argmax(-1, keepdim=True)
+            pos = pos + 1
+            logits = forward(token, positions=pos, cache=cache, attention_mask=full_mask)[:, -1].float()
+    return out
+
+
+@pytest.mark.parametrize("pack", PACKS)
+def test_logits_match_model_every_step_batch1(pack: bool) -> None:
+    model = _model()
+    fast = FastForward(model, pack=pack)
+    assert fast.packed == (pack and can_pack(torch.float32, torch.device("cpu")))
+    prompt = torch.randint(0, 320, (1, 17), generator=torch.Generator().manual_seed(3))
+    ref = _step_logits(model, model, prompt, None, 40)
+    got = _step_logits(fast, model, prompt, None, 40)
+    assert len(got) == 40
+    for i, (a, b) in enumerate(zip(ref, got)):
+        assert (a - b).abs().max().item() <= 1e-4, f"step {i}"
+        assert a.argmax().item() == b.argmax().item(), f"step {i}"
+
+
+@pytest.mark.parametrize("pack", PACKS)
+def test_logits_match_model_left_padded_batch(pack: bool) -> None:
+    model = _model()
+    fast = FastForward(model, pack=pack)
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randint(0, 320, (3, 12), generator=g)
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, :5] = 0  # row 1 is 7 tokens, row 2 is 1 token, both left-padded
+    mask[2, :11] = 0
+    ref = _step_logits(model, model, prompt, mask, 33)
+    got = _step_logits(fast, model, prompt, mask, 33)
+    for i, (a, b) in enumerate(zip(ref, got)):
+        assert (a - b).abs().max().item() <= 1e-4, f"step {i}"
+
+
+def test_last_only_is_the_last_row_of_the_full_logits() -> None:
+    model = _model()
+    fast = FastForward(model)
+    prompt = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(5))
+    full = fast(prompt)
+    last = fast(prompt, last_only=True)
+    assert last.shape == (2, 1, 320)
+    assert torch.equal(full[:, -1:], last)
+
+
+def _generator(tiny_checkpoint, fast: bool) -> Generator:
+    return Generator.from_path(tiny_checkpoint, fast=fast)
+
+
+def test_generator_fast_greedy_equals_reference(tiny_checkpoint) -> None:
+    ref, fast = _generator(tiny_checkpoint, False), _generator(tiny_checkpoint, True)
+    # from_path(fast=True) packed the weights and freed the model's copies.
+    assert fast.model.blocks[0].attn.qkv.weight.numel() == 0
+    params = SamplingParams(max_new_tokens=40, stop_at_eos=False)
+    prompts = ["The students counted the apples", "def fibonacci(n):\n    "]
+    for batch in (prompts[:1], prompts):
+        a = ref.generate(batch, params)
+        b = fast.generate(batch, params)
+        for x, y in zip(a, b):
+            assert x.completion_tokens == 40
+            assert x.token_ids == y.token_ids
+            assert x.text == y.text
+
+
+def test_generator_fast_sampling_equals_reference(tiny_checkpoint) -> None:
+    ref, fast = _generator(tiny_checkpoint, False), _generator(tiny_checkpoint, True)
+    params = SamplingParams(max_new_tokens=32, temperature=0.9, top_k=50, top_p=0.95, seed=7, stop_at_eos=False)
+    assert ref.generate(["Alice says"], params)[0].token_ids == fast.generate(["Alice says"], params)[0].token_ids
+
+
+def test_release_model_frees_weights_and_keeps_results() -> None:
+    model = _model()
+    keep = copy.deepcopy(model)
+    before = FastForward(keep)
+    fast = FastForward(model, release_model=True)
+    assert fast.released
+    assert all(p.numel() == 0 for n, p in model.named_parameters() if n.startswith(("blocks.", "lm_head.")))
+    prompt = torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(6))
+    assert torch.equal(before(prompt), fast(prompt))
+
+
+def test_falls_back_to_plain_linear_without_onednn() -> None:
+    model = _model()
+    prompt = torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(8))
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not can_pack(torch.float32, torch.device("cpu"))
+        auto = FastForward(model)  # pack=None picks what works
+        assert not auto.packed
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            forced = FastForward(model, pack=True)
+        assert not forced.packed
+        assert any("prepacking is not available" in str(w.message) for w in caught)
+        with torch.inference_mode():
+            ref = model(prompt)
+        assert (auto(prompt) - ref).abs().max().item() <= 1e-4
+        assert (forced(prompt) - ref).abs().max().item() <= 1e-4
+
+
+def test_bf16_is_as_close_to_fp32_as_the_model_in_bf16() -> None:
+    fp32 = _model()
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    bf16.reset_rope()
+    fast = FastForward(bf16)
+    prompt = torch.randint(0, 320, (1, 24), generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        ref = fp32(prompt)
+        model_err = (bf16(prompt).float() - ref).abs().max().item()
+        fast_err = (fast(prompt).float() - ref).abs().max().item()
+    # The fast path accumulates each fused matmul in fp32, so it is no worse than bf16 eager.
+    assert fast_err <= max(1.5 * model_err, 0.05), (fast_err, model_err)
+
+
+def test_context_overflow_is_refused() -> None:
+    model = _model()
+    fast = FastForward(model)
+    with pytest.raises(ValueError, match="past the model's context"):
+        fast(torch.zeros(1, 1, dtype=torch.long), positions=torch.tensor([128]))
