@@ -413,7 +413,7 @@ def test_apply_killed_midway_resumes_to_same_output(labelled: dict, tmp_path: Pa
     inputs = [labelled["fresh_edu"], labelled["fresh_junk"]]
 
     ref = tmp_path / "ref"
-    subprocess.run(_apply_cmd(inputs, clf, ref, workers=2), check=True, capture_output=True, timeout=300)
+    subprocess.run(_apply_cmd(inputs, clf, ref, workers=1), check=True, capture_output=True, timeout=300)
 
     out = tmp_path / "killed"
     proc = subprocess.Popen(_apply_cmd(inputs, clf, out, workers=1), stdout=subprocess.DEVNULL,

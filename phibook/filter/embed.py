@@ -67,7 +67,9 @@ class MiniLMEmbedder:
         self.model = SentenceTransformer(str(path), device=device)
         self.model.max_seq_length = min(max_tokens, self.model.max_seq_length)
         self.max_tokens = self.model.max_seq_length
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        # Renamed in sentence-transformers 5.x; older releases only have the long name.
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(get_dim())
 
     def embed(self, texts: list[str]) -> np.ndarray:
         out = self.model.encode(texts, batch_size=len(texts), normalize_embeddings=True,
