@@ -160,9 +160,11 @@ _WORKER: dict[str, Any] = {}
 
 def _worker_init(classifier_path: str, embedder_spec: str, batch_size: int, text_field: str, work: str,
                  threads: int) -> None:
-    import torch
+    # Share the cores among workers; the hash embedder needs no torch at all.
+    if embedder_spec != "hash":
+        import torch
 
-    torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     clf = load_classifier(classifier_path)
     # Truncate as the training embeddings were, or the scores drift from what was learned.
