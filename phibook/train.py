@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -404,7 +405,7 @@ class _Trainer:
         if self.info.is_main:
             from tqdm import tqdm
 
-            tqdm.write(f"phibook train: {msg}", file=__import__("sys").stderr)
+            tqdm.write(f"phibook train: {msg}", file=sys.stderr)
 
     # -- setup ----------------------------------------------------------------
 

@@ -275,7 +275,10 @@ def _check_shapes(model: nn.Module, saved: dict[str, torch.Tensor], ckpt: Path) 
     expected = {k: tuple(shape) for k, shape in _full_shapes(unwrap(model)).items()}
     for name, shape in expected.items():
         if name not in saved:
-            raise PhibookError(f"checkpoint {ckpt / MODEL_FILE} has no tensor {name}")
+            raise PhibookError(
+                f"checkpoint {ckpt / MODEL_FILE} has no tensor {name} that the model being trained has "
+                "(model config changed since the checkpoint?)"
+            )
         if tuple(saved[name].shape) != shape:
             raise PhibookError(
                 f"checkpoint {ckpt / MODEL_FILE}: tensor {name} has shape {tuple(saved[name].shape)}, "

@@ -160,7 +160,7 @@ def test_global_batch_not_divisible_names_all_three(data: Path, tmp_path: Path, 
     assert "global_batch=10 is not divisible by micro_batch=4 x world_size=1" in err
 
 
-def test_resume_with_shards_of_another_tokenizer(data: Path, tmp_path: Path, shared_dir: Path, capsys) -> None:
+def test_resume_with_another_tokenizer_or_model(data: Path, tmp_path: Path, shared_dir: Path, capsys) -> None:
     out = tmp_path / "run"
     assert cli(["--data", str(data), "--out", str(out), "--max-steps", "1", "--set", "global_batch=4", "micro_batch=4"]) == 0
     other = make_shards(shared_dir, tmp_path / "other", vocab_size=320)
@@ -169,6 +169,11 @@ def test_resume_with_shards_of_another_tokenizer(data: Path, tmp_path: Path, sha
     err = capsys.readouterr().err
     assert rc == 2
     assert "another tokenizer" in err and "step_00000001" in err
+    # A model config that no longer matches the checkpoint is named too.
+    rc = cli(["--data", str(data), "--out", str(out), "--max-steps", "2", "--resume", "--set", "global_batch=4",
+              "micro_batch=4", "model.n_layer=3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "has no tensor blocks.2.ln.weight" in err
 
 
 def test_model_vocab_smaller_than_tokenizer(data: Path, tmp_path: Path, capsys) -> None:
