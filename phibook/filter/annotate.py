@@ -195,6 +195,7 @@ async def annotate(
     stats.asked = len(todo)
     sem = asyncio.Semaphore(max(1, concurrency))
     bar = tqdm(total=len(todo), desc="annotate", unit="doc", file=sys.stderr, disable=not progress)
+    _end_torn_line(out)
     await teacher.start()
     try:
         with open(out, "a", encoding="utf-8") as f:
@@ -216,6 +217,15 @@ async def annotate(
         bar.close()
         await teacher.close()
     return stats
+
+
+def _end_torn_line(path: Path) -> None:
+    """A kill mid-write can leave a last line without its newline; end it so new records start clean."""
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
 
 
 def load_ratings(path: str | Path) -> dict[str, float]:
