@@ -150,7 +150,8 @@ def test_tiny_model_learns_below_unigram_entropy(data: Path, tmp_path: Path) -> 
 
 
 def cli(args: list[str]) -> int:
-    return main(["train", "--preset", "phi-tiny", *args, "--set", *TINY_MODEL, "tensorboard=false", "seq_len=32"])
+    # args come last so that their --set values win over the tiny defaults.
+    return main(["train", "--preset", "phi-tiny", "--set", *TINY_MODEL, "tensorboard=false", "seq_len=32", *args])
 
 
 def test_global_batch_not_divisible_names_all_three(data: Path, tmp_path: Path, capsys) -> None:
