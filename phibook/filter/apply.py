@@ -259,6 +259,8 @@ def apply_filter(
 
     if (threshold is None) == (keep_fraction is None):
         raise PhibookError("give exactly one of --threshold T or --keep-fraction F")
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise PhibookError(f"--threshold is a probability score in [0, 1], got {threshold}")
     if keep_fraction is not None and not 0 < keep_fraction <= 1:
         raise PhibookError(f"--keep-fraction must be in (0, 1], got {keep_fraction}")
     if workers < 1 or batch_size < 1 or chunk_bytes < 1:

