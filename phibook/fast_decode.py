@@ -28,6 +28,7 @@ or ``pack=False``), the same fused weights run through plain ``F.linear``.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -74,8 +75,8 @@ class _FusedBlock:
 
     def __init__(self, block: torch.nn.Module, pack: bool) -> None:
         attn, mlp = block.attn, block.mlp
-        self.ln_weight = block.ln.weight.detach()
-        self.ln_bias = block.ln.bias.detach()
+        self.ln_weight = block.ln.weight.detach().clone()
+        self.ln_bias = block.ln.bias.detach().clone()
         self.eps = block.ln.eps
         self.d = attn.out.weight.shape[0]
         self.n_head, self.head_dim, self.layer = attn.n_head, attn.head_dim, attn.layer
@@ -126,6 +127,8 @@ class FastForward:
             )
             pack = False
         self.packed = pack
+        # Shared with the model, never copied: a decode step reads one row of it, so
+        # when it is a view of a memory-mapped checkpoint almost none of it is resident.
         self.embed = model.embed.weight.detach()
         self.rope_cos, self.rope_sin = model.rope_cos, model.rope_sin
         self.blocks: list[_FusedBlock] = []
@@ -134,7 +137,7 @@ class FastForward:
                 self.blocks.append(_FusedBlock(block, pack))
                 if release_model:
                     _release(block)
-            self.ln_f = (model.ln_f.weight.detach(), model.ln_f.bias.detach(), model.ln_f.eps)
+            self.ln_f = (model.ln_f.weight.detach().clone(), model.ln_f.bias.detach().clone(), model.ln_f.eps)
             self.lm_head = _Linear(model.lm_head.weight, model.lm_head.bias, pack)
             if release_model:
                 _release(model.lm_head)
@@ -192,7 +195,58 @@ class FastForward:
 
 
 def _release(module: torch.nn.Module) -> None:
-    """Swap a module's parameters for empty tensors so their memory goes back now."""
+    """Swap a module's parameters for empty tensors so their memory goes back now.
+
+    Weights loaded from safetensors are views of one memory-mapped file, which
+    stays mapped until its last tensor dies; the pages they touched would stay
+    resident (and count in RSS) meanwhile, so drop those pages explicitly.
+    """
     for name, p in list(module.named_parameters(recurse=True)):
+        _drop_file_pages(p)
         owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
         setattr(owner, name.rpartition(".")[2], torch.nn.Parameter(p.new_empty(0), requires_grad=False))
+
+
+_MADV_DONTNEED = 4
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's private mappings of files (safetensors maps rw-p)."""
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[1] in ("r--p", "rw-p") and parts[5].startswith("/"):
+                    lo, hi = parts[0].split("-")
+                    out.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        pass
+    return out
+
+
+def _drop_file_pages(t: Tensor) -> None:
+    """madvise(DONTNEED) the whole pages of ``t`` when they lie in a private file mapping.
+
+    For a page never written, the call only evicts it from this process (a
+    later read faults it back in from the file, unchanged), so neighbouring
+    tensors sharing an edge page keep their values; loaded weights are never
+    written in place. Anonymous memory is never touched.
+    """
+    if t.device.type != "cpu" or t.numel() == 0 or not hasattr(os, "sysconf"):
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    lo = t.data_ptr()
+    hi = lo + t.numel() * t.element_size()
+    lo_page, hi_page = -(-lo // page) * page, hi // page * page
+    if hi_page <= lo_page:
+        return
+    if not any(a <= lo_page and hi_page <= b for a, b in _file_mappings()):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(lo_page), ctypes.c_size_t(hi_page - lo_page), _MADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass
