@@ -166,3 +166,21 @@ def test_context_overflow_is_refused() -> None:
     fast = FastForward(model)
     with pytest.raises(ValueError, match="past the model's context"):
         fast(torch.zeros(1, 1, dtype=torch.long), positions=torch.tensor([128]))
+
+
+def test_gpu_bench_imports_on_cpu_and_its_static_step_is_exact() -> None:
+    """bench/bench_decode_gpu.py loads without CUDA, and its fixed-shape step (full cache + mask) decodes
+    the same greedy tokens as PhiModel with its KVCache (run eagerly here)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        from bench_decode_gpu import StaticDecoder
+    finally:
+        sys.path.pop(0)
+    model = _model()
+    prompt = torch.randint(0, 320, (1, 9), generator=torch.Generator().manual_seed(10))
+    _, tokens = StaticDecoder(model, 9 + 33, compile_mode=None).decode(prompt, 33)
+    ref = [int(t.argmax()) for t in _step_logits(model, model, prompt, None, 33)]
+    assert tokens == ref
