@@ -507,3 +507,24 @@ def test_filter_help_lists_steps() -> None:
     assert out.returncode == 0
     for step in ("annotate", "embed", "train", "apply"):
         assert step in out.stdout
+
+
+def test_annotate_local_teacher_runs_and_records_malformed(tmp_path: Path, tiny_checkpoint: Path, capsys) -> None:
+    # A random-init model cannot rate: every answer is malformed, recorded, and final (a rerun asks nothing).
+    path = write_docs(tmp_path / "docs.jsonl", ["Water boils at 100 degrees.", "Buy now!!!"], "d")
+    args = ["filter", "annotate", str(path), "--out", str(tmp_path / "a.jsonl"), "--teacher", "local",
+            "--checkpoint", str(tiny_checkpoint), "--max-tokens", "8", "--max-malformed", "1", "--no-progress"]
+    # The built-in prompt overflows the tiny model's 256-token context: a clear error, not a traceback.
+    assert main(args) == 2
+    assert "lower --max-doc-chars" in capsys.readouterr().err
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Rate 0-{scale_max}: {document}\nRating:")
+    args += ["--prompt", str(prompt), "--max-doc-chars", "60"]
+    assert main(args) == 0
+    recs = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and all(r["status"] in ("malformed", "ok", "failed") for r in recs)
+    assert "2 sampled, 0 cached" in capsys.readouterr().err
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    final = sum(r["status"] != "failed" for r in recs)
+    assert f"{final} cached" in err

@@ -150,6 +150,8 @@ async def _annotate_one(teacher, doc, prompt, key, index, meta, max_malformed, s
     for attempt in range(max_malformed + 1):
         try:
             reply = await teacher.generate(_spec(index, attempt), prompt)
+        except PhibookError as exc:  # e.g. a local model whose context the prompt overflows
+            raise PhibookError(f"document {meta['id']}: {exc} (shorten the prompt or lower --max-doc-chars)") from exc
         except TeacherFailure as exc:
             stats.failed += 1
             return {**meta, "key": key, "status": "failed", "error": str(exc), "answers": answers}
