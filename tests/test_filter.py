@@ -528,3 +528,23 @@ def test_annotate_local_teacher_runs_and_records_malformed(tmp_path: Path, tiny_
     err = capsys.readouterr().err
     final = sum(r["status"] != "failed" for r in recs)
     assert f"{final} cached" in err
+
+
+def test_checkpoint_embedder_is_mean_of_ln_f_and_padding_free(tiny_checkpoint: Path) -> None:
+    import torch
+
+    from phibook.filter.embed import load_embedder
+
+    emb = load_embedder(f"phibook:{tiny_checkpoint}", max_tokens=64)
+    texts = ["Alice counts the apples.", "def is_prime(n):\n    return n > 1 and all(n % d for d in range(2, n))" * 3]
+    batched = emb.embed(texts)
+    # Reference: the model's own forward, the output of ln_f caught by a hook, averaged over tokens.
+    seen: dict = {}
+    hook = emb.model.ln_f.register_forward_hook(lambda m, a, out: seen.update(h=out))
+    for i, text in enumerate(texts):
+        ids = torch.tensor([emb.tokenizer.encode(text, allow_special=False)[:64]])
+        with torch.no_grad():
+            emb.model(ids)
+        np.testing.assert_allclose(batched[i], seen["h"][0].mean(0).numpy(), atol=1e-5)
+        np.testing.assert_allclose(emb.embed([text])[0], batched[i], atol=1e-5)  # alone == padded in a batch
+    hook.remove()
