@@ -403,7 +403,7 @@ def _hash_classifier(labelled: dict, tmp_path: Path) -> Path:
 
 def _apply_cmd(inputs: list[Path], clf: Path, out: Path, workers: int) -> list[str]:
     return [sys.executable, "-m", "phibook.cli", "filter", "apply", *map(str, inputs), "--classifier", str(clf),
-            "--threshold", "0.5", "--out", str(out), "--workers", str(workers), "--chunk-mb", "0.004",
+            "--threshold", "0.5", "--out", str(out), "--workers", str(workers), "--chunk-mb", "0.002",
             "--batch-size", "8", "--no-progress"]
 
 
@@ -432,7 +432,7 @@ def test_apply_killed_midway_resumes_to_same_output(labelled: dict, tmp_path: Pa
                             stderr=subprocess.DEVNULL)
     markers: list[Path] = []
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(markers) < 3 and proc.poll() is None:
+    while time.monotonic() < deadline and len(markers) < 2 and proc.poll() is None:
         markers = list((out / ".work").glob("*/chunk-*.json")) if (out / ".work").is_dir() else []
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
