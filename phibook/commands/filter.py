@@ -32,6 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_teacher_args(a)
     # Ratings want short, near-deterministic answers (the synth defaults suit long creative text).
     a.set_defaults(teacher="openai", temperature=0.2, max_tokens=128)
+    for action in a._actions:  # the shared flag's help names builtin as the default; not here
+        if action.dest == "teacher":
+            action.help = "openai (default): any OpenAI-compatible server(s); local: a phibook checkpoint or HF " \
+                          "directory; builtin cannot rate and is refused"
     a.add_argument("inputs", nargs="+", metavar="INPUT", help="document JSONL files ({\"id\", \"text\", ...})")
     a.add_argument("--out", required=True, help="annotation JSONL (append-only cache; also a document JSONL)")
     a.add_argument("--sample", type=int, default=None, help="rate this many documents (default: all)")
