@@ -136,6 +136,35 @@ class LoglikelihoodScorer:
             yield batch
 
     def _run_batch(self, batch):
+        if all(len(items) == 1 for _, items in batch):
+            return self._run_flat(batch)
+        return self._run_shared(batch)
+
+    def _run_flat(self, batch):
+        """No context is shared (WinoGrande, rolling windows): one right-padded forward, no cache.
+
+        Right padding needs no mask under causal attention, and a second pass would only add cost.
+        """
+        dev = self.device
+        seqs = [list(ctx) + cont[:-1] for ctx, ((_, cont),) in batch]
+        ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+        for r, seq in enumerate(seqs):
+            ids[r, : len(seq)] = torch.tensor(seq)
+        logits = self.model(ids.to(dev))
+        results = []
+        for r, (ctx, ((index, cont),)) in enumerate(batch):
+            logp = logits[r, len(ctx) - 1 : len(ctx) - 1 + len(cont)].float().log_softmax(-1)
+            results.append((index, self._sum_and_greedy(logp, cont)))
+        return results
+
+    def _sum_and_greedy(self, logp: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
+        """logp (len(cont), V): log-probs predicting each continuation token."""
+        target = torch.tensor(cont, device=logp.device)
+        total = logp.gather(1, target.unsqueeze(1)).sum().item()
+        return float(total), bool((logp.argmax(-1) == target).all())
+
+    def _run_shared(self, batch):
+        """Contexts run once (left-padded), their K/V copied to one row per continuation."""
         dev = self.device
         G = len(batch)
         ctx_lens = [len(ctx) for ctx, _ in batch]
@@ -178,13 +207,10 @@ class LoglikelihoodScorer:
 
         results = []
         for r, (g, index, cont) in enumerate(rows):
-            target = torch.tensor(cont, device=dev)
             logp = first[g].unsqueeze(0)
             if len(cont) > 1:
                 logp = torch.cat([logp, rest[r, : len(cont) - 1]], dim=0)  # (len(cont), V)
-            total = logp.gather(1, target.unsqueeze(1)).sum().item()
-            greedy = bool((logp.argmax(-1) == target).all())
-            results.append((index, (float(total), greedy)))
+            results.append((index, self._sum_and_greedy(logp, cont)))
         return results
 
 

@@ -1,0 +1,237 @@
+"""The eval runner: harness token split, batched shared-context scoring == naive, rolling windows,
+generation dispatch, results JSON/table, and the `phibook eval` command end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from phibook.checkpoint import load_model
+from phibook.cli import main
+from phibook.eval.runner import (
+    LoglikelihoodScorer,
+    Runner,
+    TokenPair,
+    encode_pair,
+    naive_loglikelihood,
+    rolling_windows,
+    run_task,
+)
+from phibook.eval.task import (
+    GenerationRequest,
+    LoglikelihoodRequest,
+    RollingLoglikelihoodRequest,
+    get_task,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint: Path):
+    return load_model(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def bench(shared_dir: Path) -> Path:
+    return shared_dir / "benchmarks"
+
+
+# --------------------------------------------------------------------------- token split
+
+
+def test_encode_pair_moves_trailing_space_and_splits_whole(tiny) -> None:
+    tok = tiny.tokenizer
+    pair = encode_pair(tok, "Answer: ", "yes")
+    ctx = tok.encode("Answer:")
+    assert pair.context == ctx
+    assert pair.continuation == tok.encode("Answer: yes")[len(ctx) :]
+    # no trailing space: same rule, context encoded alone
+    pair = encode_pair(tok, "def f", "(x):")
+    assert pair.context == tok.encode("def f")
+    assert pair.context + pair.continuation == tok.encode("def f(x):")
+
+
+def test_encode_pair_empty_context_uses_eos(tiny) -> None:
+    pair = encode_pair(tiny.tokenizer, "", "hello")
+    assert pair.context == [tiny.tokenizer.eos_id]
+    assert pair.continuation == tiny.tokenizer.encode("hello")
+
+
+# --------------------------------------------------------------------------- scoring equivalence
+
+
+def task_requests(bench: Path, names: list[str], limit: int) -> list[LoglikelihoodRequest]:
+    reqs = []
+    for name in names:
+        task = get_task(name)
+        for doc in task.load_docs(bench, limit):
+            reqs.extend(task.requests(doc))
+    return reqs
+
+
+@pytest.fixture(scope="module")
+def mc_cases(tiny, bench: Path):
+    """Real requests from seven tasks with their naive (unbatched full-forward) answers."""
+    names = ["arc_easy", "winogrande", "mmlu_anatomy", "hellaswag", "piqa", "openbookqa", "siqa"]
+    reqs = task_requests(bench, names, 2)
+    refs = [naive_loglikelihood(tiny.model, encode_pair(tiny.tokenizer, r.context, r.continuation)) for r in reqs]
+    return reqs, refs
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_batched_shared_context_equals_naive(tiny, mc_cases, batch_size: int) -> None:
+    reqs, refs = mc_cases
+    runner = Runner(tiny.model, tiny.tokenizer, batch_size=batch_size, progress=False)
+    got = runner.loglikelihood(reqs)
+    for req, (ll, greedy), (ref_ll, ref_greedy) in zip(reqs, got, refs, strict=True):
+        assert ll == pytest.approx(ref_ll, abs=1e-4), req
+        assert greedy == ref_greedy
+
+
+def test_truncated_contexts_equal_naive(tiny, bench: Path) -> None:
+    # BoolQ passages are longer than the tiny model's 256-token context: cut from the left.
+    reqs = task_requests(bench, ["boolq"], 4)
+    runner = Runner(tiny.model, tiny.tokenizer, batch_size=5, progress=False)
+    got = runner.loglikelihood(reqs)
+    assert runner.scorer.n_truncated > 0
+    for req, (ll, _) in zip(reqs, got, strict=True):
+        pair = encode_pair(tiny.tokenizer, req.context, req.continuation)
+        assert ll == pytest.approx(naive_loglikelihood(tiny.model, pair)[0], abs=1e-4)
+
+
+def test_greedy_flag_true_for_argmax_continuation(tiny) -> None:
+    model = tiny.model
+    ctx = tiny.tokenizer.encode("def add(a, b):")
+    with torch.no_grad():
+        seq = list(ctx)
+        for _ in range(4):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    pair = TokenPair(ctx, seq[len(ctx) :])
+    scorer = LoglikelihoodScorer(model, batch_size=4, progress=False)
+    other = TokenPair(ctx, [(seq[-1] + 1) % 300] * 2)
+    (ll, greedy), (_, greedy_other) = scorer.score([pair, other])
+    assert greedy and not greedy_other
+    assert ll == pytest.approx(naive_loglikelihood(model, pair)[0], abs=1e-4)
+
+
+# --------------------------------------------------------------------------- rolling
+
+
+def test_rolling_windows_match_harness_algorithm() -> None:
+    # get_rolling_token_windows(tokens, prefix=0, max_seq_len=3, context_len=1) + make_disjoint_window
+    windows = rolling_windows([1, 2, 3, 4, 5, 6, 7], 0, 3)
+    assert [(w.context, w.continuation) for w in windows] == [([0], [1, 2, 3]), ([3], [4, 5, 6]), ([4, 5, 6], [7])]
+    assert rolling_windows([], 0, 3) == []
+    assert [(w.context, w.continuation) for w in rolling_windows([5], 0, 3)] == [([0], [5])]
+
+
+def test_rolling_loglikelihood_sums_every_token(tiny) -> None:
+    text = "class Counter:\n    def __init__(self):\n        self.count = 0\n" * 12
+    runner = Runner(tiny.model, tiny.tokenizer, batch_size=4, progress=False)
+    (total, n), = runner.loglikelihood_rolling([RollingLoglikelihoodRequest(text)])
+    tokens = tiny.tokenizer.encode(text)
+    assert n == len(tokens) > tiny.config.max_seq_len  # several windows
+    expected = sum(
+        naive_loglikelihood(tiny.model, w)[0] for w in rolling_windows(tokens, tiny.tokenizer.eos_id, 256)
+    )
+    assert total == pytest.approx(expected, abs=1e-3)
+    # one window: the whole text given the EOS token
+    short = "x = 1\n"
+    (ll, n), = runner.loglikelihood_rolling([RollingLoglikelihoodRequest(short)])
+    pair = TokenPair([tiny.tokenizer.eos_id], tiny.tokenizer.encode(short))
+    assert ll == pytest.approx(naive_loglikelihood(tiny.model, pair)[0], abs=1e-4)
+
+
+# --------------------------------------------------------------------------- mixed dispatch
+
+
+def test_answer_dispatches_generation_in_order(tiny) -> None:
+    from phibook.generate import Generator, SamplingParams
+
+    params = SamplingParams(max_new_tokens=6)
+    reqs = [
+        GenerationRequest("def add(a, b):", params),
+        LoglikelihoodRequest("x =", " 1"),
+        GenerationRequest("class", SamplingParams(max_new_tokens=3)),
+    ]
+    runner = Runner(tiny.model, tiny.tokenizer, batch_size=2, progress=False)
+    out = runner.answer(reqs, desc="mixed")
+    direct = Generator(tiny.model, tiny.tokenizer).run(["def add(a, b):"], params)[0].text
+    assert out[0] == direct
+    assert isinstance(out[1], tuple) and out[1][0] < 0
+    assert isinstance(out[2], str)
+
+
+def test_run_task_log_samples(tiny, bench: Path) -> None:
+    runner = Runner(tiny.model, tiny.tokenizer, batch_size=8, progress=False)
+    outcome = run_task(runner, get_task("arc_easy"), bench, 5, log_samples=True)
+    assert outcome["n"] == 5
+    acc, se = outcome["metrics"]["acc"]
+    assert 0 <= acc <= 1 and se >= 0
+    sample = outcome["samples"][0]
+    assert sample["requests"][0]["context"].startswith("Question: ")
+    assert len(sample["results"]) == len(sample["doc"]["choices"])
+    assert set(sample["metrics"]) == {"acc", "acc_norm"}
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_end_to_end_writes_results_and_table(tiny_checkpoint: Path, bench: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "phibook.cli", "eval", "--model", str(tiny_checkpoint),
+         "--tasks", "arc_easy,boolq,winogrande", "--limit", "10", "--data-dir", str(bench),
+         "--output", str(out), "--batch-size", "8"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())
+    assert results["model"]["fingerprint"] and results["limit"] == 10
+    assert set(results["results"]) == {"arc_easy", "boolq", "winogrande"}
+    for entry in results["results"].values():
+        assert entry["n"] == 10
+        assert 0 <= entry["acc"] <= 1 and math.isfinite(entry["acc_stderr"])
+        assert entry["prompt_settings"]["num_fewshot"] == 0
+        assert entry["report"]["phi-1.5 (1.3B)"] > 0.7
+    assert "acc_norm" in results["results"]["arc_easy"]
+    # the table: our number beside the report's phi-1.5 and peers
+    lines = {line.split()[0] + " " + line.split()[1]: line for line in proc.stdout.splitlines()[2:]}
+    assert "0.756" in lines["arc_easy acc"] and "0.763" in lines["arc_easy acc"]  # phi-1.5, Llama2-7B
+    assert "0.734" in lines["winogrande acc"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_bad_inputs_exit_2_with_message(tiny_checkpoint: Path, bench: Path, tmp_path: Path, capsys,
+                                            monkeypatch) -> None:
+    monkeypatch.delenv("PHIBOOK_DATA_DIR", raising=False)
+    base = ["eval", "--model", str(tiny_checkpoint)]
+    assert main(base + ["--tasks", "arc_medium", "--data-dir", str(bench)]) == 2
+    assert "unknown task(s) arc_medium; known tasks:" in capsys.readouterr().err
+    assert main(base + ["--tasks", "arc_easy"]) == 2
+    assert "no benchmark data: pass --data-dir" in capsys.readouterr().err
+    assert main(base + ["--tasks", "arc_easy", "--data-dir", str(tmp_path / "nope")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    (tmp_path / "arc_easy").mkdir()
+    assert main(base + ["--tasks", "arc_easy", "--data-dir", str(tmp_path)]) == 2
+    assert "none of ARC-Easy-Test.jsonl found in" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path / "missing"), "--tasks", "piqa", "--data-dir", str(bench),
+                 "--limit", "1"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_cli_error_subprocess_has_no_traceback(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    env = dict(os.environ, PHIBOOK_DATA_DIR=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-m", "phibook.cli", "eval", "--model", str(tiny_checkpoint), "--tasks", "hellaswag"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "phibook eval: error: hellaswag: data folder" in proc.stderr
+    assert "hellaswag_val.jsonl" in proc.stderr and "Traceback" not in proc.stderr
