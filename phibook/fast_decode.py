@@ -130,6 +130,11 @@ class FastForward:
         # Shared with the model, never copied: a decode step reads one row of it, so
         # when it is a view of a memory-mapped checkpoint almost none of it is resident.
         self.embed = model.embed.weight.detach()
+        # A lookup maps the rows' pages (and the kernel's fault-around neighbours,
+        # 64 KiB each) into the process; a long prompt of scattered ids would make
+        # most of the 0.2 GiB table resident. When it is a file mapping we own
+        # (release_model), hand those pages back after each lookup.
+        self._embed_pages = _file_page_range(self.embed) if release_model else None
         self.rope_cos, self.rope_sin = model.rope_cos, model.rope_sin
         self.blocks: list[_FusedBlock] = []
         with torch.no_grad():
@@ -142,6 +147,8 @@ class FastForward:
             if release_model:
                 _release(model.lm_head)
         self.released = release_model
+        if release_model:
+            _malloc_trim()  # the concatenation temporaries: give glibc's freed heap back
 
     @classmethod
     def from_path(cls, path, dtype: torch.dtype | str = torch.float32, pack: bool | None = None):
@@ -184,6 +191,8 @@ class FastForward:
         sin = self.rope_sin[positions].unsqueeze(2)
         mask = PhiModel._mask(T, start, attention_mask, idx.device)
         x = F.embedding(idx, self.embed)
+        if self._embed_pages is not None:
+            _dontneed(self._embed_pages)
         for block in self.blocks:
             x = block(x, cos, sin, cache, mask)
         if cache is not None:
@@ -225,6 +234,38 @@ def _file_mappings() -> list[tuple[int, int]]:
     return out
 
 
+def _file_page_range(t: Tensor) -> tuple[int, int] | None:
+    """The whole pages of ``t`` when they lie in a private file mapping, else None."""
+    if t.device.type != "cpu" or t.numel() == 0 or not hasattr(os, "sysconf"):
+        return None
+    page = os.sysconf("SC_PAGE_SIZE")
+    lo = t.data_ptr()
+    hi = lo + t.numel() * t.element_size()
+    lo_page, hi_page = -(-lo // page) * page, hi // page * page
+    if hi_page <= lo_page or not any(a <= lo_page and hi_page <= b for a, b in _file_mappings()):
+        return None
+    return lo_page, hi_page
+
+
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _dontneed(pages: tuple[int, int]) -> None:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(pages[0]), ctypes.c_size_t(pages[1] - pages[0]), _MADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass
+
+
 def _drop_file_pages(t: Tensor) -> None:
     """madvise(DONTNEED) the whole pages of ``t`` when they lie in a private file mapping.
 
@@ -233,20 +274,6 @@ def _drop_file_pages(t: Tensor) -> None:
     tensors sharing an edge page keep their values; loaded weights are never
     written in place. Anonymous memory is never touched.
     """
-    if t.device.type != "cpu" or t.numel() == 0 or not hasattr(os, "sysconf"):
-        return
-    page = os.sysconf("SC_PAGE_SIZE")
-    lo = t.data_ptr()
-    hi = lo + t.numel() * t.element_size()
-    lo_page, hi_page = -(-lo // page) * page, hi // page * page
-    if hi_page <= lo_page:
-        return
-    if not any(a <= lo_page and hi_page <= b for a, b in _file_mappings()):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(lo_page), ctypes.c_size_t(hi_page - lo_page), _MADV_DONTNEED)
-    except (OSError, AttributeError):
-        pass
+    pages = _file_page_range(t)
+    if pages is not None:
+        _dontneed(pages)
