@@ -235,3 +235,39 @@ def test_cli_error_subprocess_has_no_traceback(tiny_checkpoint: Path, tmp_path: 
     assert proc.returncode == 2
     assert "phibook eval: error: hellaswag: data folder" in proc.stderr
     assert "hellaswag_val.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- the report's numbers
+
+
+def _table_rows(text: str, header: str, caption: str) -> dict[str, list[str]]:
+    block = text[text.index(header) + len(header) : text.index(caption)]
+    rows = {}
+    for line in block.strip().splitlines():
+        parts = line.split()
+        if len(parts) < 6:
+            continue
+        name = " ".join(parts[:-5]).replace(" (v1.1)", "")
+        rows[name] = parts[-5:]
+    return rows
+
+
+def test_report_numbers_match_the_seed_tables(shared_dir: Path) -> None:
+    from phibook.eval.report_numbers import REPORT_NUMBERS, TABLE_TASKS
+
+    text = (shared_dir / "seeds" / "000_d0d2c6a124565ddb.txt").read_text()
+    tables = {
+        "Table 2": _table_rows(text, "WinoGrande ARC-Easy ARC-Challenge BoolQ SIQA\n", "Table 2:"),
+        "Table 3": _table_rows(text, "PIQA Hellaswag MMLU OpenbookQA SQUAD (EM)\n", "Table 3:"),
+    }
+    checked = 0
+    for table, rows in tables.items():
+        assert len(rows) == 12, table
+        for model, cells in rows.items():
+            for task, cell in zip(TABLE_TASKS[table], cells, strict=True):
+                expected = None if cell == "–" else float(cell)
+                assert REPORT_NUMBERS[model][task] == expected, (model, task)
+                checked += 1
+    assert checked == 120
+    assert REPORT_NUMBERS["phi-1.5 (1.3B)"]["humaneval"] == pytest.approx(0.341)
+    assert REPORT_NUMBERS["Llama-65B"]["mbpp"] == pytest.approx(0.377)

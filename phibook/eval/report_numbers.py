@@ -28,6 +28,10 @@ REPORT_METRIC = {
     "hellaswag": "acc",
     "mmlu": "acc",
     "openbookqa": "acc",
+    "squad": "exact_match",
+    "gsm8k": "acc",
+    "humaneval": "pass@1",
+    "mbpp": "pass@1",
 }
 
 _ = None  # "-" in the report
