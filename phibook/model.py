@@ -184,6 +184,7 @@ class PhiModel(nn.Module):
         positions: Tensor | None = None,
         cache: KVCache | None = None,
         attention_mask: Tensor | None = None,
+        targets: Tensor | None = None,
     ) -> Tensor:
         """Logits (B, T, vocab) for token ids ``idx`` (B, T).
 
@@ -192,6 +193,10 @@ class PhiModel(nn.Module):
         cache: written at [cache.pos, cache.pos + T), then advanced.
         attention_mask: (B, S) with 1 for real tokens and 0 for padding, where S
             covers every position up to the end of this call (cache included).
+        targets: (B, T) next-token ids for training: return the mean cross entropy
+            (an fp32 scalar) instead of the logits, computed through the LM head in
+            chunks without materializing them (phibook/fused_ce.py). It is inside
+            forward so DDP/FSDP hooks see the LM head used.
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -211,6 +216,10 @@ class PhiModel(nn.Module):
             x = block(x, cos, sin, cache, mask)
         if cache is not None:
             cache.pos += T
+        if targets is not None:
+            from phibook.fused_ce import linear_cross_entropy
+
+            return linear_cross_entropy(self.ln_f(x), self.lm_head.weight, self.lm_head.bias, targets)
         return self.lm_head(self.ln_f(x))
 
     @staticmethod
