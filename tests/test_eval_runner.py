@@ -117,6 +117,9 @@ def test_greedy_flag_true_for_argmax_continuation(tiny) -> None:
     other = TokenPair(ctx, [(seq[-1] + 1) % 300] * 2)
     (ll, greedy), (_, greedy_other) = scorer.score([pair, other])
     assert greedy and not greedy_other
+    # the scorer's LM-head slicing hook is gone afterwards: full logits again
+    with torch.no_grad():
+        assert model(torch.tensor([ctx])).shape[1] == len(ctx)
     assert ll == pytest.approx(naive_loglikelihood(model, pair)[0], abs=1e-4)
 
 

@@ -16,7 +16,8 @@ Groups are sorted longest first and packed up to --batch-size continuation rows.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,21 @@ def rolling_windows(tokens: list[int], prefix_id: int, max_len: int) -> list[Tok
         done += n
     # make_disjoint: the context keeps only what precedes the first predicted token.
     return [TokenPair(ctx[: len(ctx) - (len(pred) - 1)], pred) for ctx, pred in windows]
+
+
+@contextmanager
+def logits_from(model: PhiModel, start: int) -> Iterator[None]:
+    """Within the block, the model's LM head runs on positions [start:] only (start=-1: the last).
+
+    Context positions before the first scored token need no logits; skipping them saves a
+    (B, T, vocab) tensor (3 GB for 16 x 1000 tokens of phi-1.5) and the matching LM-head
+    matmul. A forward hook on ln_f slices its output, so the model code is untouched.
+    """
+    handle = model.ln_f.register_forward_hook(lambda module, args, out: out[:, start:, :])
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class LoglikelihoodScorer:
@@ -150,10 +166,13 @@ class LoglikelihoodScorer:
         ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
         for r, seq in enumerate(seqs):
             ids[r, : len(seq)] = torch.tensor(seq)
-        logits = self.model(ids.to(dev))
+        start = min(len(ctx) for ctx, _ in batch) - 1  # the first position any row scores
+        with logits_from(self.model, start):
+            logits = self.model(ids.to(dev))
         results = []
         for r, (ctx, ((index, cont),)) in enumerate(batch):
-            logp = logits[r, len(ctx) - 1 : len(ctx) - 1 + len(cont)].float().log_softmax(-1)
+            first = len(ctx) - 1 - start
+            logp = logits[r, first : first + len(cont)].float().log_softmax(-1)
             results.append((index, self._sum_and_greedy(logp, cont)))
         return results
 
@@ -182,7 +201,8 @@ class LoglikelihoodScorer:
         rows = [(g, index, cont) for g, (_, items) in enumerate(batch) for index, cont in items]
         T = max(len(cont) for _, _, cont in rows) - 1  # continuation tokens fed after the context
         cache = KVCache(self.cfg, G, L, dtype=self.dtype, device=dev)
-        logits = self.model(ctx_ids, positions, cache, attention_mask=ctx_mask if padded else None)
+        with logits_from(self.model, -1):
+            logits = self.model(ctx_ids, positions, cache, attention_mask=ctx_mask if padded else None)
         first = logits[:, -1, :].float().log_softmax(-1)  # (G, V): predicts each continuation's 1st token
 
         rest = None
