@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from phibook.commands.generate import add_fast_arg, use_fast
+
 DESCRIPTION = """\
 Serve a model over HTTP with the OpenAI API: POST /v1/completions and
 /v1/chat/completions (both with SSE streaming, stream=true), GET /v1/models and
@@ -49,6 +51,7 @@ def register(subparsers) -> None:
                    help="weight and compute dtype (default: fp32; bf16 halves memory and is faster on CPUs with BF16)")
     p.add_argument("--device", default=None,
                    help="torch device, e.g. cpu or cuda (default: cuda when available, else cpu)")
+    add_fast_arg(p)
     p.add_argument("--max-batch-size", type=int, default=8, metavar="N",
                    help="most prompts decoded together in one batch (default: 8; 1 turns batching off)")
     p.add_argument("--batch-window-ms", type=float, default=5.0, metavar="MS",
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     name = args.served_model_name or path.resolve().name
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    generator = Generator.from_path(path, device=device, dtype=dtype)
+    generator = Generator.from_path(path, device=device, dtype=dtype, fast=use_fast(args, device))
     app = create_app(generator, model_name=name, max_batch_size=args.max_batch_size,
                      batch_window_ms=args.batch_window_ms)
 
