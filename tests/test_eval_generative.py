@@ -271,3 +271,61 @@ def test_squad_and_gsm8k_through_the_eval_command(tiny_checkpoint, benchmarks, t
     assert results["samples"]["squad"][0]["requests"][0]["prompt"].startswith("Title: Super Bowl 50")
     text = capsys.readouterr().out
     assert "squad" in text and "gsm8k" in text
+
+
+def test_humaneval_longer_than_the_context_is_truncated_with_a_warning(tiny_checkpoint, benchmarks, tmp_path,
+                                                                         capsys):
+    from phibook.cli import main
+
+    # HumanEval/0's prompt is 323 tokens of the tiny tokenizer; the tiny model's context is 256.
+    out = tmp_path / "he.json"
+    rc = main(["eval", "--model", str(tiny_checkpoint), "--tasks", "humaneval", "--data-dir", str(benchmarks),
+               "--limit", "3", "--output", str(out), "--log-samples", "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    entry = json.loads(out.read_text())["results"]["humaneval"]
+    assert entry["n"] == 3 and entry["truncated"] >= 1 and entry["pass@1"] is not None
+    warning = [line for line in captured.err.splitlines() if "warning: humaneval" in line]
+    assert warning == [
+        f"phibook eval: warning: humaneval: {entry['truncated']} of 3 prompts did not fit the model's context of "
+        "256 tokens with 512 new tokens; each kept its last 128 tokens (left truncation, as lm-evaluation-harness "
+        "does; up to 128 new tokens); programs and scores still use the full prompt"
+    ]
+    assert "truncated" not in captured.out  # a JSON count, not a table row
+
+
+def test_sampled_pass_at_k_through_the_eval_command(tiny_checkpoint, benchmarks, tmp_path, capsys):
+    from phibook.cli import main
+
+    out = tmp_path / "he.json"
+    rc = main(["eval", "--model", str(tiny_checkpoint), "--tasks", "humaneval", "--data-dir", str(benchmarks),
+               "--limit", "2", "--samples", "10", "--temperature", "0.8", "--output", str(out), "--log-samples",
+               "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    results = json.loads(out.read_text())
+    entry = results["results"]["humaneval"]
+    assert [k for k in entry if k.startswith("pass@") and not k.endswith("_stderr")] == ["pass@1", "pass@10"]
+    assert entry["pass@1"] <= entry["pass@10"]
+    settings = entry["prompt_settings"]
+    assert (settings["samples"], settings["temperature"], settings["top_p"]) == (10, 0.8, 0.95)
+    for sample in results["samples"]["humaneval"]:
+        params = [r["params"] for r in sample["requests"]]
+        assert [p["seed"] for p in params] == list(range(10)) and {p["temperature"] for p in params} == {0.8}
+        texts = sample["results"]
+        assert len(texts) == 10 and len(set(texts)) > 1  # sampled, not ten copies of one answer
+    table = capsys.readouterr().out
+    assert "pass@10" in table
+
+
+def test_samples_flags_are_checked(tiny_checkpoint, benchmarks, capsys):
+    from phibook.cli import main
+
+    base = ["eval", "--model", str(tiny_checkpoint), "--data-dir", str(benchmarks), "--limit", "1"]
+    assert main(base + ["--tasks", "arc_easy", "--samples", "5"]) == 2
+    assert "--samples only apply to the code tasks (humaneval, mbpp); none is in --tasks" in capsys.readouterr().err
+    assert main(base + ["--tasks", "humaneval", "--samples", "4", "--temperature", "0"]) == 2
+    assert "set --temperature > 0 for pass@k" in capsys.readouterr().err
+    assert main(base + ["--tasks", "mbpp", "--samples", "0"]) == 2
+    assert "--samples must be >= 1" in capsys.readouterr().err
+    assert main(base + ["--tasks", "mbpp", "--temperature", "-1"]) == 2
+    assert "--temperature must be a finite number >= 0" in capsys.readouterr().err

@@ -171,6 +171,39 @@ def test_answer_dispatches_generation_in_order(tiny) -> None:
     assert isinstance(out[2], str)
 
 
+def test_prompt_keep_is_the_harness_rule_with_half_the_context_as_a_floor() -> None:
+    from phibook.eval.runner import prompt_keep
+
+    assert prompt_keep(2048, 512) == 1536  # lm-eval: max_length - max_gen_toks
+    assert prompt_keep(256, 32) == 224
+    assert prompt_keep(256, 512) == 128  # the budget alone overflows a toy context: keep half
+    assert prompt_keep(2, 5) == 1
+
+
+def test_long_generation_prompts_are_left_truncated(tiny) -> None:
+    from phibook.generate import SamplingParams
+
+    tok, model = tiny.tokenizer, tiny.model
+    context = model.config.max_seq_len
+    long_prompt = "def fibonacci(n):\n    result = []\n" * 60
+    ids = tok.encode(long_prompt)
+    assert len(ids) > context
+    params = SamplingParams(max_new_tokens=8, stop_at_eos=False)
+    runner = Runner(model, tok, batch_size=2, progress=False)
+    out = runner.generate([GenerationRequest("def add(a, b):", params), GenerationRequest(long_prompt, params)])
+    assert runner.n_truncated == 1  # only the long prompt was cut
+
+    # Reference: greedy decoding by full forwards on the prompt's last (context - 8) tokens.
+    seq = ids[-(context - 8):]
+    with torch.no_grad():
+        for _ in range(8):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    completion = runner._generator.run([long_prompt], params)[0]
+    assert completion.prompt_tokens == context - 8 and completion.token_ids == seq[context - 8:]
+    assert out[1] == completion.text
+    assert runner.n_truncated == 2
+
+
 def test_run_task_log_samples(tiny, bench: Path) -> None:
     runner = Runner(tiny.model, tiny.tokenizer, batch_size=8, progress=False)
     outcome = run_task(runner, get_task("arc_easy"), bench, 5, log_samples=True)
@@ -208,6 +241,11 @@ def test_cli_end_to_end_writes_results_and_table(tiny_checkpoint: Path, bench: P
     lines = {line.split()[0] + " " + line.split()[1]: line for line in proc.stdout.splitlines()[2:]}
     assert "0.756" in lines["arc_easy acc"] and "0.763" in lines["arc_easy acc"]  # phi-1.5, Llama2-7B
     assert "0.734" in lines["winogrande acc"]
+    # BoolQ passages overflow the tiny model's 256-token context: counted per task, one warning line
+    boolq = results["results"]["boolq"]
+    assert boolq["truncated"] > 0 and results["results"]["arc_easy"]["truncated"] == 0
+    assert (f"phibook eval: warning: boolq: {boolq['truncated']} of 20 requests were longer than the model's "
+            "context of 256 tokens") in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -22,6 +22,12 @@ EPILOG = """\
 examples:
   phibook eval --model runs/phi-small --tasks arc_easy,boolq --data-dir ~/benchmarks --limit 100
   phibook eval --model ~/phi-1_5 --tasks all --data-dir ~/benchmarks --output phi15.json --batch-size 32
+  phibook eval --model ~/phi-1_5 --tasks humaneval --data-dir ~/benchmarks --samples 20 --temperature 0.8
+
+Prompts longer than the model's context are cut from the left, as lm-evaluation-harness does:
+log-likelihood contexts keep what fits with the continuation; generation prompts keep their last
+max(context - max_new_tokens, context / 2) tokens. The command prints a warning per task, and
+the results JSON counts them per task ("truncated").
 """
 
 
@@ -50,6 +56,12 @@ def register(subparsers) -> None:
                    help="write the results JSON here (atomically); default: print the table only")
     p.add_argument("--log-samples", action="store_true",
                    help="include per-document records (prompts, log-likelihoods, metrics) in the results JSON")
+    p.add_argument("--samples", type=int, default=None, metavar="N",
+                   help="code tasks (humaneval, mbpp): N sampled programs per problem and the unbiased "
+                        "pass@k for k in 1, 10, 100 up to N (default: 1 greedy program, pass@1)")
+    p.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help="code tasks: sampling temperature (default: 0 = greedy with one sample, 0.8 with "
+                        "--samples > 1); top_p is 0.95 when sampling")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weight dtype (default: float32; log-probabilities are always computed in float32)")
@@ -75,12 +87,53 @@ def resolve_tasks(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def build_tasks(names: list[str], samples: int | None, temperature: float | None) -> list:
+    """Task instances; --samples/--temperature go to the code tasks (and are refused without one)."""
+    from phibook.errors import PhibookError
+    from phibook.eval.generative import CodeTask
+    from phibook.eval.task import TASKS, get_task, load_task_modules
+
+    load_task_modules()
+    code = [n for n in names if n in TASKS and issubclass(TASKS[n], CodeTask)]
+    if (samples is not None or temperature is not None) and not code:
+        flags = " and ".join(f for f, v in (("--samples", samples), ("--temperature", temperature)) if v is not None)
+        known = ", ".join(sorted(n for n, cls in TASKS.items() if issubclass(cls, CodeTask)))
+        raise PhibookError(f"{flags} only apply to the code tasks ({known}); none is in --tasks")
+    if temperature is not None and not (temperature >= 0 and temperature < float("inf")):
+        raise PhibookError(f"--temperature must be a finite number >= 0, got {temperature}")
+    options = {}
+    if samples is not None:
+        options["samples"] = samples
+    if temperature is not None:
+        options["temperature"] = temperature
+    return [get_task(n, **options) if n in code else get_task(n) for n in names]
+
+
+def truncation_warning(task, outcome: dict, context: int) -> str | None:
+    """One line saying how many requests were cut to fit the model's context, and how."""
+    n = outcome.get("truncated", 0)
+    if not n:
+        return None
+    if task.output_type == "generate":
+        from phibook.eval.runner import prompt_keep
+
+        new = getattr(task, "max_new_tokens", None) or 0
+        keep = prompt_keep(context, new)
+        return (f"phibook eval: warning: {task.name}: {n} of {outcome.get('n_requests', '?')} prompts did not fit "
+                f"the model's context of {context} tokens with {new} new tokens; each kept its last {keep} tokens "
+                f"(left truncation, as lm-evaluation-harness does; up to {min(new, context - keep)} new tokens); "
+                "programs and scores still use the full prompt")
+    return (f"phibook eval: warning: {task.name}: {n} of {outcome.get('n_requests', '?')} requests were longer "
+            f"than the model's context of {context} tokens; their contexts lost their first tokens so that "
+            "context + continuation fit (left truncation, as lm-evaluation-harness does)")
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from phibook.errors import PhibookError
     from phibook.eval.loaders import data_dir_from_env
-    from phibook.eval.task import get_task, task_names
+    from phibook.eval.task import task_names
 
     if args.tasks.strip() == "list":
         print("\n".join(task_names()))
@@ -99,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         data_dir = None
     elif not data_dir.is_dir():
         raise PhibookError(f"--data-dir {data_dir} is not a directory")
-    tasks = [get_task(n) for n in names]
+    tasks = build_tasks(names, args.samples, args.temperature)
     # Read every task's files before loading the model, so a missing file fails in a second.
     for task in tasks:
         task.load_docs(data_dir, 1)
@@ -122,12 +175,9 @@ def run(args: argparse.Namespace) -> int:
         entries[task.name] = task_entry(task, outcome)
         if args.log_samples:
             samples[task.name] = outcome["samples"]
-    if runner.scorer.n_truncated:
-        print(
-            f"phibook eval: note: {runner.scorer.n_truncated} request(s) were longer than the model's context "
-            f"({loaded.config.max_seq_len} tokens); their contexts were cut from the left, as the harness does",
-            file=sys.stderr,
-        )
+        warning = truncation_warning(task, outcome, loaded.config.max_seq_len)
+        if warning:
+            print(warning, file=sys.stderr)
     results = build_results(
         entries,
         model_path=str(loaded.path),

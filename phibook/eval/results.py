@@ -3,7 +3,7 @@
 Results JSON (one object):
   phibook_version, date (UTC ISO 8601), model {path, fingerprint, source}, limit, batch_size,
   data_dir, device, dtype,
-  results {task: {metric: value, metric + "_stderr": stderr, "n": docs,
+  results {task: {metric: value, metric + "_stderr": stderr, "n": docs, "truncated": requests cut to fit,
                   "prompt_settings": {...}, "report": {model: number from the report}}},
   samples {task: [per-doc records]}   (only with --log-samples)
 A NaN (stderr of a single doc) is written as null, so the file is strict JSON.
@@ -51,6 +51,8 @@ def task_entry(task, outcome: dict) -> dict[str, Any]:
         entry[metric] = _finite(value)
         entry[f"{metric}_stderr"] = _finite(stderr)
     entry["n"] = outcome["n"]
+    # Requests whose prompt/context lost tokens from the left to fit the model's context.
+    entry["truncated"] = outcome.get("truncated", 0)
     entry["higher_is_better"] = dict(task.metrics)
     entry["prompt_settings"] = dict(task.prompt_settings)
     entry["report_metric"] = report_metric(task.name, list(task.metrics))
@@ -113,7 +115,7 @@ def _fmt(value: float | None, stderr: float | None = None) -> str:
     return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
 
 
-NOT_METRICS = {"n", "higher_is_better", "prompt_settings", "report_metric", "report"}
+NOT_METRICS = {"n", "truncated", "higher_is_better", "prompt_settings", "report_metric", "report"}
 
 
 def metric_names(entry: dict[str, Any]) -> list[str]:

@@ -234,6 +234,42 @@ class LoglikelihoodScorer:
         return results
 
 
+def prompt_keep(context: int, max_new_tokens: int) -> int:
+    """How many prompt tokens a generation request keeps (its last ones) when it is too long.
+
+    lm-evaluation-harness keeps the last (context - max_new_tokens) tokens, so the whole token
+    budget fits. When the budget is more than half the context (a toy model with HumanEval's
+    512 new tokens) that would leave little or nothing, so the prompt keeps at least half.
+    """
+    return max(context - max_new_tokens, context // 2, 1)
+
+
+def _truncating_generator(model: PhiModel, tokenizer):
+    """A phibook.generate.Generator whose prompts are left-truncated to fit instead of refused.
+
+    Overrides Generator._encode (token ids + per-row budget); counts the prompts it cut in
+    `.n_truncated`. The task still builds programs and scores from its original prompt.
+    """
+    from phibook.generate import Generator
+
+    class TruncatingGenerator(Generator):
+        n_truncated = 0
+
+        def _encode(self, prompts, params):
+            ids, budgets = [], []
+            for prompt, p in zip(prompts, params, strict=True):
+                row = (self.tokenizer.encode(prompt) if prompt else []) or [self.tokenizer.eos_id]
+                keep = prompt_keep(self.context, p.max_new_tokens)
+                if len(row) > keep:
+                    row = row[-keep:]
+                    self.n_truncated += 1
+                ids.append(row)
+                budgets.append(min(p.max_new_tokens, self.context - len(row)))
+            return ids, budgets
+
+    return TruncatingGenerator(model, tokenizer)
+
+
 class Runner:
     """Dispatches a task's requests to the right engine; all answers in the order asked."""
 
@@ -244,6 +280,11 @@ class Runner:
         self.progress = progress
         self.scorer = LoglikelihoodScorer(model, batch_size, progress)
         self._generator = None
+
+    @property
+    def n_truncated(self) -> int:
+        """Requests cut from the left so far: log-likelihood contexts and generation prompts."""
+        return self.scorer.n_truncated + (self._generator.n_truncated if self._generator is not None else 0)
 
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest], desc: str = "loglikelihood"):
         pairs = [encode_pair(self.tokenizer, r.context, r.continuation) for r in requests]
@@ -265,10 +306,8 @@ class Runner:
 
     def generate(self, requests: Sequence[GenerationRequest], desc: str = "generate") -> list[str]:
         """Generated text per request, in batches of batch_size, longest prompts first."""
-        from phibook.generate import Generator
-
         if self._generator is None:
-            self._generator = Generator(self.model, self.tokenizer)
+            self._generator = _truncating_generator(self.model, self.tokenizer)
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt))
         out: list[str] = [""] * len(requests)
         bar = tqdm(total=len(requests), desc=desc, disable=not self.progress, file=sys.stderr, unit="req")
@@ -315,14 +354,17 @@ def naive_loglikelihood(model: PhiModel, pair: TokenPair) -> tuple[float, bool]:
 def run_task(runner: Runner, task, data_dir, limit: int | None, log_samples: bool = False) -> dict:
     """Load a task's docs, answer all its requests in one batched pass, and aggregate.
 
-    Returns {"metrics": {name: (value, stderr)}, "n": docs, "samples": [...] (only with log_samples)}.
+    Returns {"metrics": {name: (value, stderr)}, "n": docs, "truncated": requests whose prompt or
+    context was cut from the left to fit the model, "samples": [...] (only with log_samples)}.
     """
     docs = task.load_docs(data_dir, limit)
     if not docs:
         raise PhibookError(f"{task.name}: no documents loaded (empty data file?)")
     per_doc_requests = [task.requests(doc) for doc in docs]
     flat = [req for reqs in per_doc_requests for req in reqs]
+    truncated_before = runner.n_truncated
     answers = runner.answer(flat, desc=task.name)
+    truncated = runner.n_truncated - truncated_before
     per_doc, samples, at = [], [], 0
     for i, (doc, reqs) in enumerate(zip(docs, per_doc_requests, strict=True)):
         results = answers[at : at + len(reqs)]
@@ -340,7 +382,8 @@ def run_task(runner: Runner, task, data_dir, limit: int | None, log_samples: boo
                     "metrics": values,
                 }
             )
-    return {"metrics": task.aggregate(per_doc), "n": len(docs), "samples": samples}
+    return {"metrics": task.aggregate(per_doc), "n": len(docs), "truncated": truncated,
+            "n_requests": len(flat), "samples": samples}
 
 
 def _request_record(req) -> dict:

@@ -122,13 +122,14 @@ def load_task_modules() -> None:
             importlib.import_module(f"{package.__name__}.{info.name}")
 
 
-def get_task(name: str) -> Task:
-    """An instance of the registered task `name`; PhibookError listing the known names otherwise."""
+def get_task(name: str, **options: Any) -> Task:
+    """An instance of the registered task `name` (constructor `options`, e.g. samples= for code
+    tasks); PhibookError listing the known names otherwise."""
     load_task_modules()
     if name not in TASKS:
         known = ", ".join(sorted(TASKS)) or "(none registered)"
         raise PhibookError(f"unknown task {name!r}; known tasks: {known}")
-    return TASKS[name]()
+    return TASKS[name](**options)
 
 
 def task_names() -> list[str]:
