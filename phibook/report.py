@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -392,13 +393,12 @@ def config_section(d: ReportData) -> Section:
                 "of CPU, learns far more from many small steps at a higher rate.")
     if d.demo and d.demo.get("train_plan"):
         p = d.demo["train_plan"]
-        s.blocks.append(f"Time plan: {CALIBRATION_TEXT} measured {p['calibrated_step_seconds']} s/step, so "
-                        f"{p['max_steps']:,} steps fit the {p['train_budget_seconds']:.0f} s left for training.")
+        s.blocks.append(f"Time plan: the calibration steps measured {p['calibrated_step_seconds']} s/step; "
+                        f"{p['train_budget_seconds']:.0f} s were left for training, so the run was planned at "
+                        f"{p['max_steps']:,} steps (never fewer than the demo's minimum that shows learning).")
     s.blocks.append(f"Machine: {_machine()}.")
     return s
 
-
-CALIBRATION_TEXT = "a few calibration steps"
 
 
 def _params(model: dict[str, Any]) -> int | None:
@@ -515,7 +515,7 @@ def exercises_section(d: ReportData, images: list[Image]) -> Section | None:
     if right or wrong:
         s.blocks.append(("h3", "Examples (after training)"))
         s.blocks.append(Table(["", "question", "expected", "model said"],
-                              [["✓" if r["correct"] else "✗", r["question"][:160], r["answer"], r["output"][:80]]
+                              [["✓" if r["correct"] else "✗", r["question"][:160], r["answer"], r["output"].strip()[:80] or "(nothing)"]
                                for r in right + wrong]))
     return s
 
@@ -568,8 +568,18 @@ def samples_section(d: ReportData) -> Section | None:
                     "The prompt is highlighted.")
     for smp in d.samples["samples"]:
         s.blocks.append(("h3", f"{smp['format']}"))
-        s.blocks.append(Pre(smp["completion"], prompt=smp["prompt"]))
+        s.blocks.append(Pre(_shown(smp), prompt=smp["prompt"]))
     return s
+
+
+def _shown(sample: dict[str, Any]) -> str:
+    """A completion for display: runs of blank lines (an undertrained model emits many) folded."""
+    if sample.get("finish_reason") == "skipped":
+        return f"[skipped: {sample.get('note', '')}]"
+    text = re.sub(r"\n{3,}", "\n\n", sample["completion"]).rstrip()
+    if not text.strip():
+        return "[no text: the model produced only whitespace or stopped at once]"
+    return text + ("" if sample.get("finish_reason") != "length" else " [...]")
 
 
 def timings_section(d: ReportData) -> Section | None:
@@ -580,13 +590,15 @@ def timings_section(d: ReportData) -> Section | None:
     s = Section("timings", "Timings")
     st = d.demo["stages"]
     rows, total = [], 0.0
+    tk = st.get("tokenize", {}).get("stats", {})
+    corpus = (tk.get("train_tokens") or 0) + (tk.get("val_tokens") or 0)
     for name in STAGES:
         if name not in st:
             continue
         rec, stats = st[name], st[name].get("stats", {})
         secs = float(rec.get("seconds", 0))
         total += secs
-        rows.append([name, STAGE_TITLES[name], _f(secs, 1), _rate(name, stats, secs), rec.get("load", "")])
+        rows.append([name, STAGE_TITLES[name], _f(secs, 1), _rate(name, stats, secs, corpus), rec.get("load", "")])
     rows.append(["total", "", _f(total, 1), "", ""])
     s.blocks.append(Table(["stage", "what", "seconds", "throughput", "load avg (1 min)"], rows, numeric={2, 3}))
     s.blocks.append(f"Stage seconds are this machine's wall time for the run that finished each stage "
@@ -594,15 +606,15 @@ def timings_section(d: ReportData) -> Section | None:
     return s
 
 
-def _rate(name: str, stats: dict[str, Any], secs: float) -> str:
+def _rate(name: str, stats: dict[str, Any], secs: float, corpus_tokens: int) -> str:
+    """Throughput of a stage; the data stages all handle the same corpus, so they are
+    compared in corpus tokens (as the demo's tokenizer counts them) per second."""
     if not secs:
         return ""
-    if name == "synth":
-        return f"{stats.get('documents', 0) / secs:,.0f} docs/s" if not stats.get("reused") else ""
-    if name == "clean":
-        return f"{stats.get('read', 0) / secs:,.0f} docs/s"
-    if name == "tokenize" and stats.get("tokens_per_s"):
-        return f"{stats['tokens_per_s']:,.0f} tokens/s"
+    if name in ("synth", "clean", "tokenizer", "tokenize") and corpus_tokens:
+        docs = {"synth": stats.get("documents"), "clean": stats.get("read")}.get(name)
+        extra = f", {docs / secs:,.0f} docs/s" if docs else ""
+        return f"{corpus_tokens / secs:,.0f} tokens/s{extra}"
     if name == "train" and stats.get("tokens_per_s_median"):
         return f"{stats['tokens_per_s_median']:,.0f} tokens/s (median step)"
     if name == "samples" and stats.get("tokens"):
