@@ -8,24 +8,29 @@ report's) and a batch of 8 x 256 tokens, the shape of the reference numbers
 in issue 3. Data: real token shards (the shared textbooks tokenized with
 codegen-mono, made once into --data if missing).
 
-Systems, each with its own copy of the same initial weights:
+Systems, each in its own worker process (its own memory and allocator, as
+its users would run it), all starting from the same initial weights:
 
 - ``phibook``: the real trainer step, ``_Trainer.train_step`` (the packed
-  loader's batch, autocast, the loss, backward, gradient clipping, AdamW,
-  zero_grad, the loss read back to the host), built by ``_Trainer.setup``
-  from the same settings ``phibook train --set ...`` resolves.
+  loader's batch, autocast, the fused LM-head loss, backward, gradient
+  clipping, fused AdamW, zero_grad, the loss read back to the host), built by
+  ``_Trainer.setup`` from the same settings ``phibook train --set ...``
+  resolves (so with its CPU allocator setting, ``cpu_keep_memory``).
 - ``phibook-compile``: the same with ``compile=true`` (torch.compile per block).
 - ``hf`` / ``hf-compile``: ``transformers.PhiForCausalLM`` (SDPA attention) at
   the same shape; loss = cross entropy on fp32 logits (what its ``labels=``
   path computes), torch's AdamW with the same groups and hyperparameters and
   its default implementation, gradient clipping to 1.0. ``hf-compile`` wraps
   forward and loss in one ``torch.compile``.
-- ``hf-compile-fused`` (optional): the same plus ``AdamW(fused=True)``, the
-  strongest peer we know how to build.
+- ``hf-compile-tuned`` (optional): ``hf-compile`` plus ``AdamW(fused=True)``
+  and the same allocator setting as phibook: the strongest peer we know how
+  to build, to separate what our code does from what process settings do.
 
-The systems run in ALTERNATING rounds in one process (the machine is
-shared and its speed drifts); each round times ``--steps`` steps per system
-after warm-up (compilation happens in warm-up). The report gives medians
+The systems run in ALTERNATING rounds driven by one parent process (the
+machine is shared and its speed drifts; only one system runs at a time); each
+round times ``--steps`` steps per system after warm-up (compilation happens in
+warm-up). Tokens per CPU-second (all threads) is reported too: it is less
+sensitive to other load on a shared machine than wall time. The report gives medians
 over rounds, ratios to transformers at the same precision, and MFU: PaLM's
 training FLOPs per token (``phibook.train.flops_per_token``) over a square
 matmul's rate at that precision, measured in every round (the median is used).
@@ -51,7 +56,7 @@ from common import git_rev, load_average, machine, median, now  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 DEFAULT_DATA = Path(tempfile.gettempdir()) / "phibook-bench-train-shards"
-SYSTEMS = ("phibook", "phibook-compile", "hf", "hf-compile", "hf-compile-fused")
+SYSTEMS = ("phibook", "phibook-compile", "hf", "hf-compile", "hf-compile-tuned")
 DEFAULT_SYSTEMS = ("phibook", "phibook-compile", "hf", "hf-compile")
 PRECISION_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -87,14 +92,9 @@ class PhibookSystem:
             "device": "cpu", "max_steps": "1000000",
         }
         cfg = resolve_config(preset=preset, sets=sets)
-        out = workdir / f"run-{preset}-{precision}-{'c' if compile else 'e'}"
-        self.trainer = _Trainer(cfg, str(data), out, False, init_distributed("cpu"))
+        self.trainer = _Trainer(cfg, str(data), workdir / "run", False, init_distributed("cpu"))
         self.trainer.setup()
-        self.mcfg = self.trainer.mcfg
         self.step_no = 0
-
-    def initial_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.trainer.raw_model.state_dict().items()}
 
     def step(self) -> float:
         self.step_no += 1
@@ -102,29 +102,43 @@ class PhibookSystem:
         return loss
 
 
+def initial_state(args, preset: str) -> dict[str, torch.Tensor]:
+    """The weights phibook's trainer starts from (its init, seed 0), built the same way."""
+    from phibook.config import PhiConfig
+    from phibook.model import PhiModel
+
+    with torch.device("meta"):
+        model = PhiModel(PhiConfig.from_name(preset, vocab_size=args.vocab))
+    model.to_empty(device="cpu")
+    model.init_weights(generator=torch.Generator(device="cpu").manual_seed(0))
+    return model.state_dict()
+
+
 class HFSystem:
     """transformers.PhiForCausalLM, a plain training step with torch's AdamW."""
 
-    def __init__(self, args, mcfg, state, precision: str, compile: bool, fused_adam: bool, data: Path) -> None:
+    def __init__(self, args, preset: str, precision: str, compile: bool, fused_adam: bool, data: Path) -> None:
         import torch.nn.functional as F
         import transformers
 
+        from phibook.config import PhiConfig
         from phibook.convert import phi_to_hf, phi_to_hf_config
         from phibook.loader import PackedLoader
         from phibook.train import TrainConfig
 
+        mcfg = PhiConfig.from_name(preset, vocab_size=args.vocab)
         hf_cfg = transformers.PhiConfig(**phi_to_hf_config(mcfg))
         hf_cfg._attn_implementation = "sdpa"
         model = transformers.PhiForCausalLM(hf_cfg)
-        model.load_state_dict(phi_to_hf(state, mcfg), strict=True)
+        model.load_state_dict(phi_to_hf(initial_state(args, preset), mcfg), strict=True)
         model.train()
         self.model = model
         tc = TrainConfig()
         # The same decay groups as phibook (matrices decay; norms, biases, embedding do not).
+        named = dict(model.named_parameters())
         groups = []
-        names = dict(model.named_parameters())
         for decay in (True, False):
-            ps = [p for n, p in names.items() if (p.dim() >= 2 and "embed_tokens" not in n) == decay]
+            ps = [p for n, p in named.items() if (p.dim() >= 2 and "embed_tokens" not in n) == decay]
             groups.append({"params": ps, "weight_decay": tc.weight_decay if decay else 0.0})
         kw = {"fused": True} if fused_adam else {}
         self.opt = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, **kw)
@@ -150,55 +164,102 @@ class HFSystem:
         return float(loss.detach())
 
 
+def build(name: str, args, preset: str, precision: str, data: Path, workdir: Path):
+    if name.startswith("phibook"):
+        return PhibookSystem(args, preset, precision, name == "phibook-compile", data, workdir)
+    tuned = name == "hf-compile-tuned"
+    if tuned:
+        from phibook.cpu_malloc import keep_freed_memory
+
+        keep_freed_memory()
+    return HFSystem(args, preset, precision, compile=name != "hf", fused_adam=tuned, data=data)
+
+
+def _rss_mib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def worker(name: str, args, preset: str, precision: str, data: Path, workdir: Path, conn) -> None:
+    """One system in its own process (its own allocator state and settings, as its users run it).
+    Protocol: reply ("ready", warm-up seconds, losses); then for each n received, run n steps and
+    reply (wall seconds, CPU seconds, losses, RSS MiB); None ends."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    system = build(name, args, preset, precision, data, workdir)
+    t0 = time.perf_counter()
+    losses = [system.step() for _ in range(args.warmup)]
+    conn.send(("ready", time.perf_counter() - t0, losses))
+    while (n := conn.recv()) is not None:
+        w0, c0 = time.perf_counter(), time.process_time()
+        losses = [system.step() for _ in range(n)]
+        conn.send((time.perf_counter() - w0, time.process_time() - c0, losses, _rss_mib()))
+    conn.close()
+
+
 # --------------------------------------------------------------------------- bench
 
 
 def bench_config(args, preset: str, precision: str, data: Path, workdir: Path) -> dict:
+    import multiprocessing as mp
+
+    from phibook.config import PhiConfig
     from phibook.train import flops_per_token, measure_matmul_flops
 
-    t0 = time.perf_counter()
-    systems: dict[str, object] = {}
-    base = PhibookSystem(args, preset, precision, False, data, workdir)
-    state = base.initial_state()
-    for name in args.systems:
-        if name == "phibook":
-            systems[name] = base
-        elif name == "phibook-compile":
-            systems[name] = PhibookSystem(args, preset, precision, True, data, workdir)
-        else:
-            systems[name] = HFSystem(args, base.mcfg, state, precision, compile=name != "hf",
-                                     fused_adam=name == "hf-compile-fused", data=data)
-    flops_tok = flops_per_token(base.mcfg, args.seq_len)
-    del base, state  # only the systems asked for keep their memory
+    flops_tok = flops_per_token(PhiConfig.from_name(preset, vocab_size=args.vocab), args.seq_len)
+    ctx = mp.get_context("spawn")
+    procs, conns = {}, {}
     losses: dict[str, list[float]] = {}
-    for name, system in systems.items():
-        w0 = time.perf_counter()
-        losses[name] = [system.step() for _ in range(args.warmup)]
-        print(f"{preset} {precision} {name}: warm-up {time.perf_counter() - w0:.0f}s, losses "
-              + " ".join(f"{x:.4f}" for x in losses[name]), file=sys.stderr)
-    print(f"{preset} {precision}: built and warmed up in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
-
-    tokens = args.batch * args.seq_len * args.steps
-    rates: dict[str, list[float]] = {n: [] for n in systems}
-    peaks: list[float] = []
-    loads: list[str] = []
-    order = list(systems)
-    for r in range(args.rounds):
-        peaks.append(measure_matmul_flops(torch.device("cpu"), PRECISION_DTYPE[precision], seconds=1.0))
-        loads.append(load_average())
-        for name in order[r % len(order):] + order[: r % len(order)]:
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                losses[name].append(systems[name].step())
-            rates[name].append(tokens / (time.perf_counter() - start))
-        print(f"{preset} {precision} round {r}: " + ", ".join(f"{n} {rates[n][-1]:,.0f}" for n in order)
-              + f" tok/s; matmul {peaks[-1] / 1e9:,.0f} GFLOP/s; load {loads[-1]}", file=sys.stderr)
+    t0 = time.perf_counter()
+    try:
+        # Build and warm up one at a time (compilation would otherwise compete for the cores).
+        for name in args.systems:
+            parent, child = ctx.Pipe()
+            wd = workdir / f"{preset}-{precision}-{name}"
+            p = ctx.Process(target=worker, args=(name, args, preset, precision, data, wd, child), daemon=True)
+            p.start()
+            procs[name], conns[name] = p, parent
+            _, warm_s, losses[name] = parent.recv()
+            print(f"{preset} {precision} {name}: warm-up {warm_s:.0f}s, losses "
+                  + " ".join(f"{x:.4f}" for x in losses[name]), file=sys.stderr)
+        print(f"{preset} {precision}: built and warmed up in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+        tokens = args.batch * args.seq_len * args.steps
+        rates: dict[str, list[float]] = {n: [] for n in args.systems}
+        cpu_rates: dict[str, list[float]] = {n: [] for n in args.systems}
+        rss: dict[str, float] = {}
+        peaks, loads = [], []
+        order = list(args.systems)
+        for r in range(args.rounds):
+            peaks.append(measure_matmul_flops(torch.device("cpu"), PRECISION_DTYPE[precision], seconds=1.0))
+            loads.append(load_average())
+            for name in order[r % len(order):] + order[: r % len(order)]:
+                conns[name].send(args.steps)
+                wall, cpu, step_losses, rss[name] = conns[name].recv()
+                losses[name] += step_losses
+                rates[name].append(tokens / wall)
+                cpu_rates[name].append(tokens / cpu)
+            print(f"{preset} {precision} round {r}: " + ", ".join(f"{n} {rates[n][-1]:,.0f}" for n in order)
+                  + f" tok/s; matmul {peaks[-1] / 1e9:,.0f} GFLOP/s; load {loads[-1]}", file=sys.stderr)
+    finally:
+        for conn in conns.values():
+            with contextlib.suppress(OSError, BrokenPipeError):
+                conn.send(None)
+        for p in procs.values():
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
     peak = median(peaks)
     rows = {}
     for name in order:
         tps = median(rates[name])
         rows[name] = {"tokens_per_s": tps, "min": min(rates[name]), "max": max(rates[name]),
-                      "mfu": tps * flops_tok / peak, "rounds": rates[name], "first_losses": losses[name][:3]}
+                      "tokens_per_cpu_s": median(cpu_rates[name]), "mfu": tps * flops_tok / peak,
+                      "rounds": rates[name], "rss_mib": rss.get(name), "first_losses": losses[name][:3]}
     return {"preset": preset, "precision": precision, "flops_per_token": flops_tok, "peak_flops": peak,
             "peaks": peaks, "loads": loads, "systems": rows}
 
@@ -209,8 +270,9 @@ def _ratio(rows: dict, name: str, ref: str) -> str:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| model | precision | system | tokens/s (median) | range | vs hf eager | vs hf compiled | MFU |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| model | precision | system | tokens/s (median) | range | vs hf eager | vs hf compiled | MFU "
+        "| tokens per CPU-s | RSS MiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for res in results:
         rows = res["systems"]
@@ -219,7 +281,7 @@ def table(results: list[dict]) -> str:
                 f"| {res['preset']} | {res['precision']} | {name} | {row['tokens_per_s']:,.0f} | "
                 f"{row['min']:,.0f}-{row['max']:,.0f} | {_ratio(rows, name, 'hf')} | "
                 f"{_ratio(rows, name, 'hf-compile')} | "
-                f"{100 * row['mfu']:.1f}% |"
+                f"{100 * row['mfu']:.1f}% | {row['tokens_per_cpu_s']:,.0f} | {row['rss_mib']:,.0f} |"
             )
     peaks = ", ".join(f"{r['preset']} {r['precision']} {r['peak_flops'] / 1e9:,.0f}" for r in results)
     lines.append("")

@@ -28,11 +28,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Rows per chunk: large enough that the chunk's matmuls run near peak, small
-# enough that a chunk of fp32 logits (rows x vocab x 4 bytes: 26 MB at 128 x
-# 51,200) stays near the CPU's last-level cache between its passes. A GPU
-# wants bigger matmuls and has the memory: 2048 rows (420 MB of fp32 logits).
-CHUNK_ROWS = {"cpu": 128, "cuda": 2048}
+# Rows per chunk. Each chunk's two matmuls read the whole LM-head weight again
+# (26 MB in bf16 at 51,200 x 256), so small chunks trade logits memory for
+# weight traffic: on a 2-core CPU, 128-row chunks made the loss ~1.9x slower
+# than 2048-row ones (docs/performance-training.md). 2048 rows of fp32 logits
+# are 420 MB at a 51,200 vocabulary, the same as one 8 x 256 micro-batch.
+CHUNK_ROWS = {"cpu": 2048, "cuda": 2048}
 
 
 def _compute_dtype(h: Tensor, weight: Tensor) -> torch.dtype:
@@ -121,7 +122,7 @@ def linear_cross_entropy(
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     dtype = _compute_dtype(h, weight)
-    chunk_rows = chunk_rows or CHUNK_ROWS.get(h.device.type, 1024)
+    chunk_rows = chunk_rows or CHUNK_ROWS.get(h.device.type, 2048)
     want_grad = torch.is_grad_enabled() and (
         h.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )

@@ -84,6 +84,11 @@ class TrainConfig:
     )
     activation_checkpointing: bool = _f(False, "recompute each block in backward to save activation memory")
     compile: bool = _f(False, "torch.compile each block")
+    cpu_keep_memory: bool = _f(
+        True,
+        "on CPU (glibc): keep freed memory in the process instead of unmapping it, so the large "
+        "per-step tensors reuse pages rather than page-faulting fresh ones every step (phibook/cpu_malloc.py)",
+    )
     fused_loss: bool = _f(
         True,
         "compute the LM head and cross entropy together in chunks of rows, never holding the full "
@@ -422,6 +427,10 @@ class _Trainer:
 
         cfg, info = self.cfg, self.info
         prepare_run_dir(self.out, self.resume)
+        if cfg.cpu_keep_memory and info.device.type == "cpu":
+            from phibook.cpu_malloc import keep_freed_memory
+
+            keep_freed_memory()
         world = info.world_size
         if cfg.global_batch % (cfg.micro_batch * world):
             raise PhibookError(
