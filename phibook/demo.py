@@ -343,6 +343,9 @@ def heldout_exercises(seen: set[str], per_kind: int, seed: int) -> tuple[list[di
     return items, notes
 
 
+NUMERIC_KINDS = ("fact", "arithmetic", "word_problem")
+
+
 def answer_span(text: str, kind: str) -> str:
     """The answer in a continuation of "Question: q\\nAnswer:": the training layout is
     "Answer: {answer}. {explanation}", so cut at the first line and sentence end, then let
@@ -351,6 +354,8 @@ def answer_span(text: str, kind: str) -> str:
 
     first = text.strip().split("\n", 1)[0]
     first = first.split(". ", 1)[0]
+    if kind in NUMERIC_KINDS and not first.lstrip("-")[:1].isdigit():
+        return ""  # the answer must lead: "What is 0 + 9?" is a new question, not the answer 0
     return extract_answer(first, kind)
 
 

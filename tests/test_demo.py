@@ -3,6 +3,8 @@ the learning it must show, and the report for a plain training run.
 
 The demo fixture (tests/demo_helpers.py) runs `phibook demo --minutes 3` twice as real
 subprocesses: the first is SIGKILLed after training wrote a checkpoint, the second finishes.
+Those tests are marked slow: the demo trains at least 200 steps, 16 minutes on the shared,
+loaded 2-core machine (a few minutes on a quiet one). The rest of the file is fast.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def metrics(run_dir: Path) -> list[dict]:
 # --------------------------------------------------------------------------- the short demo
 
 
+@pytest.mark.slow
 def test_demo_outputs_report_and_run_dir(demo_run):
     out = demo_run.out
     for name in ("report.html", "report.md", "samples.md", "samples.json", "run/metrics.jsonl",
@@ -59,6 +62,7 @@ def test_demo_outputs_report_and_run_dir(demo_run):
         assert f"[{i}/9]" in demo_run.second_log
 
 
+@pytest.mark.slow
 def test_demo_validation_loss_beats_unigram_entropy(demo_run):
     entropy = corpus_unigram_entropy(demo_run.out / "shards")
     vals = [r["val_loss"] for r in metrics(demo_run.out / "run") if r.get("val_loss") is not None]
@@ -69,6 +73,7 @@ def test_demo_validation_loss_beats_unigram_entropy(demo_run):
     assert before["val_loss"] > entropy  # the step-0 model is worse than unigram statistics
 
 
+@pytest.mark.slow
 def test_demo_exercise_accuracy_improves(demo_run):
     before = json.loads((demo_run.out / "eval/before.json").read_text())["exercises"]
     after = json.loads((demo_run.out / "eval/after.json").read_text())["exercises"]
@@ -76,6 +81,7 @@ def test_demo_exercise_accuracy_improves(demo_run):
     assert after["overall"]["accuracy"] > before["overall"]["accuracy"], (before["per_kind"], after["per_kind"])
 
 
+@pytest.mark.slow
 def test_demo_heldout_questions_are_unseen(demo_run):
     from phibook.demo import training_questions
 
@@ -84,6 +90,7 @@ def test_demo_heldout_questions_are_unseen(demo_run):
     assert items and not {it["question"] for it in items} & seen
 
 
+@pytest.mark.slow
 def test_demo_resumes_after_sigkill_without_redoing_stages(demo_run):
     log = demo_run.second_log
     at_kill = demo_run.stages_at_kill["stages"]
@@ -102,6 +109,7 @@ def test_demo_resumes_after_sigkill_without_redoing_stages(demo_run):
     assert steps == list(range(1, demo_run.stages_at_kill["train_plan"]["max_steps"] + 1))
 
 
+@pytest.mark.slow
 def test_demo_rerun_of_finished_demo_reuses_everything(demo_run):
     proc = subprocess.run([sys.executable, "-m", "phibook.cli", "demo", "--out", str(demo_run.out), "--minutes", "3",
                            "--no-progress"], capture_output=True, text=True, timeout=300)
@@ -134,6 +142,7 @@ def test_answer_span_reads_the_training_layout():
     assert answer_span(" 42. First, work inside", "arithmetic") == "42"
     assert answer_span(" -7.", "fact") == "-7"
     assert answer_span("", "fact") == ""
+    assert answer_span(" What is 0 + 9?", "fact") == ""  # a new question is no answer, though it holds a 0
 
 
 def test_demo_bad_input_is_a_clear_error(tmp_path):

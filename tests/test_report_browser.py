@@ -20,7 +20,10 @@ import pytest
 from tests.demo_helpers import REPO, get_demo_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install chromium)")
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install chromium)"),
+    pytest.mark.slow,  # it needs the short demo run (tests/demo_helpers.py)
+]
 
 SECTIONS = ["summary", "configuration", "data", "training", "exercises", "benchmarks", "samples", "timings"]
 MARK_IMAGES = """<img id="control-broken" src="data:image/png;base64,bm90IGEgcG5n" alt="control">
