@@ -22,6 +22,9 @@ its users would run it), all starting from the same initial weights:
   path computes), torch's AdamW with the same groups and hyperparameters and
   its default implementation, gradient clipping to 1.0. ``hf-compile`` wraps
   forward and loss in one ``torch.compile``.
+- ablations (optional): ``phibook-compile-nokeep`` (``cpu_keep_memory=false``),
+  ``phibook-compile-unfusedloss`` (``fused_loss=false``),
+  ``phibook-compile-plainadam`` (``fused_adamw=false``).
 - ``hf-compile-tuned`` (optional): ``hf-compile`` plus ``AdamW(fused=True)``
   and the same allocator setting as phibook: the strongest peer we know how
   to build, to separate what our code does from what process settings do.
@@ -56,7 +59,11 @@ from common import git_rev, load_average, machine, median, now  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 DEFAULT_DATA = Path(tempfile.gettempdir()) / "phibook-bench-train-shards"
-SYSTEMS = ("phibook", "phibook-compile", "hf", "hf-compile", "hf-compile-tuned")
+SYSTEMS = ("phibook", "phibook-compile", "hf", "hf-compile", "hf-compile-tuned",
+           "phibook-compile-nokeep", "phibook-compile-unfusedloss", "phibook-compile-plainadam")
+# Ablations: phibook-compile with one of its optimizations turned off.
+ABLATIONS = {"nokeep": {"cpu_keep_memory": "false"}, "unfusedloss": {"fused_loss": "false"},
+             "plainadam": {"fused_adamw": "false"}}
 DEFAULT_SYSTEMS = ("phibook", "phibook-compile", "hf", "hf-compile")
 PRECISION_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -81,7 +88,8 @@ def ensure_data(data: Path) -> Path:
 class PhibookSystem:
     """The trainer itself: setup() as `phibook train` does it, then train_step per step."""
 
-    def __init__(self, args, preset: str, precision: str, compile: bool, data: Path, workdir: Path) -> None:
+    def __init__(self, args, preset: str, precision: str, compile: bool, data: Path, workdir: Path,
+                 extra: dict[str, str] | None = None) -> None:
         from phibook.parallel import init_distributed
         from phibook.train import _Trainer, resolve_config
 
@@ -89,7 +97,7 @@ class PhibookSystem:
             "model.vocab_size": str(args.vocab), "global_batch": str(args.batch), "micro_batch": str(args.batch),
             "seq_len": str(args.seq_len), "precision": precision, "compile": str(compile).lower(),
             "eval_every": "0", "save_every": "0", "tensorboard": "false", "log_every": "0",
-            "device": "cpu", "max_steps": "1000000",
+            "device": "cpu", "max_steps": "1000000", **(extra or {}),
         }
         cfg = resolve_config(preset=preset, sets=sets)
         self.trainer = _Trainer(cfg, str(data), workdir / "run", False, init_distributed("cpu"))
@@ -166,7 +174,8 @@ class HFSystem:
 
 def build(name: str, args, preset: str, precision: str, data: Path, workdir: Path):
     if name.startswith("phibook"):
-        return PhibookSystem(args, preset, precision, name == "phibook-compile", data, workdir)
+        extra = ABLATIONS.get(name.rsplit("-", 1)[-1], {})
+        return PhibookSystem(args, preset, precision, name.startswith("phibook-compile"), data, workdir, extra)
     tuned = name == "hf-compile-tuned"
     if tuned:
         from phibook.cpu_malloc import keep_freed_memory

@@ -1,26 +1,26 @@
-"""Cross entropy through the LM head without materializing the full logits.
+"""Cross entropy through the LM head without materializing the fp32 logits.
 
 The training loss is ``cross_entropy(h @ W.T + b, targets)`` with a vocabulary
-of up to 51,200 rows. Done the usual way (what ``transformers`` and our eager
-trainer did), a micro-batch of 8 x 256 tokens makes 105M logits and then walks
-them about ten times: the bf16 logits, an fp32 copy, log-softmax, its output,
-the zero-filled gradient of the NLL, the log-softmax backward, and the bf16
-cast of that gradient. On a CPU that memory traffic costs more than the LM
-head's matmuls.
+of up to 51,200 rows. Done the usual way, a micro-batch of 8 x 256 tokens makes
+105M logits in bf16, an fp32 copy of them, the fp32 log-softmax kept for
+backward, then in backward a zero-filled NLL gradient, the log-softmax
+gradient and its bf16 cast: about 2 GB of fresh tensors per micro-batch.
 
 ``linear_cross_entropy`` computes the loss AND its gradients in the forward
 pass, a chunk of rows at a time (the approach of Liger-Kernel's fused linear
-cross entropy): for each chunk the logits are made by one matmul, reduced to
-log-sum-exp in fp32, and turned in place into ``softmax - onehot`` (the
-gradient of the mean loss w.r.t. the logits), which is kept in the compute
-dtype. Backward then only scales the stored gradients by the incoming
-``grad_output``. The weight gradient is one matmul over all rows at the end,
-so its precision is that of the usual autocast path (bf16 products, fp32
-result for an fp32 master weight).
+cross entropy): for each chunk the logits are made by one matmul, turned into
+fp32 log-probabilities by one fused log-softmax (the loss is read off at the
+targets), then in place into ``softmax - onehot``, which is stored in the
+compute dtype and multiplied by the weight for the input gradient. The weight
+gradient is one matmul over all rows at the end, so its precision is that of
+the usual autocast path (bf16 products, fp32 result for an fp32 master
+weight). Backward only scales the stored gradients by ``grad_output``. What
+is alive at once: one chunk of fp32 logits and the bf16 logit gradient.
 
 Numerics: the loss is computed in fp32 from logits in the compute dtype (as
-``logits.float()`` in the usual path); the result matches
-``F.cross_entropy`` to rounding (tests/test_fused_ce.py).
+``logits.float()`` in the usual path); loss and gradients match
+``F.cross_entropy`` to rounding (tests/test_fused_ce.py). fp16 training keeps
+the plain loss (phibook/train.py says why).
 """
 
 from __future__ import annotations

@@ -89,6 +89,9 @@ class TrainConfig:
         "on CPU (glibc): keep freed memory in the process instead of unmapping it, so the large "
         "per-step tensors reuse pages rather than page-faulting fresh ones every step (phibook/cpu_malloc.py)",
     )
+    fused_adamw: bool = _f(
+        True, "AdamW as one fused kernel per parameter group (CPU and CUDA); false = torch's default loop"
+    )
     fused_loss: bool = _f(
         True,
         "compute the LM head and cross entropy together in chunks of rows, never holding the full "
@@ -535,7 +538,7 @@ class _Trainer:
         # ~10 elementwise passes per parameter; the same math, deterministic, DTensor-aware (FSDP2).
         return torch.optim.AdamW(
             groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.eps,
-            fused=self.info.device.type in ("cpu", "cuda"),
+            fused=self.cfg.fused_adamw and self.info.device.type in ("cpu", "cuda"),
         )
 
     def _maybe_resume(self) -> None:
