@@ -108,7 +108,7 @@ def heldout_per_kind(minutes: float) -> int:
 
 
 def mc_limit(minutes: float) -> int:
-    return int(min(100, max(10, minutes * 4)))
+    return int(min(100, max(10, minutes * 3)))
 
 
 # --------------------------------------------------------------------------- state file

@@ -510,13 +510,16 @@ def exercises_section(d: ReportData, images: list[Image]) -> Section | None:
     s.blocks.append(Table(["kind", "questions", "before (step 0)", "after training"], rows, numeric={1, 2, 3}))
     for kind, note in notes.items():
         s.blocks.append(f"{kind.replace('_', ' ')}: {note}.")
-    right = [r for r in d.after["exercises"]["items"] if r["correct"]][:3]
-    wrong = [r for r in d.after["exercises"]["items"] if not r["correct"]][:3]
-    if right or wrong:
+    # One right and one wrong answer of each kind, where there are any.
+    shown = []
+    for kind in ak:
+        for ok in (True, False):
+            shown += [r for r in d.after["exercises"]["items"] if r["kind"] == kind and r["correct"] == ok][:1]
+    if shown:
         s.blocks.append(("h3", "Examples (after training)"))
-        s.blocks.append(Table(["", "question", "expected", "model said"],
-                              [["✓" if r["correct"] else "✗", r["question"][:160], r["answer"], r["output"].strip()[:80] or "(nothing)"]
-                               for r in right + wrong]))
+        s.blocks.append(Table(["", "kind", "question", "expected", "model said"],
+                              [["✓" if r["correct"] else "✗", r["kind"].replace("_", " "), r["question"][:200],
+                                r["answer"], r["output"].strip()[:90] or "(nothing)"] for r in shown]))
     return s
 
 
