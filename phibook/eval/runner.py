@@ -71,18 +71,33 @@ def rolling_windows(tokens: list[int], prefix_id: int, max_len: int) -> list[Tok
 
 
 @contextmanager
-def logits_from(model: PhiModel, start: int) -> Iterator[None]:
-    """Within the block, the model's LM head runs on positions [start:] only (start=-1: the last).
+def logits_at(model: PhiModel, positions: torch.Tensor) -> Iterator[None]:
+    """Within the block, the model's LM head runs only at `positions` (flat indices into B*T).
 
-    Context positions before the first scored token need no logits; skipping them saves a
-    (B, T, vocab) tensor (3 GB for 16 x 1000 tokens of phi-1.5) and the matching LM-head
-    matmul. A forward hook on ln_f slices its output, so the model code is untouched.
+    The forward then returns logits of shape (1, len(positions), vocab). Positions that score
+    nothing (context tokens, padding) need no logits; with a 51k vocabulary the LM head costs as
+    much as several Transformer layers per position, and the (B, T, vocab) tensor would be 3 GB for
+    16 x 1000 tokens of phi-1.5. A forward hook on ln_f selects the rows, so the model is untouched.
     """
-    handle = model.ln_f.register_forward_hook(lambda module, args, out: out[:, start:, :])
+
+    def pick(module, args, out):
+        return out.reshape(-1, out.shape[-1]).index_select(0, positions).unsqueeze(0)
+
+    handle = model.ln_f.register_forward_hook(pick)
     try:
         yield
     finally:
         handle.remove()
+
+
+def token_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target), target is the argmax) per row of logits (N, V), in float32.
+
+    log p = logit - logsumexp(logits): no (N, V) log-softmax tensor is built.
+    """
+    logits = logits.float()
+    picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+    return picked - torch.logsumexp(logits, dim=-1), logits.argmax(-1) == targets
 
 
 class LoglikelihoodScorer:
@@ -163,24 +178,27 @@ class LoglikelihoodScorer:
         """
         dev = self.device
         seqs = [list(ctx) + cont[:-1] for ctx, ((_, cont),) in batch]
-        ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
-        for r, seq in enumerate(seqs):
+        width = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        at, targets = [], []
+        for r, (seq, (ctx, ((_, cont),))) in enumerate(zip(seqs, batch, strict=True)):
             ids[r, : len(seq)] = torch.tensor(seq)
-        start = min(len(ctx) for ctx, _ in batch) - 1  # the first position any row scores
-        with logits_from(self.model, start):
-            logits = self.model(ids.to(dev))
-        results = []
-        for r, (ctx, ((index, cont),)) in enumerate(batch):
-            first = len(ctx) - 1 - start
-            logp = logits[r, first : first + len(cont)].float().log_softmax(-1)
-            results.append((index, self._sum_and_greedy(logp, cont)))
-        return results
+            # row r's scored positions: its last context token up to the one before its last target
+            at.extend(range(r * width + len(ctx) - 1, r * width + len(ctx) - 1 + len(cont)))
+            targets.extend(cont)
+        with logits_at(self.model, torch.tensor(at, device=dev)):
+            logits = self.model(ids.to(dev))[0]
+        return self._collect(logits, targets, [(index, len(cont)) for _, ((index, cont),) in batch])
 
-    def _sum_and_greedy(self, logp: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
-        """logp (len(cont), V): log-probs predicting each continuation token."""
-        target = torch.tensor(cont, device=logp.device)
-        total = logp.gather(1, target.unsqueeze(1)).sum().item()
-        return float(total), bool((logp.argmax(-1) == target).all())
+    def _collect(self, logits: torch.Tensor, targets: list[int], rows: list[tuple[int, int]]):
+        """Per-row (index, (sum log p, all greedy)) from packed logits: row i owns the next n_i rows."""
+        logp, greedy = token_scores(logits, torch.tensor(targets, device=logits.device))
+        logp, greedy = logp.tolist(), greedy.tolist()
+        out, at = [], 0
+        for index, n in rows:
+            out.append((index, (float(sum(logp[at : at + n])), all(greedy[at : at + n]))))
+            at += n
+        return out
 
     def _run_shared(self, batch):
         """Contexts run once (left-padded), their K/V copied to one row per continuation."""
@@ -201,36 +219,48 @@ class LoglikelihoodScorer:
         rows = [(g, index, cont) for g, (_, items) in enumerate(batch) for index, cont in items]
         T = max(len(cont) for _, _, cont in rows) - 1  # continuation tokens fed after the context
         cache = KVCache(self.cfg, G, L, dtype=self.dtype, device=dev)
-        with logits_from(self.model, -1):
-            logits = self.model(ctx_ids, positions, cache, attention_mask=ctx_mask if padded else None)
-        first = logits[:, -1, :].float().log_softmax(-1)  # (G, V): predicts each continuation's 1st token
+        last = torch.arange(G, device=dev) * L + (L - 1)
+        with logits_at(self.model, last):
+            first = self.model(ctx_ids, positions, cache, attention_mask=ctx_mask if padded else None)[0].float()
+        # (G, V): each context's last position predicts its continuations' first token
+        first_logp = first - torch.logsumexp(first, dim=-1, keepdim=True)
+        first_top = first.argmax(-1)
 
-        rest = None
+        rest_logp, rest_greedy = [], []
+        g_of_row = torch.tensor([g for g, _, _ in rows], device=dev)
         if T > 0:
             R = len(rows)
-            g_of_row = torch.tensor([g for g, _, _ in rows], device=dev)
             # Copy each group's context K/V to one row per continuation.
             big = KVCache(self.cfg, R, L + T, dtype=self.dtype, device=dev)
             big.k[:, :, :, :L] = cache.k[:, g_of_row]
             big.v[:, :, :, :L] = cache.v[:, g_of_row]
             big.pos = L
             cont_ids = torch.zeros(R, T, dtype=torch.long)
+            at, targets = [], []
             for r, (_, _, cont) in enumerate(rows):
                 cont_ids[r, : len(cont) - 1] = torch.tensor(cont[:-1])
+                at.extend(range(r * T, r * T + len(cont) - 1))  # the positions predicting cont[1:]
+                targets.extend(cont[1:])
             lens = torch.tensor(ctx_lens, device=dev)[g_of_row]
             cont_pos = (lens.unsqueeze(1) + torch.arange(T, device=dev)).clamp(max=self.max_len - 1)
             # Right padding of the continuations needs no mask (causal); left padding of contexts does.
             mask = None
             if padded:
                 mask = torch.cat([ctx_mask[g_of_row], torch.ones(R, T, dtype=torch.long, device=dev)], dim=1)
-            rest = self.model(cont_ids.to(dev), cont_pos, big, attention_mask=mask).float().log_softmax(-1)
+            with logits_at(self.model, torch.tensor(at, device=dev)):
+                rest = self.model(cont_ids.to(dev), cont_pos, big, attention_mask=mask)[0]
+            logp, greedy = token_scores(rest, torch.tensor(targets, device=dev))
+            rest_logp, rest_greedy = logp.tolist(), greedy.tolist()
 
-        results = []
-        for r, (g, index, cont) in enumerate(rows):
-            logp = first[g].unsqueeze(0)
-            if len(cont) > 1:
-                logp = torch.cat([logp, rest[r, : len(cont) - 1]], dim=0)  # (len(cont), V)
-            results.append((index, self._sum_and_greedy(logp, cont)))
+        firsts = torch.tensor([cont[0] for _, _, cont in rows], device=dev)
+        head_logp = first_logp[g_of_row, firsts].tolist()
+        head_greedy = (first_top[g_of_row] == firsts).tolist()
+        results, at = [], 0
+        for r, (_, index, cont) in enumerate(rows):
+            n = len(cont) - 1
+            total = head_logp[r] + sum(rest_logp[at : at + n])
+            results.append((index, (float(total), bool(head_greedy[r] and all(rest_greedy[at : at + n])))))
+            at += n
         return results
 
 
