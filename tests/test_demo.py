@@ -47,6 +47,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_demo_outputs_report_and_run_dir(demo_run):
     out = demo_run.out
     for name in ("report.html", "report.md", "samples.md", "samples.json", "run/metrics.jsonl",
@@ -63,6 +64,7 @@ def test_demo_outputs_report_and_run_dir(demo_run):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_demo_validation_loss_beats_unigram_entropy(demo_run):
     entropy = corpus_unigram_entropy(demo_run.out / "shards")
     vals = [r["val_loss"] for r in metrics(demo_run.out / "run") if r.get("val_loss") is not None]
@@ -74,6 +76,7 @@ def test_demo_validation_loss_beats_unigram_entropy(demo_run):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_demo_exercise_accuracy_improves(demo_run):
     before = json.loads((demo_run.out / "eval/before.json").read_text())["exercises"]
     after = json.loads((demo_run.out / "eval/after.json").read_text())["exercises"]
@@ -82,6 +85,7 @@ def test_demo_exercise_accuracy_improves(demo_run):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_demo_heldout_questions_are_unseen(demo_run):
     from phibook.demo import training_questions
 
@@ -91,6 +95,7 @@ def test_demo_heldout_questions_are_unseen(demo_run):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_demo_resumes_after_sigkill_without_redoing_stages(demo_run):
     log = demo_run.second_log
     at_kill = demo_run.stages_at_kill["stages"]
@@ -110,6 +115,7 @@ def test_demo_resumes_after_sigkill_without_redoing_stages(demo_run):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_demo_rerun_of_finished_demo_reuses_everything(demo_run):
     proc = subprocess.run([sys.executable, "-m", "phibook.cli", "demo", "--out", str(demo_run.out), "--minutes", "3",
                            "--no-progress"], capture_output=True, text=True, timeout=300)

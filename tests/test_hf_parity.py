@@ -301,6 +301,7 @@ def test_codegen_vocab_padding_round_trip(codegen_tokenizer_dir: Path, tmp_path:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_full_phi_1_5_config_forward_parity() -> None:
     """The full 24 x 2048, 51,200-row config: one 8-token forward. About 7 GB of RAM."""
     cfg = PhiConfig.from_name("phi-1.5")

@@ -23,6 +23,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
     pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install chromium)"),
     pytest.mark.slow,  # it needs the short demo run (tests/demo_helpers.py)
+    pytest.mark.ci,  # an acceptance check: CI runs it despite being slow
 ]
 
 SECTIONS = ["summary", "configuration", "data", "training", "exercises", "benchmarks", "samples", "timings"]
