@@ -10,7 +10,11 @@ Log-likelihood semantics are lm-evaluation-harness's (HFLM, causal):
 
 Speed: the choices of one question share their context, so the context runs ONCE per batch
 row group and its KV cache is copied to one row per choice; only the continuations run again.
-Groups are sorted longest first and packed up to --batch-size continuation rows.
+Groups are sorted longest first and packed up to --batch-size continuation rows. The LM head
+runs only at scored positions (see logits_at).
+
+Generation prompts that leave no room for max_new_tokens are cut from the left (prompt_keep),
+as lm-eval's generate_until does, instead of being refused.
 """
 
 from __future__ import annotations
@@ -201,67 +205,81 @@ class LoglikelihoodScorer:
         return out
 
     def _run_shared(self, batch):
-        """Contexts run once (left-padded), their K/V copied to one row per continuation."""
+        """Contexts run once, their K/V copied to one row per continuation.
+
+        Contexts are RIGHT-padded: under plain causal attention a real token never sees the padding
+        after it, so the context pass needs no mask and takes SDPA's fused causal path (an explicit
+        (B, L, L) mask would force the slow math path on long BoolQ/MMLU contexts). The padding's
+        cache slots are masked out in the continuation pass, whose mask is only (T, L + T).
+        """
         dev = self.device
         G = len(batch)
         ctx_lens = [len(ctx) for ctx, _ in batch]
         L = max(ctx_lens)
         padded = any(n != L for n in ctx_lens)
-        # Contexts left-padded so each one's last token sits at column L-1.
         ctx_ids = torch.zeros(G, L, dtype=torch.long)
         ctx_mask = torch.zeros(G, L, dtype=torch.long)
         for g, (ctx, _) in enumerate(batch):
-            ctx_ids[g, L - len(ctx) :] = torch.tensor(ctx)
-            ctx_mask[g, L - len(ctx) :] = 1
+            ctx_ids[g, : len(ctx)] = torch.tensor(ctx)
+            ctx_mask[g, : len(ctx)] = 1
         ctx_ids, ctx_mask = ctx_ids.to(dev), ctx_mask.to(dev)
-        positions = (ctx_mask.cumsum(-1) - 1).clamp(min=0)
 
         rows = [(g, index, cont) for g, (_, items) in enumerate(batch) for index, cont in items]
-        T = max(len(cont) for _, _, cont in rows) - 1  # continuation tokens fed after the context
         cache = KVCache(self.cfg, G, L, dtype=self.dtype, device=dev)
-        last = torch.arange(G, device=dev) * L + (L - 1)
+        last = torch.arange(G, device=dev) * L + torch.tensor(ctx_lens, device=dev) - 1
         with logits_at(self.model, last):
-            first = self.model(ctx_ids, positions, cache, attention_mask=ctx_mask if padded else None)[0].float()
+            first = self.model(ctx_ids, None, cache)[0].float()
         # (G, V): each context's last position predicts its continuations' first token
         first_logp = first - torch.logsumexp(first, dim=-1, keepdim=True)
         first_top = first.argmax(-1)
-
-        rest_logp, rest_greedy = [], []
         g_of_row = torch.tensor([g for g, _, _ in rows], device=dev)
-        if T > 0:
-            R = len(rows)
-            # Copy each group's context K/V to one row per continuation.
-            big = KVCache(self.cfg, R, L + T, dtype=self.dtype, device=dev)
-            big.k[:, :, :, :L] = cache.k[:, g_of_row]
-            big.v[:, :, :, :L] = cache.v[:, g_of_row]
-            big.pos = L
-            cont_ids = torch.zeros(R, T, dtype=torch.long)
-            at, targets = [], []
-            for r, (_, _, cont) in enumerate(rows):
-                cont_ids[r, : len(cont) - 1] = torch.tensor(cont[:-1])
-                at.extend(range(r * T, r * T + len(cont) - 1))  # the positions predicting cont[1:]
-                targets.extend(cont[1:])
-            lens = torch.tensor(ctx_lens, device=dev)[g_of_row]
-            cont_pos = (lens.unsqueeze(1) + torch.arange(T, device=dev)).clamp(max=self.max_len - 1)
-            # Right padding of the continuations needs no mask (causal); left padding of contexts does.
-            mask = None
-            if padded:
-                mask = torch.cat([ctx_mask[g_of_row], torch.ones(R, T, dtype=torch.long, device=dev)], dim=1)
-            with logits_at(self.model, torch.tensor(at, device=dev)):
-                rest = self.model(cont_ids.to(dev), cont_pos, big, attention_mask=mask)[0]
-            logp, greedy = token_scores(rest, torch.tensor(targets, device=dev))
-            rest_logp, rest_greedy = logp.tolist(), greedy.tolist()
-
         firsts = torch.tensor([cont[0] for _, _, cont in rows], device=dev)
-        head_logp = first_logp[g_of_row, firsts].tolist()
-        head_greedy = (first_top[g_of_row] == firsts).tolist()
-        results, at = [], 0
-        for r, (_, index, cont) in enumerate(rows):
-            n = len(cont) - 1
-            total = head_logp[r] + sum(rest_logp[at : at + n])
-            results.append((index, (float(total), bool(head_greedy[r] and all(rest_greedy[at : at + n])))))
-            at += n
-        return results
+        totals = first_logp[g_of_row, firsts].tolist()
+        greedy = (first_top[g_of_row] == firsts).tolist()
+
+        # The rest of each continuation (tokens 2..n), in chunks of similar length: rows sorted
+        # longest first, a chunk ends where a row is under half the chunk's longest, so right
+        # padding wastes at most half of a chunk; one-token continuations need no second pass.
+        todo = sorted((r for r, (_, _, cont) in enumerate(rows) if len(cont) > 1), key=lambda r: -len(rows[r][2]))
+        while todo:
+            T = len(rows[todo[0]][2]) - 1
+            chunk = [r for r in todo if 2 * (len(rows[r][2]) - 1) >= T]
+            todo = todo[len(chunk) :]
+            for r, (logp, ok) in zip(chunk, self._continue(cache, ctx_mask if padded else None, ctx_lens,
+                                                           [rows[r] for r in chunk], T), strict=True):
+                totals[r] += logp
+                greedy[r] = greedy[r] and ok
+        return [(index, (float(totals[r]), bool(greedy[r]))) for r, (_, index, _) in enumerate(rows)]
+
+    def _continue(self, cache: KVCache, ctx_mask, ctx_lens: list[int], rows, T: int) -> list[tuple[float, bool]]:
+        """Score tokens 2..n of each row's continuation after its group's cached context.
+
+        rows: (group, index, cont) with len(cont) - 1 <= T. Returns (sum log p, all greedy) per row.
+        """
+        dev = self.device
+        R, L = len(rows), cache.k.shape[3]
+        g_of_row = torch.tensor([g for g, _, _ in rows], device=dev)
+        # Copy each group's context K/V to one row per continuation.
+        big = KVCache(self.cfg, R, L + T, dtype=self.dtype, device=dev)
+        big.k[:, :, :, :L] = cache.k[:, g_of_row]
+        big.v[:, :, :, :L] = cache.v[:, g_of_row]
+        big.pos = L
+        cont_ids = torch.zeros(R, T, dtype=torch.long)
+        at, targets = [], []
+        for r, (_, _, cont) in enumerate(rows):
+            cont_ids[r, : len(cont) - 1] = torch.tensor(cont[:-1])
+            at.extend(range(r * T, r * T + len(cont) - 1))  # the positions predicting cont[1:]
+            targets.extend(cont[1:])
+        lens = torch.tensor(ctx_lens, device=dev)[g_of_row]
+        cont_pos = (lens.unsqueeze(1) + torch.arange(T, device=dev)).clamp(max=self.max_len - 1)
+        # Continuations are right-padded (causal: harmless); the contexts' padding slots are masked.
+        mask = None
+        if ctx_mask is not None:
+            mask = torch.cat([ctx_mask[g_of_row], torch.ones(R, T, dtype=torch.long, device=dev)], dim=1)
+        with logits_at(self.model, torch.tensor(at, device=dev)):
+            logits = self.model(cont_ids.to(dev), cont_pos, big, attention_mask=mask)[0]
+        return [value for _, value in self._collect(logits, targets, [(r, len(c) - 1) for r, (_, _, c) in
+                                                                      enumerate(rows)])]
 
 
 def prompt_keep(context: int, max_new_tokens: int) -> int:
