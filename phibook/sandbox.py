@@ -31,14 +31,14 @@ import json
 import math
 import os
 import resource
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+# The launcher (`python -I sandbox.py`) runs this module's top level for every program, so the
+# parent-only modules (subprocess, tempfile, shutil, concurrent.futures: ~10 ms of imports per
+# program) are imported inside the functions that use them.
 
 NOBODY = 65534
 MAX_OUTPUT_BYTES = 1 << 20  # stdout/stderr kept per program; the rest is dropped
@@ -120,6 +120,9 @@ def run_python(
     A timeout (wall clock `timeout_s`, or CPU time `cpu_s`, default ceil(timeout_s) + 1) is a
     failure with status "timeout"; the whole process group is killed.
     """
+    import subprocess
+    import tempfile
+
     cpu = int(math.ceil(cpu_s if cpu_s is not None else timeout_s + 1))
     root = os.geteuid() == 0
     base = tempfile.mkdtemp(prefix="phibook-sbx-")  # 0700, ours: holds the I/O files
@@ -204,6 +207,8 @@ def _remove_tree(path: str) -> None:
             os.chmod(p, 0o700)
         func(p)
 
+    import shutil
+
     shutil.rmtree(path, onerror=make_writable_and_retry)
 
 
@@ -221,12 +226,16 @@ def default_workers() -> int:
 def run_many(codes: list[str], *, workers: int | None = None, **limits) -> list[SandboxResult]:
     """`run_python` over many programs, `workers` at a time (default: the usable CPU cores);
     results in input order. Threads only wait on child processes, so no GIL contention."""
+    from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
         return list(pool.map(lambda c: run_python(c, **limits), codes))
 
 
 def check_many(pairs: list[tuple[str, str]], *, workers: int | None = None, **limits) -> list[CheckOutcome]:
     """`check_program` over many (program, tests) pairs in parallel; outcomes in input order."""
+    from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
         return list(pool.map(lambda p: check_program(p[0], p[1], **limits), pairs))
 
