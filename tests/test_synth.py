@@ -253,8 +253,9 @@ def test_permanent_failures_are_recorded_not_fatal(tmp_path: Path) -> None:
 
 
 def test_killed_job_resumes_to_exactly_the_uninterrupted_output(tmp_path: Path) -> None:
-    n = 60
-    with FakeTeacherServer(delay_s=0.02) as srv:
+    n = 80
+    # ~0.15 s an answer at 4 in flight: an uninterrupted job takes ~3 s, so kills land midway.
+    with FakeTeacherServer(delay_s=0.15) as srv:
         ref = tmp_path / "ref.jsonl"
         run_synth(ref, n, _openai_teacher(srv.url), load_topics(), load_templates(), seed=5, concurrency=4,
                   progress=False)
@@ -266,7 +267,7 @@ def test_killed_job_resumes_to_exactly_the_uninterrupted_output(tmp_path: Path) 
         kills = 0
         for _ in range(8):
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            time.sleep(rng.uniform(0.8, 2.0))
+            time.sleep(rng.uniform(0.6, 1.6))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 kills += 1
