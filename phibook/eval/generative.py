@@ -19,7 +19,6 @@ Prompts are fixed here and recorded in each task's `prompt_settings`:
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import re
@@ -83,27 +82,7 @@ def sampling_params(*, max_new_tokens: int, stop: list[str], temperature: float 
 
 def read_jsonl_any(path: Path, limit: int | None = None) -> list[dict]:
     """JSONL, gzip-compressed when the name ends in .gz; errors name the file and line."""
-    if path.suffix != ".gz":
-        return read_jsonl(path, limit)
-    rows: list[dict] = []
-    try:
-        with gzip.open(path, "rt", encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise PhibookError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise PhibookError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                row["_line"] = lineno
-                rows.append(row)
-                if limit is not None and len(rows) >= limit:
-                    break
-    except (OSError, EOFError) as exc:
-        raise PhibookError(f"{path}: cannot read as gzip ({exc})") from None
-    return rows
+    return read_jsonl(path, limit)
 
 
 def locate(data_dir: Path, folder: str, names: list[str], task: str) -> Path:

@@ -7,6 +7,7 @@ download or a file in the wrong layout says exactly what is wrong and where.
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import os
 from collections.abc import Iterable
@@ -63,22 +64,27 @@ def first_existing(folder: Path, names: Iterable[str], task: str) -> Path:
 
 
 def read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """One JSON object a line; blank lines skipped. `limit` stops early."""
+    """One JSON object a line (gzip-compressed when the name ends in .gz); blank lines
+    skipped. `limit` stops early. Errors name the file and line."""
     rows: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PhibookError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise PhibookError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            row["_line"] = lineno
-            rows.append(row)
-            if limit is not None and len(rows) >= limit:
-                break
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise PhibookError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise PhibookError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                row["_line"] = lineno
+                rows.append(row)
+                if limit is not None and len(rows) >= limit:
+                    break
+    except (gzip.BadGzipFile, EOFError) as exc:
+        raise PhibookError(f"{path}: cannot read as gzip ({exc})") from None
     return rows
 
 
