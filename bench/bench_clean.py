@@ -18,10 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from phibook.clean import CleanConfig, clean
-from phibook.synth.prompts import load_templates, load_topics
-from phibook.synth.run import run_synth
-from phibook.synth.teachers import BuiltinTeacher
+from phibook.data.clean import CleanConfig, clean
+from phibook.data.synth.prompts import load_templates, load_topics
+from phibook.data.synth.run import run_synth
+from phibook.data.synth.teachers import BuiltinTeacher
 
 
 def main() -> None:

@@ -70,7 +70,7 @@ def decode_hf(hf, prompt: torch.Tensor, n: int) -> tuple[float, list[int]]:
 
 @torch.inference_mode()
 def decode_ours(forward, cfg, dtype, prompt: torch.Tensor, n: int) -> tuple[float, list[int]]:
-    from phibook.model import KVCache
+    from phibook.model.model import KVCache
 
     cache = KVCache(cfg, 1, prompt.shape[1] + n, dtype=dtype)
     token = forward(prompt, cache=cache)[:, -1].argmax(-1, keepdim=True)
@@ -91,7 +91,7 @@ def prefill_hf(hf, prompt: torch.Tensor) -> float:
 
 @torch.inference_mode()
 def prefill_ours(forward, cfg, dtype, prompt: torch.Tensor, **kw) -> float:
-    from phibook.model import KVCache
+    from phibook.model.model import KVCache
 
     cache = KVCache(cfg, 1, prompt.shape[1] + 1, dtype=dtype)
     t = time.perf_counter()
@@ -114,7 +114,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = ap.parse_args()
 
-    from phibook.fast_decode import FastForward
+    from phibook.inference.fast_decode import FastForward
 
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]

@@ -34,7 +34,7 @@ class StaticDecoder:
     """One fixed-shape decode step over a PhiModel: the whole cache, a mask, a position tensor."""
 
     def __init__(self, model, max_len: int, compile_mode: str | None) -> None:
-        from phibook.model import KVCache
+        from phibook.model.model import KVCache
 
         self.model, self.cfg = model, model.config
         dtype = model.embed.weight.dtype
@@ -51,7 +51,7 @@ class StaticDecoder:
         sin = m.rope_sin[pos].view(1, 1, 1, -1)
         mask = (self.slots <= pos).view(1, 1, 1, -1)  # attend to slots 0..pos of the full cache
         x = m.embed(token)
-        from phibook.model import apply_rotary
+        from phibook.model.model import apply_rotary
 
         for i, block in enumerate(m.blocks):
             h = block.ln(x)

@@ -27,9 +27,9 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from test_filter import educational_passages, junk_documents  # noqa: E402
 
-from phibook.filter.apply import apply_filter  # noqa: E402
-from phibook.filter.classifier import save_classifier, train  # noqa: E402
-from phibook.filter.embed import embed_texts, load_embedder  # noqa: E402
+from phibook.data.filter.apply import apply_filter  # noqa: E402
+from phibook.data.filter.classifier import save_classifier, train  # noqa: E402
+from phibook.data.filter.embed import embed_texts, load_embedder  # noqa: E402
 
 # Assumptions for the estimate (say them next to the numbers).
 KEPT_TOKENS = 95e9  # report 2.4: 88B web (Falcon RefinedWeb) + 7B code (The Stack, StackOverflow), after filtering

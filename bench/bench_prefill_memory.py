@@ -40,8 +40,8 @@ def make_checkpoints(root: Path, preset: str) -> None:
     import torch
     from common import build_ours
 
-    from phibook.checkpoint import save_checkpoint
-    from phibook.convert import export_hf
+    from phibook.weights.checkpoint import save_checkpoint
+    from phibook.weights.hf import export_hf
 
     if not (root / "phibook" / "config.json").exists():
         print(f"writing a random {preset} bf16 checkpoint to {root / 'phibook'}", file=sys.stderr)
@@ -70,11 +70,11 @@ def child(system: str, root: Path, tokens: int, threads: int) -> dict:
             t1 = time.perf_counter()
             model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False)
         else:
-            from phibook.checkpoint import load_model
-            from phibook.model import KVCache
+            from phibook.model.model import KVCache
+            from phibook.weights.checkpoint import load_model
 
             if system == "phibook-fast":
-                from phibook.fast_decode import FastForward
+                from phibook.inference.fast_decode import FastForward
 
                 forward, loaded = FastForward.from_path(root / "phibook", dtype=torch.bfloat16)
                 kw = {"last_only": True}

@@ -5,7 +5,7 @@
 
 Systems, in ALTERNATING rounds (the machine is shared; medians are reported):
 
-- ``sandbox``: ``phibook.sandbox.run_python`` / ``check_many`` with the defaults phibook eval
+- ``sandbox``: ``phibook.eval.sandbox.run_python`` / ``check_many`` with the defaults phibook eval
   uses (fresh temp dir, scrubbed env, RLIMITs, no children, Landlock write/network/signal
   confinement, a new network namespace, uid 65534 when run as root: see ``capabilities()``).
 - ``subprocess``: the peer, no isolation at all: ``subprocess.run([python, "-c", code],
@@ -44,7 +44,7 @@ def peer_run(code: str, timeout_s: float = 10.0) -> bool:
 
 def trivial_round(system: str, n: int) -> float:
     """Milliseconds per trivial program, run one after another."""
-    from phibook.sandbox import run_python
+    from phibook.eval.sandbox import run_python
 
     code = "print(1)\n"
     t = time.perf_counter()
@@ -64,7 +64,7 @@ def humaneval_programs() -> list[tuple[str, str]]:
 
 def humaneval_round(system: str, pairs: list[tuple[str, str]], workers: int) -> tuple[float, int]:
     """(programs per second, programs passed) over all pairs, `workers` at a time."""
-    from phibook.sandbox import check_many
+    from phibook.eval.sandbox import check_many
 
     t = time.perf_counter()
     if system == "sandbox":
@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
 
-    from phibook.sandbox import capabilities
+    from phibook.eval.sandbox import capabilities
 
     caps = capabilities()
     systems = ["sandbox", "subprocess"]

@@ -72,9 +72,9 @@ def run_bare(url: str, n: int, concurrency: int) -> tuple[float, float]:
 
 
 def run_phibook(url: str, n: int, concurrency: int, out: Path) -> tuple[float, float]:
-    from phibook.synth.prompts import load_templates, load_topics
-    from phibook.synth.run import run_synth
-    from phibook.synth.teachers import OpenAITeacher
+    from phibook.data.synth.prompts import load_templates, load_topics
+    from phibook.data.synth.run import run_synth
+    from phibook.data.synth.teachers import OpenAITeacher
 
     out.unlink(missing_ok=True)
     teacher = OpenAITeacher([url], "m", max_tokens=256)

@@ -35,7 +35,7 @@ round times ``--steps`` steps per system after warm-up (compilation happens in
 warm-up). Tokens per CPU-second (all threads) is reported too: it is less
 sensitive to other load on a shared machine than wall time. The report gives medians
 over rounds, ratios to transformers at the same precision, and MFU: PaLM's
-training FLOPs per token (``phibook.train.flops_per_token``) over a square
+training FLOPs per token (``phibook.train.trainer.flops_per_token``) over a square
 matmul's rate at that precision, measured in every round (the median is used).
 """
 
@@ -90,8 +90,8 @@ class PhibookSystem:
 
     def __init__(self, args, preset: str, precision: str, compile: bool, data: Path, workdir: Path,
                  extra: dict[str, str] | None = None) -> None:
-        from phibook.parallel import init_distributed
-        from phibook.train import _Trainer, resolve_config
+        from phibook.train.parallel import init_distributed
+        from phibook.train.trainer import _Trainer, resolve_config
 
         sets = {
             "model.vocab_size": str(args.vocab), "global_batch": str(args.batch), "micro_batch": str(args.batch),
@@ -112,8 +112,8 @@ class PhibookSystem:
 
 def initial_state(args, preset: str) -> dict[str, torch.Tensor]:
     """The weights phibook's trainer starts from (its init, seed 0), built the same way."""
-    from phibook.config import PhiConfig
-    from phibook.model import PhiModel
+    from phibook.model.config import PhiConfig
+    from phibook.model.model import PhiModel
 
     with torch.device("meta"):
         model = PhiModel(PhiConfig.from_name(preset, vocab_size=args.vocab))
@@ -129,10 +129,10 @@ class HFSystem:
         import torch.nn.functional as F
         import transformers
 
-        from phibook.config import PhiConfig
-        from phibook.convert import phi_to_hf, phi_to_hf_config
-        from phibook.loader import PackedLoader
-        from phibook.train import TrainConfig
+        from phibook.data.loader import PackedLoader
+        from phibook.model.config import PhiConfig
+        from phibook.train.trainer import TrainConfig
+        from phibook.weights.hf import phi_to_hf, phi_to_hf_config
 
         mcfg = PhiConfig.from_name(preset, vocab_size=args.vocab)
         hf_cfg = transformers.PhiConfig(**phi_to_hf_config(mcfg))
@@ -178,7 +178,7 @@ def build(name: str, args, preset: str, precision: str, data: Path, workdir: Pat
         return PhibookSystem(args, preset, precision, name.startswith("phibook-compile"), data, workdir, extra)
     tuned = name == "hf-compile-tuned"
     if tuned:
-        from phibook.cpu_malloc import keep_freed_memory
+        from phibook.train.cpu_malloc import keep_freed_memory
 
         keep_freed_memory()
     return HFSystem(args, preset, precision, compile=name != "hf", fused_adam=tuned, data=data)
@@ -217,8 +217,8 @@ def worker(name: str, args, preset: str, precision: str, data: Path, workdir: Pa
 def bench_config(args, preset: str, precision: str, data: Path, workdir: Path) -> dict:
     import multiprocessing as mp
 
-    from phibook.config import PhiConfig
-    from phibook.train import flops_per_token, measure_matmul_flops
+    from phibook.model.config import PhiConfig
+    from phibook.train.trainer import flops_per_token, measure_matmul_flops
 
     flops_tok = flops_per_token(PhiConfig.from_name(preset, vocab_size=args.vocab), args.seq_len)
     ctx = mp.get_context("spawn")

@@ -24,8 +24,8 @@ BANDWIDTH_GBS = 65.0
 
 
 def build_ours(preset: str, dtype: torch.dtype, seed: int = 0):
-    from phibook.config import PhiConfig
-    from phibook.model import PhiModel
+    from phibook.model.config import PhiConfig
+    from phibook.model.model import PhiModel
 
     cfg = PhiConfig.from_name(preset)
     with torch.device("meta"):
@@ -45,7 +45,7 @@ def hf_sharing(model, dtype: torch.dtype):
     """transformers.PhiForCausalLM on the same tensors as our model (no copy)."""
     import transformers
 
-    from phibook.convert import phi_to_hf, phi_to_hf_config
+    from phibook.weights.hf import phi_to_hf, phi_to_hf_config
 
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
     hf_cfg = transformers.PhiConfig(**phi_to_hf_config(model.config, torch_dtype=name))

@@ -74,10 +74,10 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     """
     import torch
 
-    from phibook.checkpoint import save_checkpoint
-    from phibook.config import PhiConfig, padded_vocab_size
-    from phibook.model import PhiModel
-    from phibook.tokenizer import train_bpe
+    from phibook.model.config import PhiConfig, padded_vocab_size
+    from phibook.model.model import PhiModel
+    from phibook.model.tokenizer import train_bpe
+    from phibook.weights.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("tiny_checkpoint")
     text = root / "corpus.txt"

@@ -54,7 +54,7 @@ def demo_command(out: Path, data_dir: Path | None) -> list[str]:
 def get_demo_run(tmp_path_factory, data_dir: Path | None) -> DemoRun:
     if "run" in _CACHE:
         return _CACHE["run"]
-    from phibook.demo import CALIBRATION_STEPS
+    from phibook.demo.run import CALIBRATION_STEPS
 
     root = tmp_path_factory.mktemp("demo")
     out = root / "out"

@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from phibook.checkpoint import (
+from phibook.errors import PhibookError
+from phibook.model.config import PhiConfig
+from phibook.model.model import PhiModel
+from phibook.weights.checkpoint import (
     CONFIG_FILE,
     MODEL_FILE,
     find_checkpoint,
@@ -20,9 +23,6 @@ from phibook.checkpoint import (
     model_fingerprint,
     save_checkpoint,
 )
-from phibook.config import PhiConfig
-from phibook.errors import PhibookError
-from phibook.model import PhiModel
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -277,7 +277,7 @@ def test_missing_path_mentions_interrupted_save(tmp_path: Path, tiny_checkpoint:
 
 
 def test_hf_dir_errors_use_hf_tensor_names(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    from phibook.convert import export_hf
+    from phibook.weights.hf import export_hf
 
     hf_dir = export_hf(tiny_checkpoint, tmp_path / "hf")
     data = json.loads((hf_dir / CONFIG_FILE).read_text())

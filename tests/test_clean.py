@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from phibook.clean import CleanConfig, clean, dup_line_fraction
+from phibook.data.clean import CleanConfig, clean, dup_line_fraction
 from phibook.errors import PhibookError
 
 

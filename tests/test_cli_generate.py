@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from phibook.cli import main
-from phibook.generate import Generator, SamplingParams
-from phibook.templates import chat_transcript, fit_chat_prompt, get_template
+from phibook.inference.generate import Generator, SamplingParams
+from phibook.inference.templates import chat_transcript, fit_chat_prompt, get_template
 
 ENV = {**os.environ, "PYTHONIOENCODING": "utf-8"}
 

@@ -87,7 +87,7 @@ def test_demo_exercise_accuracy_improves(demo_run):
 @pytest.mark.slow
 @pytest.mark.ci
 def test_demo_heldout_questions_are_unseen(demo_run):
-    from phibook.demo import training_questions
+    from phibook.demo.run import training_questions
 
     seen = training_questions([demo_run.out / "data/clean.jsonl"])
     items = json.loads((demo_run.out / "eval/heldout.json").read_text())["items"]
@@ -128,7 +128,7 @@ def test_demo_rerun_of_finished_demo_reuses_everything(demo_run):
 
 
 def test_heldout_exercises_skip_seen_questions():
-    from phibook.demo import heldout_exercises
+    from phibook.demo.run import heldout_exercises
 
     first, _ = heldout_exercises(set(), 10, seed=1)
     seen = {it["question"] for it in first}
@@ -140,7 +140,7 @@ def test_heldout_exercises_skip_seen_questions():
 
 
 def test_answer_span_reads_the_training_layout():
-    from phibook.demo import answer_span
+    from phibook.demo.run import answer_span
 
     assert answer_span(" the basket. Maya saw the ball go into the basket.", "theory_of_mind") == "the basket"
     assert answer_span(" 150 minutes. One hour is 60 minutes.", "unit_conversion") == "150 minutes"
@@ -165,7 +165,7 @@ def test_demo_bad_input_is_a_clear_error(tmp_path):
 
 
 def test_demo_refuses_a_directory_of_another_run(tmp_path):
-    from phibook.demo import DemoOptions, StageState
+    from phibook.demo.run import DemoOptions, StageState
     from phibook.errors import PhibookError
 
     StageState(tmp_path, DemoOptions(out=tmp_path, seed=1)).save()
@@ -174,7 +174,7 @@ def test_demo_refuses_a_directory_of_another_run(tmp_path):
 
 
 def test_text_files_become_documents(tmp_path):
-    from phibook.demo import text_documents
+    from phibook.demo.run import text_documents
 
     src = tmp_path / "notes.txt"
     src.write_text("\n\n".join(f"Paragraph {i}. " + "word " * 300 for i in range(10)))

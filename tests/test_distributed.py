@@ -94,4 +94,4 @@ def test_two_processes_global_batch_not_divisible(data: Path, tmp_path: Path) ->
     assert res.returncode != 0
     assert "global_batch=6 is not divisible by micro_batch=2 x world_size=2 = 4" in res.stderr
     # torchrun's launcher prints its own ChildFailedError traceback; ours must not appear.
-    assert "phibook/train.py" not in res.stderr and "phibook/cli.py" not in res.stderr
+    assert "phibook/train/trainer.py" not in res.stderr and "phibook/cli.py" not in res.stderr

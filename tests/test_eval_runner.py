@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from phibook.checkpoint import load_model
 from phibook.cli import main
 from phibook.eval.runner import (
     LoglikelihoodScorer,
@@ -30,6 +29,7 @@ from phibook.eval.task import (
     RollingLoglikelihoodRequest,
     get_task,
 )
+from phibook.weights.checkpoint import load_model
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_rolling_loglikelihood_sums_every_token(tiny) -> None:
 
 
 def test_answer_dispatches_generation_in_order(tiny) -> None:
-    from phibook.generate import Generator, SamplingParams
+    from phibook.inference.generate import Generator, SamplingParams
 
     params = SamplingParams(max_new_tokens=6)
     reqs = [
@@ -181,7 +181,7 @@ def test_prompt_keep_is_the_harness_rule_with_half_the_context_as_a_floor() -> N
 
 
 def test_long_generation_prompts_are_left_truncated(tiny) -> None:
-    from phibook.generate import SamplingParams
+    from phibook.inference.generate import SamplingParams
 
     tok, model = tiny.tokenizer, tiny.model
     context = model.config.max_seq_len

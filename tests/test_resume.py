@@ -84,7 +84,7 @@ def test_sigkill_between_checkpoints_then_resume_is_exact(data: Path, straight: 
 def test_kill_during_checkpoint_keeps_previous_and_resume_uses_it(
     data: Path, straight: Path, tmp_path: Path
 ) -> None:
-    from phibook.checkpoint import load_model
+    from phibook.weights.checkpoint import load_model
 
     out = tmp_path / "run"
     cmd = train_cmd(data, out, *SETS, "save_every=2", steps=6)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from phibook.sandbox import capabilities, check_many, check_program, run_many, run_python
+from phibook.eval.sandbox import capabilities, check_many, check_program, run_many, run_python
 
 
 @pytest.fixture(scope="module")

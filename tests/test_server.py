@@ -27,8 +27,8 @@ import openai
 import pytest
 import uvicorn
 
-from phibook.generate import Generator, SamplingParams
-from phibook.server import CHAT_STOPS, ChatMessage, create_app, render_chat
+from phibook.inference.generate import Generator, SamplingParams
+from phibook.serve.server import CHAT_STOPS, ChatMessage, create_app, render_chat
 
 MODEL = "tiny-test"
 TIMEOUT = 60.0  # seconds: bound on every HTTP call and wait below

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from phibook.data.synth import exercises as ex
+from phibook.data.synth.prompts import load_templates, load_topics, plan, render_prompt
+from phibook.data.synth.run import run_synth
+from phibook.data.synth.teachers import BuiltinTeacher, OpenAITeacher
 from phibook.errors import PhibookError
-from phibook.synth import exercises as ex
-from phibook.synth.prompts import load_templates, load_topics, plan, render_prompt
-from phibook.synth.run import run_synth
-from phibook.synth.teachers import BuiltinTeacher, OpenAITeacher
 
 NUM = r"-?\d+(?:\.\d+)?"
 STEP = re.compile(rf"(?<![\d.])({NUM}) ([+\-*/]) ({NUM}) = ({NUM})(?![\d])")
@@ -297,7 +297,7 @@ def test_torn_last_line_is_dropped_and_redone(tmp_path: Path) -> None:
 
 
 def test_web_samples_reach_the_prompt(tmp_path: Path) -> None:
-    from phibook.synth.prompts import load_web_samples
+    from phibook.data.synth.prompts import load_web_samples
 
     web = tmp_path / "web.jsonl"
     web.write_text(json.dumps({"id": "w1", "text": "The quick brown fox studies geology."}) + "\n")
@@ -318,8 +318,8 @@ def test_synth_cli_help_mentions_resume() -> None:
 
 def test_openai_teacher_against_phibook_serve(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """The teacher client end to end against phibook's own OpenAI-compatible server."""
-    from phibook.generate import Generator
-    from phibook.server import create_app
+    from phibook.inference.generate import Generator
+    from phibook.serve.server import create_app
     from tests.test_server import serve_in_thread
 
     app = create_app(Generator.from_path(tiny_checkpoint, device="cpu"), "tiny", max_batch_size=8)

@@ -16,12 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from phibook.data.loader import PackedLoader, validation_batches
+from phibook.data.mixture import load_mixture_file
+from phibook.data.shards import file_sha256, load_manifest, write_shard_set
+from phibook.data.tokenize import SLOW_ENV, WORK_DIR, is_val, tokenize_inputs
 from phibook.errors import PhibookError
-from phibook.loader import PackedLoader, validation_batches
-from phibook.mixture import load_mixture_file
-from phibook.shards import file_sha256, load_manifest, write_shard_set
-from phibook.tokenize import SLOW_ENV, WORK_DIR, is_val, tokenize_inputs
-from phibook.tokenizer import Tokenizer, train_bpe
+from phibook.model.tokenizer import Tokenizer, train_bpe
 
 REPO = Path(__file__).resolve().parents[1]
 BOOKS = "corpora/library_of_phi/textbooks"
@@ -207,7 +207,7 @@ def test_gzipped_jsonl_gives_the_same_shards(corpus: dict, tmp_path: Path) -> No
 
 def test_cli_defaults_match_the_library() -> None:
     import phibook.commands.tokenize as cmd
-    import phibook.tokenize as lib
+    import phibook.data.tokenize as lib
 
     assert (cmd.DEFAULT_SHARD_TOKENS, cmd.DEFAULT_CHUNK_BYTES) == (lib.DEFAULT_SHARD_TOKENS, lib.DEFAULT_CHUNK_BYTES)
 

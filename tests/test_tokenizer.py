@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from phibook.errors import PhibookError
-from phibook.tokenizer import StreamDecoder, Tokenizer, iter_training_texts, train_bpe
+from phibook.model.tokenizer import StreamDecoder, Tokenizer, iter_training_texts, train_bpe
 
 # Text that stresses byte-level BPE: whitespace runs (codegen-mono has added
 # tokens for runs of 2..31 spaces and tabs), CRLF, multi-byte UTF-8 split

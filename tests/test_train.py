@@ -17,7 +17,7 @@ except ImportError:
 
 from phibook.cli import main
 from phibook.errors import PhibookError
-from phibook.train import TrainConfig, lr_at, model_config, param_groups, resolve_config
+from phibook.train.trainer import TrainConfig, lr_at, model_config, param_groups, resolve_config
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +74,8 @@ def test_vocab_auto_and_too_small() -> None:
 
 
 def test_weight_decay_groups_and_schedule() -> None:
-    from phibook.config import PhiConfig
-    from phibook.model import PhiModel
+    from phibook.model.config import PhiConfig
+    from phibook.model.model import PhiModel
 
     model = PhiModel(PhiConfig(n_layer=2, d_model=64, n_head=2, rotary_dim=16, vocab_size=128, max_seq_len=32))
     decay, no_decay = param_groups(model, TrainConfig())
@@ -140,7 +140,7 @@ def test_tiny_model_learns_below_unigram_entropy(data: Path, tmp_path: Path) -> 
     assert (out / "tokenizer.json").is_file()
     assert any((out / "tb").glob("events.out.tfevents.*"))
 
-    from phibook.checkpoint import load_model
+    from phibook.weights.checkpoint import load_model
 
     loaded = load_model(out)  # the newest checkpoint, with its tokenizer
     assert loaded.model.config.n_layer == 2 and loaded.tokenizer is not None
@@ -214,6 +214,6 @@ def test_nonfinite_loss_stops_at_that_step_and_keeps_last_checkpoint(data: Path,
     assert names == ["latest", "step_00000001"]
     assert [m["step"] for m in metrics(out)] == [1]
 
-    from phibook.checkpoint import load_model
+    from phibook.weights.checkpoint import load_model
 
     assert load_model(out).model.embed.weight.isfinite().all()

@@ -19,8 +19,8 @@ TINY_MODEL = ["model.n_layer=2", "model.d_model=64", "model.n_head=2", "model.ro
 
 def make_shards(shared: Path, out: Path, vocab_size: int = 384, val_fraction: float = 0.1) -> Path:
     """Train a byte-level BPE on the corpus, tokenize paragraphs into train/val shards; return the manifest dir."""
-    from phibook.shards import write_shard_set
-    from phibook.tokenizer import train_bpe
+    from phibook.data.shards import write_shard_set
+    from phibook.model.tokenizer import train_bpe
 
     src = shared / CORPUS
     tok = train_bpe([src], vocab_size, out / "tok")

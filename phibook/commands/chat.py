@@ -58,7 +58,7 @@ class _ReplyPrinter:
 def run(args: argparse.Namespace) -> int:
     from phibook.commands.generate import load_generator, sampling_params_from
     from phibook.errors import PhibookError
-    from phibook.templates import BOT_NAME, USER_NAME, fit_chat_prompt, get_template
+    from phibook.inference.templates import BOT_NAME, USER_NAME, fit_chat_prompt, get_template
 
     template = get_template("chat")
     params = sampling_params_from(args, template.stops() + [unescape(s) for s in args.stop])

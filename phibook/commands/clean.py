@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from phibook.clean import CleanConfig, clean
+    from phibook.data.clean import CleanConfig, clean
 
     cfg = CleanConfig(
         near_dup_threshold=args.near_dup_threshold, near_dup=not args.no_near_dup, num_perm=args.num_perm, ngram=args.ngram,

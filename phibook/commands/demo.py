@@ -61,7 +61,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from phibook.demo import DemoOptions, run_demo
+    from phibook.demo.run import DemoOptions, run_demo
 
     opts = DemoOptions(out=Path(args.out), minutes=args.minutes, texts=[Path(t) for t in args.texts],
                        data_dir=Path(args.data_dir) if args.data_dir else None, seed=args.seed,

@@ -159,9 +159,9 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from phibook.checkpoint import load_model
     from phibook.eval.results import build_results, format_table, task_entry, write_json_atomic
     from phibook.eval.runner import Runner, run_task
+    from phibook.weights.checkpoint import load_model
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     loaded = load_model(args.model, device=args.device, dtype=dtype)

@@ -51,8 +51,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from phibook.convert import export_hf
     from phibook.errors import PhibookError
+    from phibook.weights.hf import export_hf
 
     out = args.out_dir
     if out.resolve() == args.ckpt.resolve():

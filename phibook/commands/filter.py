@@ -114,8 +114,8 @@ def annotate_cmd(args: argparse.Namespace) -> int:
     import asyncio
 
     from phibook.commands.synth import make_teacher
+    from phibook.data.filter.annotate import annotate, load_prompt, sample_documents
     from phibook.errors import PhibookError
-    from phibook.filter.annotate import annotate, load_prompt, sample_documents
 
     if args.teacher == "builtin":
         raise PhibookError("the builtin teacher cannot rate documents; use --teacher openai --base-url URL "
@@ -137,7 +137,7 @@ def annotate_cmd(args: argparse.Namespace) -> int:
 
 
 def embed_cmd(args: argparse.Namespace) -> int:
-    from phibook.filter.embed import embed_files, embedding_paths, load_embedder
+    from phibook.data.filter.embed import embed_files, embedding_paths, load_embedder
 
     embedder = load_embedder(args.embedder, args.device, args.max_tokens)
     meta = embed_files(args.inputs, args.out, embedder, args.batch_size, args.text_field, not args.no_progress)
@@ -149,10 +149,10 @@ def embed_cmd(args: argparse.Namespace) -> int:
 def train_cmd(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from phibook.filter.annotate import load_ratings
-    from phibook.filter.classifier import join_labels, save_classifier, train
-    from phibook.filter.docs import write_json
-    from phibook.filter.embed import load_embeddings
+    from phibook.data.filter.annotate import load_ratings
+    from phibook.data.filter.classifier import join_labels, save_classifier, train
+    from phibook.data.filter.docs import write_json
+    from phibook.data.filter.embed import load_embeddings
 
     X, ids, emb_meta = load_embeddings(args.embeddings)
     ratings = load_ratings(args.annotations)
@@ -185,7 +185,7 @@ def format_report(meta: dict) -> str:
 
 
 def apply_cmd(args: argparse.Namespace) -> int:
-    from phibook.filter.apply import apply_filter
+    from phibook.data.filter.apply import apply_filter
 
     summary = apply_filter(
         args.inputs, args.classifier, args.out, args.threshold, args.keep_fraction, args.embedder, args.workers,

@@ -39,7 +39,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def add_fast_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fast", action=argparse.BooleanOptionalAction, default=None,
-        help="decode through phibook.fast_decode (weights prepacked for oneDNN, two fused matmuls per block; "
+        help="decode through phibook.inference.fast_decode (weights prepacked for oneDNN, two fused matmuls per block; "
         "same logits to 1e-4 in fp32). Default: on for the CPU, off elsewhere",
     )
 
@@ -84,7 +84,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256
 
 
 def register(subparsers) -> None:
-    from phibook.templates import TEMPLATES
+    from phibook.inference.templates import TEMPLATES
 
     parser = subparsers.add_parser(
         "generate",
@@ -126,7 +126,7 @@ def register(subparsers) -> None:
 
 
 def sampling_params_from(args: argparse.Namespace, stop: list[str]):
-    from phibook.generate import SamplingParams
+    from phibook.inference.generate import SamplingParams
 
     return SamplingParams(
         max_new_tokens=args.max_new_tokens,
@@ -140,7 +140,7 @@ def sampling_params_from(args: argparse.Namespace, stop: list[str]):
 
 
 def load_generator(args: argparse.Namespace):
-    from phibook.generate import Generator
+    from phibook.inference.generate import Generator
 
     return Generator.from_path(args.model, device=args.device, dtype=args.dtype, fast=use_fast(args, args.device))
 
@@ -157,7 +157,7 @@ def read_prompts(prompts: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from phibook.templates import get_template
+    from phibook.inference.templates import get_template
 
     template = get_template(args.template)
     raw = read_prompts(args.prompts)

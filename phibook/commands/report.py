@@ -30,7 +30,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from phibook.report import write_report
+    from phibook.demo.report import write_report
 
     paths = write_report(args.run_dir, args.out, samples=not args.no_samples)
     for p in paths[:2]:

@@ -1,4 +1,4 @@
-"""`phibook serve`: an OpenAI-compatible HTTP server for one model (see phibook/server.py)."""
+"""`phibook serve`: an OpenAI-compatible HTTP server for one model (see phibook/serve/server.py)."""
 
 from __future__ import annotations
 
@@ -70,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from phibook.errors import PhibookError
-    from phibook.generate import Generator
-    from phibook.server import create_app, run_server
+    from phibook.inference.generate import Generator
+    from phibook.serve.server import create_app, run_server
 
     if args.max_batch_size < 1:
         raise PhibookError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")

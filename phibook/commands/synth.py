@@ -26,8 +26,8 @@ def _add_teacher_args(p: argparse.ArgumentParser) -> None:
 
 
 def make_teacher(args: argparse.Namespace, templates=None):
+    from phibook.data.synth.teachers import BuiltinTeacher, LocalTeacher, OpenAITeacher
     from phibook.errors import PhibookError
-    from phibook.synth.teachers import BuiltinTeacher, LocalTeacher, OpenAITeacher
 
     if args.teacher == "builtin":
         return BuiltinTeacher(templates)
@@ -78,8 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_cmd(args: argparse.Namespace) -> int:
-    from phibook.synth.prompts import load_templates, load_topics, load_web_samples
-    from phibook.synth.run import parse_shard, run_synth
+    from phibook.data.synth.prompts import load_templates, load_topics, load_web_samples
+    from phibook.data.synth.run import parse_shard, run_synth
 
     shard = parse_shard(args.shard)
     topics = load_topics(args.topics)
@@ -96,8 +96,8 @@ def run_cmd(args: argparse.Namespace) -> int:
 
 
 def topics_cmd(args: argparse.Namespace) -> int:
-    from phibook.synth.prompts import load_topics
-    from phibook.synth.topics import expand_topics, write_topics
+    from phibook.data.synth.prompts import load_topics
+    from phibook.data.synth.topics import expand_topics, write_topics
 
     seeds = load_topics(args.seeds)
     topics = expand_topics(seeds, args.num, make_teacher(args))

@@ -32,7 +32,7 @@ examples:
   phibook train --data shards/synthetic ...   (or a mixture .toml naming several shard folders)"""
 
 
-# The library's defaults (phibook.tokenize), repeated here so `--help` does not import
+# The library's defaults (phibook.data.tokenize), repeated here so `--help` does not import
 # numpy; tests/test_tokenize.py checks they agree.
 DEFAULT_SHARD_TOKENS = 1 << 24
 DEFAULT_CHUNK_BYTES = 16 << 20
@@ -75,7 +75,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from phibook.tokenize import tokenize_inputs
+    from phibook.data.tokenize import tokenize_inputs
 
     manifest = tokenize_inputs(
         args.inputs,

@@ -73,7 +73,7 @@ def _no_action(parser: argparse.ArgumentParser) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from phibook.tokenizer import train_bpe
+    from phibook.model.tokenizer import train_bpe
 
     # The trainer's own progress bars also print blank lines to stdout, so
     # they are only shown to a terminal, never into a pipe or a log file.
@@ -103,7 +103,7 @@ def measure_tokens_per_char(tok, files: list[Path]) -> tuple[int, int, bool]:
     """Encode the training texts again (up to MEASURE_CHARS) and count tokens and characters."""
     from tqdm import tqdm
 
-    from phibook.tokenizer import iter_training_texts
+    from phibook.model.tokenizer import iter_training_texts
 
     tokens = chars = 0
     batch: list[str] = []
@@ -127,7 +127,7 @@ def measure_tokens_per_char(tok, files: list[Path]) -> tuple[int, int, bool]:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from phibook.tokenizer import Tokenizer
+    from phibook.model.tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(args.path)
     eos = tok.token_to_id(tok.eos_token)

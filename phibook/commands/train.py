@@ -30,7 +30,7 @@ examples:
 
 
 def register(subparsers) -> None:
-    from phibook.train import config_help
+    from phibook.train.trainer import config_help
 
     parser = subparsers.add_parser(
         "train",
@@ -67,7 +67,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from phibook.train import parse_sets, resolve_config, train
+    from phibook.train.trainer import parse_sets, resolve_config, train
 
     sets = parse_sets(args.sets)
     if args.max_steps is not None:

@@ -1,6 +1,6 @@
 """Generative tasks of the report's Tables 3-4: SQuAD (EM/F1), GSM8K "via coding", HumanEval, MBPP.
 
-The model writes text (one `GenerationRequest` per sample); code is run in phibook.sandbox.
+The model writes text (one `GenerationRequest` per sample); code is run in phibook.eval.sandbox.
 Prompts are fixed here and recorded in each task's `prompt_settings`:
 
   humaneval  the task's prompt verbatim (function signature + docstring); the program is
@@ -74,7 +74,7 @@ def truncate_at_stops(text: str, stops: list[str]) -> str:
 
 def sampling_params(*, max_new_tokens: int, stop: list[str], temperature: float = 0.0, top_p: float = 1.0,
                     seed: int | None = None) -> Any:
-    from phibook.generate import SamplingParams  # imports torch: only when requests are built
+    from phibook.inference.generate import SamplingParams  # imports torch: only when requests are built
 
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                           stop=list(stop))
@@ -138,7 +138,7 @@ class CodeTask(Task):
         ]
 
     def process_results(self, doc: dict, results: list) -> dict[str, float]:
-        from phibook.sandbox import check_many
+        from phibook.eval.sandbox import check_many
 
         pairs = [self.program(doc, truncate_at_stops(str(text), self.stops)) for text in results]
         outcomes = check_many(pairs, timeout_s=self.timeout_s, memory_mb=self.memory_mb)
@@ -305,7 +305,7 @@ class GSM8K(Task):
                                                                     stop=self.stops))]
 
     def process_results(self, doc: dict, results: list) -> dict[str, float]:
-        from phibook.sandbox import run_python
+        from phibook.eval.sandbox import run_python
 
         run = run_python(self.program(doc, truncate_at_stops(str(results[0]), self.stops)), timeout_s=self.timeout_s)
         pred = extract_program_answer(run.stdout) if run.status in ("ok", "error") else None

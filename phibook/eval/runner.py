@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from phibook.errors import PhibookError
 from phibook.eval.task import GenerationRequest, LoglikelihoodRequest, RollingLoglikelihoodRequest
-from phibook.model import KVCache, PhiModel
+from phibook.model.model import KVCache, PhiModel
 
 
 @dataclass
@@ -293,12 +293,12 @@ def prompt_keep(context: int, max_new_tokens: int) -> int:
 
 
 def _truncating_generator(model: PhiModel, tokenizer):
-    """A phibook.generate.Generator whose prompts are left-truncated to fit instead of refused.
+    """A phibook.inference.generate.Generator whose prompts are left-truncated to fit instead of refused.
 
     Overrides Generator._encode (token ids + per-row budget); counts the prompts it cut in
     `.n_truncated`. The task still builds programs and scores from its original prompt.
     """
-    from phibook.generate import Generator
+    from phibook.inference.generate import Generator
 
     class TruncatingGenerator(Generator):
         n_truncated = 0

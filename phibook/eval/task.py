@@ -37,7 +37,7 @@ class RollingLoglikelihoodRequest:
 @dataclass
 class GenerationRequest:
     prompt: str
-    params: Any  # phibook.generate.SamplingParams (kept untyped so this module imports without torch)
+    params: Any  # phibook.inference.generate.SamplingParams (kept untyped so this module imports without torch)
 
 
 Request = LoglikelihoodRequest | RollingLoglikelihoodRequest | GenerationRequest

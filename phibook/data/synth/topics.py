@@ -14,9 +14,9 @@ import os
 import re
 from pathlib import Path
 
+from phibook.data.synth.prompts import DocSpec, Topic
+from phibook.data.synth.teachers import Teacher, TeacherFailure
 from phibook.errors import PhibookError
-from phibook.synth.prompts import DocSpec, Topic
-from phibook.synth.teachers import Teacher, TeacherFailure
 
 ANGLES = [
     "an introduction", "everyday examples", "common mistakes", "a step-by-step guide", "history",

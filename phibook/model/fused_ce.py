@@ -20,7 +20,7 @@ is alive at once: one chunk of fp32 logits and the bf16 logit gradient.
 Numerics: the loss is computed in fp32 from logits in the compute dtype (as
 ``logits.float()`` in the usual path); loss and gradients match
 ``F.cross_entropy`` to rounding (tests/test_fused_ce.py). fp16 training keeps
-the plain loss (phibook/train.py says why).
+the plain loss (phibook/train/trainer.py says why).
 """
 
 from __future__ import annotations

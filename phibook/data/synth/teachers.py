@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from phibook.data.synth import exercises as ex
+from phibook.data.synth.prompts import DocSpec, Template, load_templates
 from phibook.errors import PhibookError
-from phibook.synth import exercises as ex
-from phibook.synth.prompts import DocSpec, Template, load_templates
 
 
 @dataclass
@@ -355,7 +355,7 @@ class LocalTeacher:
         return {"teacher": "local", "checkpoint": str(self.checkpoint), "sampling": self.sampling}
 
     async def start(self) -> None:
-        from phibook.generate import Generator
+        from phibook.inference.generate import Generator
 
         self._generator = Generator.from_path(self.checkpoint)
 
@@ -363,7 +363,7 @@ class LocalTeacher:
         self._generator = None
 
     async def generate(self, spec: DocSpec, prompt: str) -> TeacherReply:
-        from phibook.generate import SamplingParams
+        from phibook.inference.generate import SamplingParams
 
         params = SamplingParams(
             max_new_tokens=self.sampling["max_tokens"],

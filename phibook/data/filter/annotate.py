@@ -29,8 +29,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from phibook.data.filter.docs import doc_id, read_documents
 from phibook.errors import PhibookError
-from phibook.filter.docs import doc_id, read_documents
 
 PLACEHOLDERS = {"document", "subject", "scale_max"}
 NUMBER = r"(\d+(?:\.\d+)?)"
@@ -47,7 +47,7 @@ FINAL = {"ok", "malformed"}
 
 
 def default_prompt_path() -> Path:
-    return Path(str(resources.files("phibook") / "data" / "filter" / "annotate_prompt.txt"))
+    return Path(str(resources.files(__package__) / "annotate_prompt.txt"))
 
 
 def load_prompt(path: str | Path | None = None) -> str:
@@ -137,14 +137,14 @@ class AnnotateStats:
 
 def _spec(index: int, seed: int):
     """A placeholder DocSpec: teachers want one; for LocalTeacher it seeds sampling per attempt."""
-    from phibook.synth.prompts import DocSpec
+    from phibook.data.synth.prompts import DocSpec
 
     return DocSpec(index=index, seed=seed, topic="annotation", subject="annotation", subject_kind="knowledge",
                    genre="annotation", audience="annotator", style="rating")
 
 
 async def _annotate_one(teacher, doc, prompt, key, index, meta, max_malformed, scale_max, stats):
-    from phibook.synth.teachers import TeacherFailure
+    from phibook.data.synth.teachers import TeacherFailure
 
     answers: list[str] = []
     for attempt in range(max_malformed + 1):

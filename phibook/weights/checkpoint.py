@@ -4,7 +4,7 @@ A phibook checkpoint directory holds ``model.safetensors`` (our tensor names),
 ``config.json`` (``PhiConfig`` fields + ``"format": "phibook"``) and, when the
 model has one, ``tokenizer.json``. ``load_model`` also takes a training run
 directory (it picks the newest ``checkpoints/step_*``) or an HF directory in
-any of the layouts ``phibook.convert`` knows, stored as safetensors or
+any of the layouts ``phibook.weights.hf`` knows, stored as safetensors or
 pytorch_model.bin, single-file or sharded.
 """
 
@@ -25,12 +25,12 @@ import torch
 from torch import Tensor
 
 from phibook import __version__
-from phibook.config import PhiConfig
 from phibook.errors import PhibookError
-from phibook.model import PhiModel
+from phibook.model.config import PhiConfig
+from phibook.model.model import PhiModel
 
 if TYPE_CHECKING:
-    from phibook.tokenizer import Tokenizer
+    from phibook.model.tokenizer import Tokenizer
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -105,7 +105,7 @@ def write_model_files(directory: Path, model: PhiModel, tokenizer: Tokenizer | s
 
     Not atomic by itself: callers write into a temporary directory (see
     ``save_checkpoint`` / ``atomic_directory``). ``tokenizer`` is a
-    ``phibook.tokenizer.Tokenizer`` or a path to a tokenizer.json (or a
+    ``phibook.model.tokenizer.Tokenizer`` or a path to a tokenizer.json (or a
     directory holding one).
     """
     from safetensors.torch import save_file
@@ -287,7 +287,7 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 def read_config(directory: Path) -> tuple[PhiConfig, str]:
     """(config, source) from ``directory/config.json``; source is "phibook" or "hf"."""
-    from phibook.convert import hf_config_to_phi
+    from phibook.weights.hf import hf_config_to_phi
 
     path = directory / CONFIG_FILE
     try:
@@ -338,7 +338,7 @@ def load_model(
     rotary tables stay fp32. Bad input raises PhibookError naming the file or
     tensor at fault.
     """
-    from phibook.convert import detect_layout, foreign_to_phi, name_map
+    from phibook.weights.hf import detect_layout, foreign_to_phi, name_map
 
     dtype = _as_dtype(dtype)
     directory = find_checkpoint(path)
@@ -383,7 +383,7 @@ def _foreign_shapes(expected: dict[str, tuple[int, ...]], mapping: dict[str, tup
 
 
 def _check_foreign_extras(state: dict[str, Tensor], foreign: dict[str, Any], where: str) -> None:
-    from phibook.convert import IGNORED_SUFFIXES
+    from phibook.weights.hf import IGNORED_SUFFIXES
 
     extra = sorted(k for k in state if k not in foreign and not k.endswith(IGNORED_SUFFIXES))
     if extra:
@@ -392,7 +392,7 @@ def _check_foreign_extras(state: dict[str, Tensor], foreign: dict[str, Any], whe
 
 
 def _load_tokenizer(directory: Path, cfg: PhiConfig) -> Tokenizer | None:
-    from phibook.tokenizer import Tokenizer
+    from phibook.model.tokenizer import Tokenizer
 
     if not (directory / TOKENIZER_FILE).is_file():
         return None

@@ -63,7 +63,7 @@ class DocSpec:
 
 
 def _data_file(name: str) -> Path:
-    return Path(str(resources.files("phibook") / "data" / "synth" / name))
+    return Path(str(resources.files(__package__) / name))
 
 
 def load_topics(path: str | Path | None = None) -> list[Topic]:

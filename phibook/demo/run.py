@@ -196,7 +196,7 @@ def find_benchmarks(data_dir: str | Path | None) -> Path | None:
     if os.environ.get("PHIBOOK_DATA_DIR"):
         path = Path(os.environ["PHIBOOK_DATA_DIR"])
         return path if path.is_dir() else None
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     for base in (Path.cwd(), repo):
         path = base.parent / "shared" / "benchmarks"
         if path.is_dir():
@@ -237,9 +237,9 @@ def text_documents(paths: list[Path], out: Path, max_chars: int = 4000) -> int:
 
 
 def stage_synth(ctx: Demo) -> tuple[list[str], dict[str, Any]]:
-    from phibook.synth.prompts import load_templates, load_topics
-    from phibook.synth.run import run_synth
-    from phibook.synth.teachers import BuiltinTeacher
+    from phibook.data.synth.prompts import load_templates, load_topics
+    from phibook.data.synth.run import run_synth
+    from phibook.data.synth.teachers import BuiltinTeacher
 
     n = corpus_docs(ctx.opts.minutes)
     say(f"  the built-in offline teacher writes {n} textbook/exercise documents (verified worked solutions)")
@@ -258,7 +258,7 @@ def stage_synth(ctx: Demo) -> tuple[list[str], dict[str, Any]]:
 
 
 def stage_clean(ctx: Demo) -> tuple[list[str], dict[str, Any]]:
-    from phibook.clean import CleanConfig, clean
+    from phibook.data.clean import CleanConfig, clean
 
     inputs = [ctx.out / p for p in ctx.state.stages["synth"]["outputs"]]
     bench = ctx.benchmarks
@@ -272,7 +272,7 @@ def stage_clean(ctx: Demo) -> tuple[list[str], dict[str, Any]]:
 
 
 def stage_tokenizer(ctx: Demo) -> tuple[list[str], dict[str, Any]]:
-    from phibook.tokenizer import train_bpe
+    from phibook.model.tokenizer import train_bpe
 
     say(f"  byte-level BPE (codegen/GPT-2 shape), up to {TOKENIZER_VOCAB} tokens, on the cleaned documents")
     tok = train_bpe([ctx.out / "data/clean.jsonl"], TOKENIZER_VOCAB, ctx.out / "tokenizer",
@@ -282,7 +282,7 @@ def stage_tokenizer(ctx: Demo) -> tuple[list[str], dict[str, Any]]:
 
 
 def stage_tokenize(ctx: Demo) -> tuple[list[str], dict[str, Any]]:
-    from phibook.tokenize import tokenize_inputs
+    from phibook.data.tokenize import tokenize_inputs
 
     say(f"  shards + manifest.json, {VAL_FRACTION:.0%} of documents held out for validation loss")
     src = ctx.out / "data/clean.jsonl"
@@ -323,7 +323,7 @@ def heldout_exercises(seen: set[str], per_kind: int, seed: int) -> tuple[list[di
     Kinds whose whole question space is covered by training (one-digit facts, the ten Python
     functions) yield none; the note says so instead of scoring memorization as generalization.
     """
-    from phibook.synth.exercises import GENERATORS
+    from phibook.data.synth.exercises import GENERATORS
 
     items, notes = [], {}
     for kind in GENERATORS:
@@ -350,7 +350,7 @@ def answer_span(text: str, kind: str) -> str:
     """The answer in a continuation of "Question: q\\nAnswer:": the training layout is
     "Answer: {answer}. {explanation}", so cut at the first line and sentence end, then let
     ``extract_answer`` pick the number (arithmetic kinds) or the phrase."""
-    from phibook.synth.exercises import extract_answer
+    from phibook.data.synth.exercises import extract_answer
 
     first = text.strip().split("\n", 1)[0]
     first = first.split(". ", 1)[0]
@@ -363,7 +363,7 @@ def score_exercises(gen, items: list[dict[str, Any]], progress: bool, batch: int
     """Greedy answers to "Question: {q}\\nAnswer:", exact match after ``answer_span``."""
     from tqdm import tqdm
 
-    from phibook.generate import SamplingParams
+    from phibook.inference.generate import SamplingParams
 
     params = SamplingParams(max_new_tokens=20, temperature=0.0, stop=["\n"])
     rows = []
@@ -413,7 +413,7 @@ def validation_loss(model, manifest: Path, seq_len: int, sequences: int) -> floa
     import torch
     import torch.nn.functional as F
 
-    from phibook.loader import has_validation, validation_batches
+    from phibook.data.loader import has_validation, validation_batches
 
     if not has_validation(manifest):
         return None
@@ -428,8 +428,8 @@ def validation_loss(model, manifest: Path, seq_len: int, sequences: int) -> floa
 
 def evaluate_model(ctx: Demo, model_dir: Path, name: str) -> dict[str, Any]:
     """Held-out exercises + benchmark subsets for one checkpoint -> eval/{name}.json."""
-    from phibook.checkpoint import load_model
-    from phibook.generate import Generator
+    from phibook.inference.generate import Generator
+    from phibook.weights.checkpoint import load_model
 
     loaded = load_model(model_dir)
     items = _read_json(ctx.out / "eval/heldout.json")["items"]
@@ -458,10 +458,10 @@ def stage_baseline(ctx: Demo) -> tuple[list[str], dict[str, Any]]:
     """The step-0 model (the trainer's own init, same seed) saved to init/ and scored."""
     import torch
 
-    from phibook.checkpoint import save_checkpoint
-    from phibook.model import PhiModel
-    from phibook.tokenizer import Tokenizer
-    from phibook.train import model_config
+    from phibook.model.model import PhiModel
+    from phibook.model.tokenizer import Tokenizer
+    from phibook.train.trainer import model_config
+    from phibook.weights.checkpoint import save_checkpoint
 
     (ctx.out / "eval").mkdir(exist_ok=True)
     seen = training_questions([ctx.out / "data/clean.jsonl"])
@@ -506,7 +506,7 @@ def pick_precision() -> str:
     about 4x on the 2-core reference machine), else fp32 (bf16 is emulated and slower there)."""
     import torch
 
-    from phibook.train import measure_matmul_flops
+    from phibook.train.trainer import measure_matmul_flops
 
     cpu = torch.device("cpu")
     fp32 = measure_matmul_flops(cpu, torch.float32, seconds=0.4)
@@ -527,7 +527,7 @@ def plan_steps(step_seconds: float, budget_s: float, done_steps: int) -> dict[st
 
 
 def stage_train(ctx: Demo) -> tuple[list[str], dict[str, Any]]:
-    from phibook.train import train
+    from phibook.train.trainer import train
 
     run_dir = ctx.out / "run"
     data = ctx.out / "shards/manifest.json"
@@ -582,7 +582,7 @@ def stage_train(ctx: Demo) -> tuple[list[str], dict[str, Any]]:
 
 
 def latest_model(run_dir: Path) -> Path:
-    from phibook.checkpoint import find_checkpoint
+    from phibook.weights.checkpoint import find_checkpoint
 
     return find_checkpoint(run_dir)
 
@@ -600,11 +600,11 @@ def stage_evaluate(ctx: Demo) -> tuple[list[str], dict[str, Any]]:
 
 
 def sample_generations(model_dir: Path, max_new_tokens: int = 96, progress: bool = True) -> list[dict[str, Any]]:
-    """One greedy generation per report prompt format (phibook.templates), with its stop strings."""
+    """One greedy generation per report prompt format (phibook.inference.templates), with its stop strings."""
     from tqdm import tqdm
 
-    from phibook.generate import Generator, SamplingParams
-    from phibook.templates import get_template
+    from phibook.inference.generate import Generator, SamplingParams
+    from phibook.inference.templates import get_template
 
     gen = Generator.from_path(model_dir)
     out = []
@@ -628,7 +628,7 @@ def sample_generations(model_dir: Path, max_new_tokens: int = 96, progress: bool
 def write_samples(samples: list[dict[str, Any]], out: Path, model_dir: Path) -> None:
     _write_json(out / "samples.json", {"model": str(model_dir), "samples": samples})
     parts = [f"# Sample generations\n\nModel: `{model_dir}`; greedy, repetition penalty 1.1, "
-             "each format's stop strings (phibook/templates.py).\n"]
+             "each format's stop strings (phibook/inference/templates.py).\n"]
     for s in samples:
         parts.append(f"## {s['format']}\n\n```text\n{s['prompt']}{s['completion']}\n```\n\n"
                      f"({s['tokens']} tokens, finish: {s['finish_reason']})\n")
@@ -647,7 +647,7 @@ def stage_samples(ctx: Demo) -> tuple[list[str], dict[str, Any]]:
 
 
 def stage_report(ctx: Demo) -> tuple[list[str], dict[str, Any]]:
-    from phibook.report import write_report
+    from phibook.demo.report import write_report
 
     paths = write_report(ctx.out, ctx.out)
     return [p.name for p in paths], {}
@@ -687,7 +687,7 @@ class Demo:
             self.opts.minutes = recorded
 
     def train_config(self, **overrides):
-        from phibook.train import resolve_config
+        from phibook.train.trainer import resolve_config
 
         sets = {**TRAIN_SETTINGS, "seed": self.opts.seed, "eval_sequences": EVAL_SEQUENCES,
                 "precision": self.state.data.get("precision", "fp32"), **overrides}

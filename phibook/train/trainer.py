@@ -29,8 +29,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from phibook.config import PRESETS, PhiConfig, padded_vocab_size
 from phibook.errors import PhibookError
+from phibook.model.config import PRESETS, PhiConfig, padded_vocab_size
 
 METRICS_FILE = "metrics.jsonl"
 RESOLVED_CONFIG = "config.resolved.json"
@@ -87,7 +87,7 @@ class TrainConfig:
     cpu_keep_memory: bool = _f(
         True,
         "on CPU (glibc): keep freed memory in the process instead of unmapping it, so the large "
-        "per-step tensors reuse pages rather than page-faulting fresh ones every step (phibook/cpu_malloc.py)",
+        "per-step tensors reuse pages rather than page-faulting fresh ones every step (phibook/train/cpu_malloc.py)",
     )
     fused_adamw: bool = _f(
         True, "AdamW as one fused kernel per parameter group (CPU and CUDA); false = torch's default loop"
@@ -344,7 +344,7 @@ def measure_matmul_flops(device, dtype, seconds: float = 1.0) -> float:
 
 def find_tokenizer_file(data: str | Path) -> Path | None:
     """The tokenizer.json that made the shards: the manifest's tokenizer path, or one beside a manifest."""
-    from phibook.mixture import load_data
+    from phibook.data.mixture import load_data
 
     mixture = load_data(data)
     for source in mixture.sources:
@@ -399,7 +399,7 @@ def _finite_or_none(x: float) -> float | None:
 
 def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool = False) -> int:
     """Train per ``cfg`` on ``data`` into the run directory ``out``; returns the exit code."""
-    from phibook.parallel import destroy_distributed, init_distributed
+    from phibook.train.parallel import destroy_distributed, init_distributed
 
     info = init_distributed(cfg.device)
     try:
@@ -425,13 +425,13 @@ class _Trainer:
     def setup(self) -> None:
         import torch
 
-        from phibook.loader import PackedLoader, has_validation
-        from phibook.parallel import barrier, parallelize
+        from phibook.data.loader import PackedLoader, has_validation
+        from phibook.train.parallel import barrier, parallelize
 
         cfg, info = self.cfg, self.info
         prepare_run_dir(self.out, self.resume)
         if cfg.cpu_keep_memory and info.device.type == "cpu":
-            from phibook.cpu_malloc import keep_freed_memory
+            from phibook.train.cpu_malloc import keep_freed_memory
 
             keep_freed_memory()
         world = info.world_size
@@ -443,7 +443,7 @@ class _Trainer:
             )
         self.accum = cfg.global_batch // (cfg.micro_batch * world)
 
-        from phibook.mixture import load_data
+        from phibook.data.mixture import load_data
 
         mixture = load_data(self.data)
         mcfg = model_config(cfg, mixture.vocab_size, log=self.log)
@@ -493,7 +493,7 @@ class _Trainer:
         self.tokenizer_src = self._tokenizer_file()
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            from phibook.train_state import remove_stale_tmp, write_json_atomic
+            from phibook.train.state import remove_stale_tmp, write_json_atomic
 
             for p in remove_stale_tmp(self.out):
                 self.log(f"removed the unfinished checkpoint {p.name} left by a killed run")
@@ -516,7 +516,7 @@ class _Trainer:
                 "and config only"
             )
             return None
-        from phibook.tokenizer import Tokenizer
+        from phibook.model.tokenizer import Tokenizer
 
         fp = Tokenizer.from_file(src).fingerprint
         if fp != self.loader.tokenizer_fingerprint:
@@ -529,7 +529,7 @@ class _Trainer:
     def _optimizer(self):
         import torch
 
-        from phibook.parallel import unwrap
+        from phibook.train.parallel import unwrap
 
         groups = param_groups(unwrap(self.model), self.cfg)
         for g in groups:
@@ -542,7 +542,7 @@ class _Trainer:
         )
 
     def _maybe_resume(self) -> None:
-        from phibook.train_state import latest_checkpoint, load_checkpoint, read_train_state
+        from phibook.train.state import latest_checkpoint, load_checkpoint, read_train_state
 
         if not self.resume:
             return
@@ -599,7 +599,7 @@ class _Trainer:
         import torch
         import torch.nn.functional as F
 
-        from phibook.parallel import all_reduce_mean, set_grad_sync
+        from phibook.train.parallel import all_reduce_mean, set_grad_sync
 
         cfg, info = self.cfg, self.info
         lr = lr_at(cfg, step - 1)
@@ -640,8 +640,8 @@ class _Trainer:
         import torch
         import torch.nn.functional as F
 
-        from phibook.loader import validation_batches
-        from phibook.parallel import gather_objects
+        from phibook.data.loader import validation_batches
+        from phibook.train.parallel import gather_objects
 
         info = self.info
         batch = self.cfg.micro_batch * info.world_size
@@ -677,7 +677,7 @@ class _Trainer:
     # -- checkpoints ----------------------------------------------------------
 
     def save(self, step: int, elapsed: float) -> None:
-        from phibook.train_state import save_checkpoint
+        from phibook.train.state import save_checkpoint
 
         state = {
             "step": step,
@@ -698,14 +698,14 @@ class _Trainer:
         """Write model.safetensors + config.json (+ tokenizer.json) from a full CPU state dict."""
         import torch
 
-        from phibook.checkpoint import write_model_files
+        from phibook.weights.checkpoint import write_model_files
 
         with torch.device("meta"):
             model = _build_model(self.mcfg)
         model.load_state_dict(state_dict, assign=True)
         tokenizer = None
         if self.tokenizer_src is not None:
-            from phibook.tokenizer import Tokenizer
+            from phibook.model.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.from_file(self.tokenizer_src)
         write_model_files(directory, model, tokenizer=tokenizer)
@@ -792,7 +792,7 @@ class _Trainer:
         return 0
 
     def _nonfinite_message(self, exc: NonFiniteLoss) -> str:
-        from phibook.train_state import latest_checkpoint
+        from phibook.train.state import latest_checkpoint
 
         last = latest_checkpoint(self.out)
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
@@ -820,6 +820,6 @@ class NonFiniteLoss(Exception):
 
 
 def _build_model(mcfg: PhiConfig):
-    from phibook.model import PhiModel
+    from phibook.model.model import PhiModel
 
     return PhiModel(mcfg)

@@ -37,8 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from phibook.errors import PhibookError
-from phibook.shards import (
+from phibook.data.shards import (
     MANIFEST,
     SPLITS,
     Manifest,
@@ -48,6 +47,7 @@ from phibook.shards import (
     dtype_name,
     load_manifest,
 )
+from phibook.errors import PhibookError
 
 WORK_DIR = ".work"
 TOKENIZER_COPY = "tokenizer.json"
@@ -406,7 +406,7 @@ def _worker_init(tokenizer_path: str, fingerprint: str, options: Options, work: 
     # One process per core already; keep the Rust encoder to one thread each.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
-    from phibook.tokenizer import Tokenizer
+    from phibook.model.tokenizer import Tokenizer
 
     _WORKER.update(
         # The parent's fingerprint: hashing the vocabulary again costs each worker about a second.
@@ -452,7 +452,7 @@ def tokenize_inputs(
     progress: bool = True,
 ) -> Manifest:
     """Tokenize ``inputs`` into ``out`` (shards + manifest.json); see the module docstring."""
-    from phibook.tokenizer import Tokenizer
+    from phibook.model.tokenizer import Tokenizer
 
     if not 0.0 <= val_fraction < 1.0:
         raise PhibookError(f"--val-fraction must be in [0, 1), got {val_fraction}")

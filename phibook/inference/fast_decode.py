@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from phibook.model import KVCache, PhiModel
+from phibook.model.model import KVCache, PhiModel
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
@@ -102,7 +102,7 @@ class _FusedBlock:
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """phibook.model.apply_rotary's math on (B, T, heads, D) with cos/sin (B|1, T, 1, R)."""
+    """phibook.model.model.apply_rotary's math on (B, T, heads, D) with cos/sin (B|1, T, 1, R)."""
     r = cos.shape[-1]
     x_rot, x_pass = x[..., :r], x[..., r:]
     x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
@@ -157,7 +157,7 @@ class FastForward:
         Returns (FastForward, LoadedModel); the LoadedModel's model has its
         block and head weights freed (its embedding and config remain).
         """
-        from phibook.checkpoint import load_model
+        from phibook.weights.checkpoint import load_model
 
         loaded = load_model(path, dtype=dtype)
         return cls(loaded.model, pack=pack, release_model=True), loaded

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from phibook.config import PhiConfig
+from phibook.model.config import PhiConfig
 
 # --------------------------------------------------------------------------- rotary
 
@@ -195,7 +195,7 @@ class PhiModel(nn.Module):
             covers every position up to the end of this call (cache included).
         targets: (B, T) next-token ids for training: return the mean cross entropy
             (an fp32 scalar) instead of the logits, computed through the LM head in
-            chunks without materializing them (phibook/fused_ce.py). It is inside
+            chunks without materializing them (phibook/model/fused_ce.py). It is inside
             forward so DDP/FSDP hooks see the LM head used.
         """
         B, T = idx.shape
@@ -217,7 +217,7 @@ class PhiModel(nn.Module):
         if cache is not None:
             cache.pos += T
         if targets is not None:
-            from phibook.fused_ce import linear_cross_entropy
+            from phibook.model.fused_ce import linear_cross_entropy
 
             return linear_cross_entropy(self.ln_f(x), self.lm_head.weight, self.lm_head.bias, targets)
         return self.lm_head(self.ln_f(x))

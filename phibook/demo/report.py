@@ -124,7 +124,7 @@ def unigram_entropy(manifest_path: Path, split: str = "train") -> float | None:
     """Entropy (nats/token) of the shards' token frequencies: the loss of a model that ignores context."""
     import numpy as np
 
-    from phibook.shards import load_manifest
+    from phibook.data.shards import load_manifest
 
     try:
         m = load_manifest(manifest_path)
@@ -403,7 +403,7 @@ def config_section(d: ReportData) -> Section:
 
 def _params(model: dict[str, Any]) -> int | None:
     try:
-        from phibook.config import PhiConfig
+        from phibook.model.config import PhiConfig
 
         return PhiConfig.from_dict(model).num_params()
     except Exception:  # noqa: BLE001 - an unknown config layout just leaves the count out
@@ -493,7 +493,7 @@ def exercises_section(d: ReportData, images: list[Image]) -> Section | None:
         "Exercises from the built-in teacher's generators with a different seed, keeping only questions that "
         f"appear in none of the {(d.heldout or {}).get('training_questions', 0):,} training exercises. Prompt "
         "\"Question: {q}\\nAnswer:\", greedy decoding, the answer cut at the end of its first sentence, exact "
-        "match (phibook.synth.exercises.extract_answer). Before = the step-0 model (the trainer's init).")
+        "match (phibook.data.synth.exercises.extract_answer). Before = the step-0 model (the trainer's init).")
     png = accuracy_plot(d.before, d.after)
     if png:
         img = Image("report-exercises.png", png, "held-out exercise accuracy before and after training")
@@ -567,7 +567,7 @@ def samples_section(d: ReportData) -> Section | None:
         return None
     s = Section("samples", "Sample generations")
     s.blocks.append(f"One greedy generation in each of the report's prompt formats (section 5; "
-                    f"phibook/templates.py), repetition penalty 1.1, from {d.samples.get('model')}. "
+                    f"phibook/inference/templates.py), repetition penalty 1.1, from {d.samples.get('model')}. "
                     "The prompt is highlighted.")
     for smp in d.samples["samples"]:
         s.blocks.append(("h3", f"{smp['format']}"))
@@ -588,7 +588,7 @@ def _shown(sample: dict[str, Any]) -> str:
 def timings_section(d: ReportData) -> Section | None:
     if not d.demo:
         return None
-    from phibook.demo import STAGE_TITLES, STAGES
+    from phibook.demo.run import STAGE_TITLES, STAGES
 
     s = Section("timings", "Timings")
     st = d.demo["stages"]
@@ -706,8 +706,8 @@ def maybe_samples(d: ReportData, out: Path, progress: bool = True) -> None:
     """Samples from a plain run's newest checkpoint when the model is small (seconds on a CPU)."""
     if d.demo or d.samples or d.run_dir is None:
         return
-    from phibook.checkpoint import find_checkpoint
-    from phibook.demo import sample_generations, write_samples
+    from phibook.demo.run import sample_generations, write_samples
+    from phibook.weights.checkpoint import find_checkpoint
 
     try:
         ckpt = find_checkpoint(d.run_dir)

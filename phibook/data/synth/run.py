@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phibook.data.synth.prompts import DocSpec, Template, Topic, doc_id, plan, render_prompt
+from phibook.data.synth.teachers import Teacher, TeacherFailure
 from phibook.errors import PhibookError
-from phibook.synth.prompts import DocSpec, Template, Topic, doc_id, plan, render_prompt
-from phibook.synth.teachers import Teacher, TeacherFailure
 
 
 @dataclass

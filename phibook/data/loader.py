@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from phibook.data.mixture import Mixture, Source, load_data
+from phibook.data.shards import ShardInfo
 from phibook.errors import PhibookError
-from phibook.mixture import Mixture, Source, load_data
-from phibook.shards import ShardInfo
 
 STATE_VERSION = 1
 

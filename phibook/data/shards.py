@@ -325,7 +325,7 @@ def write_shard_set(
 
     ``documents`` maps a split ("train", "val") to its documents' token ids;
     ``tokenizer`` needs fingerprint, vocab_size and eos_id. The CLI stage for
-    real corpora is ``phibook tokenize`` (phibook.tokenize).
+    real corpora is ``phibook tokenize`` (phibook.data.tokenize).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from phibook.config import PhiConfig
 from phibook.errors import PhibookError
+from phibook.model.config import PhiConfig
 
-# Our names (see phibook/model.py) -> theirs. {p} is "weight" or "bias".
+# Our names (see phibook/model/model.py) -> theirs. {p} is "weight" or "bias".
 LAYOUTS: dict[str, dict[str, str | tuple[str, ...]]] = {
     "hf": {
         "embed.weight": "model.embed_tokens.weight",
@@ -297,7 +297,7 @@ def export_hf(
     """
     from safetensors.torch import save_file
 
-    from phibook.checkpoint import atomic_directory, load_model
+    from phibook.weights.checkpoint import atomic_directory, load_model
 
     loaded = load_model(src, dtype=dtype)
     cfg, tok = loaded.config, loaded.tokenizer

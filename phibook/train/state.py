@@ -3,7 +3,7 @@
 Layout (DESIGN.md's checkpoint contract)::
 
     RUN_DIR/checkpoints/step_00001000/
-        model.safetensors, config.json, tokenizer.json   (phibook.checkpoint.write_model_files)
+        model.safetensors, config.json, tokenizer.json   (phibook.weights.checkpoint.write_model_files)
         optimizer.pt      full (unsharded) AdamW state, keyed by parameter name
         rng.pt            python / numpy / torch (cpu, cuda) RNG states, one entry per rank
         train_state.json  step, tokens, elapsed, data-loader cursor, loss scaler, config
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from phibook.errors import PhibookError
-from phibook.parallel import DistInfo, barrier, gather_objects
+from phibook.train.parallel import DistInfo, barrier, gather_objects
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "train_state.json"
@@ -270,7 +270,7 @@ def load_checkpoint(
 
 def _check_shapes(model: nn.Module, saved: dict[str, torch.Tensor], ckpt: Path) -> None:
     """Name the first tensor whose shape differs, instead of a long load_state_dict dump."""
-    from phibook.parallel import unwrap
+    from phibook.train.parallel import unwrap
 
     expected = {k: tuple(shape) for k, shape in _full_shapes(unwrap(model)).items()}
     for name, shape in expected.items():

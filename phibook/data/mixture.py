@@ -17,8 +17,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from phibook.data.shards import Manifest, load_manifest
 from phibook.errors import PhibookError
-from phibook.shards import Manifest, load_manifest
 
 
 @dataclass

@@ -34,10 +34,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from phibook.errors import PhibookError
-from phibook.generate import Completion, Generator, SamplingParams
-from phibook.templates import BOT_NAME, USER_NAME, get_template
+from phibook.inference.generate import Completion, Generator, SamplingParams
+from phibook.inference.templates import BOT_NAME, USER_NAME, get_template
 
-log = logging.getLogger("phibook.server")
+log = logging.getLogger("phibook.serve.server")
 
 # The report's chat format (section 5): "Alice: ...\nBob:". A turn ends when the
 # model starts the next speaker's line: the chat template's stops (as `phibook chat`).

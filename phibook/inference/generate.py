@@ -37,11 +37,11 @@ import torch
 from torch import Tensor
 
 from phibook.errors import PhibookError
-from phibook.model import KVCache, PhiModel
+from phibook.model.model import KVCache, PhiModel
 
 if TYPE_CHECKING:
-    from phibook.fast_decode import FastForward
-    from phibook.tokenizer import Tokenizer
+    from phibook.inference.fast_decode import FastForward
+    from phibook.model.tokenizer import Tokenizer
 
 
 @dataclass
@@ -97,7 +97,7 @@ class _RowText:
     """One row's decoded text, with stop-string search and safe release."""
 
     def __init__(self, tokenizer: Tokenizer, stops: list[str]) -> None:
-        from phibook.tokenizer import StreamDecoder
+        from phibook.model.tokenizer import StreamDecoder
 
         self.decoder = StreamDecoder(tokenizer)
         self.stops = stops
@@ -242,7 +242,7 @@ class _Batch:
 
     def __init__(self, gen: Generator, prompt_ids: list[list[int]], budgets: list[int], sampling: _RowSampling):
         self.model, self.device = gen.model, gen.device
-        self.forward = gen.forward  # the model itself, or the fast path (phibook.fast_decode)
+        self.forward = gen.forward  # the model itself, or the fast path (phibook.inference.fast_decode)
         self.n_real = gen.n_real_vocab
         self.sampling = sampling
         lengths = [len(p) for p in prompt_ids]
@@ -321,13 +321,13 @@ class Generator:
         device: torch.device | str | None = None,
         fast: bool | FastForward = False,
     ) -> None:
-        """fast=True runs prefill and decode through phibook.fast_decode.FastForward
+        """fast=True runs prefill and decode through phibook.inference.fast_decode.FastForward
         (prepacked, fused weights: a second copy of them unless a FastForward built
         with release_model=True is passed instead of True)."""
         self.model = model.eval()
         self.forward: Callable[..., Tensor] = model
         if fast is True:
-            from phibook.fast_decode import FastForward
+            from phibook.inference.fast_decode import FastForward
 
             fast = FastForward(model)
         if fast:
@@ -354,18 +354,18 @@ class Generator:
         dtype: torch.dtype = torch.float32,
         fast: bool = False,
     ) -> Generator:
-        """Load a phibook checkpoint or HF directory (see phibook.checkpoint.load_model).
+        """Load a phibook checkpoint or HF directory (see phibook.weights.checkpoint.load_model).
 
-        fast=True packs the weights for phibook.fast_decode and frees the
+        fast=True packs the weights for phibook.inference.fast_decode and frees the
         model's own copies as it goes (one copy in memory, not two).
         """
-        from phibook.checkpoint import load_model
+        from phibook.weights.checkpoint import load_model
 
         loaded = load_model(path, device=device, dtype=dtype)
         if loaded.tokenizer is None:
             raise PhibookError(f"{path}: no tokenizer.json found beside the model; generation needs one")
         if fast:
-            from phibook.fast_decode import FastForward
+            from phibook.inference.fast_decode import FastForward
 
             return cls(loaded.model, loaded.tokenizer, device=device, fast=FastForward(loaded.model, release_model=True))
         return cls(loaded.model, loaded.tokenizer, device=device)

@@ -1,0 +1,2 @@
+"""The OpenAI-compatible HTTP server (server.py) behind ``phibook serve``.
+"""
