@@ -5,7 +5,7 @@
 
 Model: random weights of the --preset shape (default phi-mini: 12 layers, d=512) with the
 codegen-mono tokenizer (the phi-1.5 tokenizer, so the vocabulary is phi-1.5's 51,200 rows), saved as
-a phibook checkpoint and exported to an HF directory (phibook.weights.hf.export_hf). BOTH systems load
+a phibook checkpoint and exported to an HF directory (phibook.weights.export.export_hf). BOTH systems load
 that same HF directory, in float32, on the CPU.
 
 Data: the first --limit documents of winogrande, arc_easy, arc_challenge, boolq, siqa, piqa,
@@ -58,7 +58,7 @@ def build_model(preset: str, work: Path) -> Path:
     from phibook.model.model import PhiModel
     from phibook.model.tokenizer import Tokenizer
     from phibook.weights.checkpoint import save_checkpoint
-    from phibook.weights.hf import export_hf
+    from phibook.weights.export import export_hf
 
     tok = Tokenizer.from_file(TOKENIZER)
     cfg = PhiConfig.from_name(preset, vocab_size=padded_vocab_size(tok.vocab_size))

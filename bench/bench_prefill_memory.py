@@ -41,7 +41,7 @@ def make_checkpoints(root: Path, preset: str) -> None:
     from common import build_ours
 
     from phibook.weights.checkpoint import save_checkpoint
-    from phibook.weights.hf import export_hf
+    from phibook.weights.export import export_hf
 
     if not (root / "phibook" / "config.json").exists():
         print(f"writing a random {preset} bf16 checkpoint to {root / 'phibook'}", file=sys.stderr)

@@ -277,7 +277,7 @@ def test_missing_path_mentions_interrupted_save(tmp_path: Path, tiny_checkpoint:
 
 
 def test_hf_dir_errors_use_hf_tensor_names(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    from phibook.weights.hf import export_hf
+    from phibook.weights.export import export_hf
 
     hf_dir = export_hf(tiny_checkpoint, tmp_path / "hf")
     data = json.loads((hf_dir / CONFIG_FILE).read_text())

@@ -141,7 +141,7 @@ def test_lmeval_parity_all_mc_tasks(tiny_checkpoint: Path, shared_dir: Path, tmp
     from lm_eval.tasks import TaskManager
 
     from phibook.weights.checkpoint import load_model
-    from phibook.weights.hf import export_hf
+    from phibook.weights.export import export_hf
 
     hf_dir = export_hf(tiny_checkpoint, tmp_path / "hf")
     bench = shared_dir / "benchmarks"

@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from phibook.model.config import PhiConfig
 from phibook.model.model import KVCache, PhiModel
 from phibook.weights.checkpoint import load_model
-from phibook.weights.hf import export_hf, foreign_to_phi, phi_to_hf_config
+from phibook.weights.export import export_hf
+from phibook.weights.hf import foreign_to_phi, phi_to_hf_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -52,7 +52,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from phibook.errors import PhibookError
-    from phibook.weights.hf import export_hf
+    from phibook.weights.export import export_hf
 
     out = args.out_dir
     if out.resolve() == args.ckpt.resolve():

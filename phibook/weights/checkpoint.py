@@ -28,6 +28,7 @@ from phibook import __version__
 from phibook.errors import PhibookError
 from phibook.model.config import PhiConfig
 from phibook.model.model import PhiModel
+from phibook.weights.hf import IGNORED_SUFFIXES, detect_layout, foreign_to_phi, hf_config_to_phi, name_map
 
 if TYPE_CHECKING:
     from phibook.model.tokenizer import Tokenizer
@@ -287,8 +288,6 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 def read_config(directory: Path) -> tuple[PhiConfig, str]:
     """(config, source) from ``directory/config.json``; source is "phibook" or "hf"."""
-    from phibook.weights.hf import hf_config_to_phi
-
     path = directory / CONFIG_FILE
     try:
         data = json.loads(path.read_text())
@@ -338,8 +337,6 @@ def load_model(
     rotary tables stay fp32. Bad input raises PhibookError naming the file or
     tensor at fault.
     """
-    from phibook.weights.hf import detect_layout, foreign_to_phi, name_map
-
     dtype = _as_dtype(dtype)
     directory = find_checkpoint(path)
     cfg, source = read_config(directory)
@@ -383,8 +380,6 @@ def _foreign_shapes(expected: dict[str, tuple[int, ...]], mapping: dict[str, tup
 
 
 def _check_foreign_extras(state: dict[str, Tensor], foreign: dict[str, Any], where: str) -> None:
-    from phibook.weights.hf import IGNORED_SUFFIXES
-
     extra = sorted(k for k in state if k not in foreign and not k.endswith(IGNORED_SUFFIXES))
     if extra:
         more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""

@@ -1,4 +1,8 @@
-"""Hugging Face interop: explicit name maps, q/k/v split and fuse, config translation, export.
+"""Hugging Face import: explicit name maps, q/k/v split and fuse, config translation.
+
+This module knows the foreign layouts and nothing of phibook's own files:
+phibook.weights.checkpoint reads HF directories through it, and
+phibook.weights.export writes them with it (both sit above it).
 
 Three foreign layouts hold phi weights:
 
@@ -18,9 +22,6 @@ mixformer block index) and ``last`` (n_layer + 1, the mixformer head index).
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -265,56 +266,3 @@ def phi_to_hf(state: dict[str, Tensor], cfg: PhiConfig) -> dict[str, Tensor]:
             for name, piece in zip(parts, tensor.chunk(len(parts), dim=0)):
                 out[name] = piece.contiguous()
     return out
-
-
-# --------------------------------------------------------------------------- export
-
-
-def hf_tokenizer_config(eos_token: str, max_len: int) -> dict[str, Any]:
-    """The smallest tokenizer_config.json that makes AutoTokenizer use our tokenizer.json as is."""
-    return {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": eos_token,
-        "eos_token": eos_token,
-        "unk_token": eos_token,
-        "model_max_length": max_len,
-        "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,
-    }
-
-
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def export_hf(
-    src: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | str | None = None
-) -> Path:
-    """Write ``out_dir`` as an HF directory that ``AutoModelForCausalLM.from_pretrained`` loads.
-
-    ``src`` is anything ``load_model`` accepts. The directory is built under a
-    temporary name and renamed into place, so a crash leaves no half export.
-    ``dtype`` None keeps the stored precision.
-    """
-    from safetensors.torch import save_file
-
-    from phibook.weights.checkpoint import atomic_directory, load_model
-
-    loaded = load_model(src, dtype=dtype)
-    cfg, tok = loaded.config, loaded.tokenizer
-    state = phi_to_hf(loaded.model.state_dict(), cfg)
-    stored = next(iter(state.values())).dtype
-    eos_id = tok.eos_id if tok is not None else None
-    with atomic_directory(Path(out_dir)) as tmp:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        hf_cfg = phi_to_hf_config(cfg, eos_id, eos_id, DTYPE_NAMES.get(stored, "float32"))
-        _write_json(tmp / "config.json", hf_cfg)
-        gen = {"bos_token_id": eos_id, "eos_token_id": eos_id, "do_sample": False}
-        _write_json(tmp / "generation_config.json", gen)
-        if tok is not None:
-            tok.save(tmp)
-            _write_json(tmp / "tokenizer_config.json", hf_tokenizer_config(tok.eos_token, cfg.max_seq_len))
-    return Path(out_dir)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
