@@ -31,8 +31,11 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from phibook.demo.report import write_report
+    from phibook.demo.samples import sample_training_run
 
-    paths = write_report(args.run_dir, args.out, samples=not args.no_samples)
+    if not args.no_samples:  # the one step that runs a model; the renderer only reads files
+        sample_training_run(args.run_dir, args.out)
+    paths = write_report(args.run_dir, args.out)
     for p in paths[:2]:
         print(p)
     return 0

@@ -8,9 +8,9 @@ disk. Plots are matplotlib PNGs drawn with the Agg backend.
 
 What goes in depends on what the directory holds: a demo directory
 (stages.json) gives every section; a plain run directory gives configuration,
-loss curves and throughput, plus samples from its newest checkpoint when the
-model is small enough to sample on a CPU in seconds, plus any `phibook eval`
-results JSON found in it.
+loss curves and throughput, the samples `phibook report` wrote beside it
+(phibook.demo.samples), and any `phibook eval` results JSON found in it. This
+module only reads and renders: it never loads or runs a model.
 """
 
 from __future__ import annotations
@@ -27,13 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phibook.demo.stages import STAGE_TITLES, STAGES
 from phibook.errors import PhibookError
 
 # Chance accuracy of the zero-shot multiple-choice tasks (1 / number of choices).
 CHANCE = {"winogrande": 1 / 2, "arc_easy": 1 / 4, "arc_challenge": 1 / 4, "boolq": 1 / 2, "siqa": 1 / 3,
           "piqa": 1 / 2, "hellaswag": 1 / 4, "openbookqa": 1 / 4}
-# Samples are generated for `phibook report RUN_DIR` only below this size (a CPU does it in seconds).
-SAMPLE_MAX_PARAMS = 60_000_000
 
 CSS = """
 body{font:15px/1.5 -apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;color:#1f2328;
@@ -588,7 +587,6 @@ def _shown(sample: dict[str, Any]) -> str:
 def timings_section(d: ReportData) -> Section | None:
     if not d.demo:
         return None
-    from phibook.demo.run import STAGE_TITLES, STAGES
 
     s = Section("timings", "Timings")
     st = d.demo["stages"]
@@ -702,33 +700,18 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def maybe_samples(d: ReportData, out: Path, progress: bool = True) -> None:
-    """Samples from a plain run's newest checkpoint when the model is small (seconds on a CPU)."""
-    if d.demo or d.samples or d.run_dir is None:
-        return
-    from phibook.demo.run import sample_generations, write_samples
-    from phibook.weights.checkpoint import find_checkpoint
+def write_report(path: str | Path, out: str | Path | None = None) -> list[Path]:
+    """Write report.md, report.html (and the Markdown's PNGs) for a demo or run directory.
 
-    try:
-        ckpt = find_checkpoint(d.run_dir)
-    except PhibookError:
-        return
-    n = _params((d.config or {}).get("model") or {})
-    if n is None or n > SAMPLE_MAX_PARAMS or not (ckpt / "tokenizer.json").exists():
-        return
-    samples = sample_generations(ckpt, progress=progress)
-    write_samples(samples, out, ckpt)
-    d.samples = _load(out / "samples.json")
-
-
-def write_report(path: str | Path, out: str | Path | None = None, samples: bool = True,
-                 progress: bool = True) -> list[Path]:
-    """Write report.md, report.html (and the Markdown's PNGs) for a demo or run directory."""
+    A pure renderer: it reads what the directory holds (and samples.json in
+    ``out``, where `phibook report` writes a plain run's samples) and never
+    loads or runs a model.
+    """
     d = gather(path)
     out = Path(out) if out else d.root
     out.mkdir(parents=True, exist_ok=True)
-    if samples:
-        maybe_samples(d, out, progress)
+    if d.samples is None:
+        d.samples = _load(out / "samples.json")
     sections, images = build_sections(d)
     if d.demo:
         title = "phibook demo report"

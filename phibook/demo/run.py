@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phibook.demo.samples import SAMPLE_PROMPTS, sample_generations, write_samples
+from phibook.demo.stages import PRESET, STAGE_TITLES, STAGES
 from phibook.errors import PhibookError
 
-STAGES = ["synth", "clean", "tokenizer", "tokenize", "baseline", "train", "evaluate", "samples", "report"]
 STATE_FILE = "stages.json"
 FORMAT = "phibook-demo"
 
@@ -58,7 +59,6 @@ TRAIN_SETTINGS = {
     "device": "cpu",
     "log_every": 25,
 }
-PRESET = "phi-tiny"
 CALIBRATION_STEPS = 6
 # The fewest steps the demo trains, whatever the budget: about 400K tokens, where phi-tiny has
 # learned the exercises' answer format and beats the untrained model on held-out questions.
@@ -69,15 +69,6 @@ TOKENIZER_VOCAB = 4096
 EVAL_SEQUENCES = 32
 # Benchmarks scored on small --limit subsets (zero-shot multiple choice, the report's Tables 2-3).
 MC_TASKS = ["winogrande", "arc_easy", "arc_challenge", "boolq", "siqa", "piqa", "hellaswag", "openbookqa"]
-# The report's own completion example (section 5), then prompts for the other formats.
-SAMPLE_PROMPTS = {
-    "completion": "Alice was so tired when she got back home so she went",
-    "step-by-step": "Maya has 12 apples. Maya buys 3 bags with 4 apples in each bag. How many apples does Maya have now?",
-    "qa": "Liam puts the ball in the basket and goes outside to play. While Liam is away, Sofia moves the ball "
-    "from the basket to the drawer. When Liam comes back, where will Liam look for the ball first?",
-    "chat": "How many minutes are there in 3 hours?",
-    "code": "def sum_of_evens(numbers):\nReturn the sum of the even numbers in the list.",
-}
 
 
 @dataclass
@@ -599,44 +590,6 @@ def stage_evaluate(ctx: Demo) -> tuple[list[str], dict[str, Any]]:
     }
 
 
-def sample_generations(model_dir: Path, max_new_tokens: int = 96, progress: bool = True) -> list[dict[str, Any]]:
-    """One greedy generation per report prompt format (phibook.inference.templates), with its stop strings."""
-    from tqdm import tqdm
-
-    from phibook.inference.generate import Generator, SamplingParams
-    from phibook.inference.templates import get_template
-
-    gen = Generator.from_path(model_dir)
-    out = []
-    for fmt, prompt in tqdm(SAMPLE_PROMPTS.items(), desc="samples", unit="prompt", disable=not progress,
-                            file=sys.stderr):
-        template = get_template(fmt)
-        text = template.format(prompt)
-        room = gen.context - len(gen.tokenizer.encode(text))
-        if room < 8:  # a model with a very short context (a test-sized one) skips the long prompts
-            out.append({"format": fmt, "prompt": text, "completion": "", "finish_reason": "skipped",
-                        "tokens": 0, "note": f"prompt does not fit the model's {gen.context}-token context"})
-            continue
-        params = SamplingParams(max_new_tokens=min(max_new_tokens, room), temperature=0.0,
-                                repetition_penalty=1.1, stop=template.stops(prompt))
-        c = gen.generate([text], params)[0]
-        out.append({"format": fmt, "prompt": text, "completion": c.text, "finish_reason": c.finish_reason,
-                    "tokens": c.completion_tokens})
-    return out
-
-
-def write_samples(samples: list[dict[str, Any]], out: Path, model_dir: Path) -> None:
-    _write_json(out / "samples.json", {"model": str(model_dir), "samples": samples})
-    parts = [f"# Sample generations\n\nModel: `{model_dir}`; greedy, repetition penalty 1.1, "
-             "each format's stop strings (phibook/inference/templates.py).\n"]
-    for s in samples:
-        parts.append(f"## {s['format']}\n\n```text\n{s['prompt']}{s['completion']}\n```\n\n"
-                     f"({s['tokens']} tokens, finish: {s['finish_reason']})\n")
-    tmp = out / ".samples.md.tmp"
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, out / "samples.md")
-
-
 def stage_samples(ctx: Demo) -> tuple[list[str], dict[str, Any]]:
     model_dir = latest_model(ctx.out / "run")
     say(f"  one greedy generation in each of the report's formats: {', '.join(SAMPLE_PROMPTS)}")
@@ -657,12 +610,6 @@ STAGE_FUNCS: dict[str, Callable[[Demo], tuple[list[str], dict[str, Any]]]] = {
     "synth": stage_synth, "clean": stage_clean, "tokenizer": stage_tokenizer, "tokenize": stage_tokenize,
     "baseline": stage_baseline, "train": stage_train, "evaluate": stage_evaluate, "samples": stage_samples,
     "report": stage_report,
-}
-STAGE_TITLES = {
-    "synth": "synthesize a textbook-and-exercises corpus", "clean": "clean: dedup and decontaminate",
-    "tokenizer": "train a BPE tokenizer", "tokenize": "tokenize into shards",
-    "baseline": "score the untrained (step-0) model", "train": f"pretrain {PRESET}",
-    "evaluate": "evaluate the trained model", "samples": "sample generations", "report": "write the report",
 }
 
 
