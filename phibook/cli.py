@@ -6,8 +6,8 @@ import argparse
 import importlib
 import sys
 
-from phibook import __version__
 from phibook.errors import PhibookError
+from phibook.version import __version__
 
 # Verb modules under phibook.commands, in the order --help lists them. A module
 # that does not exist yet is skipped, so stages can land one at a time.

@@ -19,8 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from phibook import __version__
 from phibook.eval import report_numbers as rn
+from phibook.version import __version__
 
 # Short column headers for the report's models, in the report's row order.
 SHORT_NAMES = {

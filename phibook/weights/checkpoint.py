@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from phibook import __version__
 from phibook.errors import PhibookError
 from phibook.model.config import PhiConfig
 from phibook.model.model import PhiModel
+from phibook.version import __version__
 from phibook.weights.hf import IGNORED_SUFFIXES, detect_layout, foreign_to_phi, hf_config_to_phi, name_map
 
 if TYPE_CHECKING:

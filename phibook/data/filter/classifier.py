@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from phibook import __version__
 from phibook.data.filter.docs import atomic_output
 from phibook.errors import PhibookError
+from phibook.version import __version__
 
 FORMAT = "phibook-quality-classifier-v1"
 KINDS = ("forest", "logreg")
