@@ -198,7 +198,7 @@ def test_load_hf_directory_forms(form: str, tmp_path: Path) -> None:
 
 
 def _legacy_state(hf, cfg: PhiConfig, layout: str) -> dict[str, torch.Tensor]:
-    """Rename an HF state dict to a pre-2024 release layout by hand (independent of convert.py)."""
+    """Rename an HF state dict to a pre-2024 release layout by hand (independent of phibook.weights.hf)."""
     sd = hf.state_dict()
     L = cfg.n_layer
     if layout == "mixformer":

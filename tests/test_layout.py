@@ -291,3 +291,62 @@ def test_checker_passes_a_clean_package(tmp_path):
     g = import_graph(root)
     assert g["pkg.high"] == {"pkg.mid_a": 1, "pkg.low": 1, "pkg.mid_b": 2}
     assert layering_errors(g, FAKE_LAYERS, root) == [] and find_cycles(g) == []
+
+
+# --------------------------------------------------------------------------- docs name what exists
+
+
+DOC_FILES = ["README.md", "BENCHMARKS.md", *(f"docs/{p.name}" for p in sorted((PACKAGE_DIR.parent / "docs").glob("*.md")))]
+
+
+def _top_level_names(path: Path) -> set[str]:
+    names = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names.update(n.id for n in ast.walk(t) if isinstance(n, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+def missing_references(text: str, repo: Path) -> list[str]:
+    """phibook/... file paths and phibook.a.b dotted names in ``text`` that name nothing in ``repo``."""
+    import re
+
+    missing = []
+    for m in re.finditer(r"(?<![\w./-])phibook/[\w/.-]*\w", text):
+        if not (repo / m.group(0)).exists():
+            missing.append(m.group(0))
+    for m in re.finditer(r"(?<![\w./-])phibook(?:\.\w+)+", text):
+        parts = m.group(0).split(".")
+        k = len(parts)
+        while k > 1 and not ((repo / Path(*parts[:k])).is_dir() or (repo / Path(*parts[:k])).with_suffix(".py").is_file()):
+            k -= 1
+        if k == 1:
+            missing.append(m.group(0))
+            continue
+        if k < len(parts):  # module.attribute: the attribute must be defined at the module's top level
+            mod = repo / Path(*parts[:k])
+            path = mod / "__init__.py" if mod.is_dir() else mod.with_suffix(".py")
+            if parts[k] not in _top_level_names(path) and parts[k] not in {"py", "toml", "md"}:
+                missing.append(m.group(0))
+    return missing
+
+
+def test_docs_name_only_modules_and_files_that_exist():
+    repo = PACKAGE_DIR.parent
+    bad = []
+    for rel in DOC_FILES:
+        for ref in missing_references((repo / rel).read_text(encoding="utf-8"), repo):
+            bad.append(f"{rel}: {ref}")
+    assert not bad, "docs name modules or files that do not exist:\n" + "\n".join(bad)
+
+
+def test_docs_check_catches_a_gone_path(tmp_path):
+    (tmp_path / "phibook").mkdir()
+    (tmp_path / "phibook" / "a.py").write_text("X = 1\n")
+    text = "phibook/a.py phibook.a.X phibook/gone.py phibook.a.nothing phibook.gone `phibook eval`"
+    assert missing_references(text, tmp_path) == ["phibook/gone.py", "phibook.a.nothing", "phibook.gone"]
