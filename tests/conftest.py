@@ -18,6 +18,19 @@ def shared_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def jail() -> dict:
+    """The verified bubblewrap jail (phibook.eval.sandbox.capabilities()); tests that run model
+    code skip without bubblewrap (.ci/run installs it, and fails if it cannot)."""
+    from phibook.eval import sandbox
+
+    try:
+        sandbox.bwrap()
+    except sandbox.JailUnavailable as exc:
+        pytest.skip(f"no code sandbox on this machine: {exc}")
+    return sandbox.capabilities()
+
+
+@pytest.fixture(scope="session")
 def codegen_tokenizer_dir(shared_dir: Path) -> Path:
     path = shared_dir / "tokenizer" / "codegen-mono"
     if not (path / "tokenizer.json").is_file():

@@ -1,59 +1,77 @@
-"""The code sandbox: normal programs run, hostile ones are contained and reported, the host is untouched."""
+"""The code sandbox's own behaviour: normal programs run, limits end the rest, the jail is what it
+says, and it fails closed. (tests/test_sandbox_hostile.py attacks it through the eval tasks.)"""
 
 from __future__ import annotations
 
 import os
-import socket
-import threading
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from phibook.eval.sandbox import capabilities, check_many, check_program, run_many, run_python
+from phibook.eval import sandbox
+from phibook.eval.sandbox import capabilities, check_many, check_program, remove_tree, run_many, run_python
+
+needs_jail = pytest.mark.usefixtures("jail")
 
 
-@pytest.fixture(scope="module")
-def layers() -> dict:
-    return capabilities()
-
-
-def test_normal_program_stdout_stdin_and_exit_code():
+@needs_jail
+def test_normal_program_stdout_stdin_and_status():
     r = run_python("import sys\nprint('hello', input())\nprint('to err', file=sys.stderr)", stdin="world\n")
-    assert r.status == "ok" and r.returncode == 0
+    assert r.status == "ok" and r.returncode == 0 and r.reason == ""
     assert r.stdout == "hello world\n"
     assert "to err" in r.stderr
     r = run_python("raise SystemExit(3)")
-    assert r.status == "error" and r.returncode == 3
+    assert r.status == "error" and "SystemExit: 3" in r.reason
     r = run_python("1/0")
-    assert r.status == "error" and "ZeroDivisionError" in r.stderr
-    assert "sandbox.py" not in r.stderr  # traceback starts at the program, not the launcher
+    assert r.status == "error" and r.reason.startswith("ZeroDivisionError")
+    assert "sandbox_launcher" not in r.stderr and 'File "main.py", line 1' in r.stderr
 
 
+@needs_jail
+def test_exit_status_zero_without_the_launchers_word_is_a_failure():
+    for code in ("import os\nos._exit(0)", "import sys\nsys.exit(0)", "exit()", "quit(0)", "raise SystemExit"):
+        r = run_python(code)
+        assert r.status == "error", code
+        assert "before it finished" in r.reason, (code, r.reason)
+
+
+@needs_jail
+def test_call_returns_the_functions_value():
+    assert run_python("def solution():\n    return 18\n", call="solution").value == 18
+    assert run_python("def solution():\n    return '1,200'\n", call="solution").value == "1,200"
+    assert run_python("def solution():\n    return 2.5\n", call="solution").value == 2.5
+    r = run_python("def solution():\n    print(7)\n", call="solution")
+    assert r.ok and r.value is None and r.stdout == "7\n"
+    r = run_python("def solution():\n    return [1, 2]\n", call="solution")  # not a scalar: no value
+    assert r.ok and r.value is None
+    r = run_python("def solution():\n    raise ValueError('no')\n", call="solution")
+    assert r.status == "error" and r.value is None and "ValueError: no" in r.reason
+
+
+@needs_jail
 def test_environment_is_scrubbed(monkeypatch):
     monkeypatch.setenv("PHIBOOK_SECRET_TOKEN", "abc123")
     r = run_python("import os\nprint(sorted(os.environ))")
-    assert r.ok
-    assert "PHIBOOK_SECRET_TOKEN" not in r.stdout
+    assert r.ok and "PHIBOOK_SECRET_TOKEN" not in r.stdout
 
 
-def test_infinite_loop_times_out_quickly():
+@needs_jail
+def test_infinite_loop_and_sleep_time_out():
     r = run_python("while True:\n    pass", timeout_s=1.0)
-    assert r.status == "timeout"
-    assert r.duration_s < 5.0
-
-
-def test_cpu_limit_counts_as_timeout():
-    # The wall clock is generous; RLIMIT_CPU (1 s) stops the busy loop first.
-    r = run_python("while True:\n    pass", timeout_s=20.0, cpu_s=1)
-    assert r.status == "timeout"
-    assert r.duration_s < 15.0
-
-
-def test_sleeping_program_is_stopped_by_the_wall_clock():
+    assert r.status == "timeout" and "time limit" in r.reason
     r = run_python("import time\ntime.sleep(60)", timeout_s=1.0)
     assert r.status == "timeout"
 
 
+@needs_jail
+def test_cpu_limit_counts_as_timeout():
+    r = run_python("while True:\n    pass", timeout_s=60.0, cpu_s=1)
+    assert r.status == "timeout" and "CPU" in r.reason
+
+
+@needs_jail
 def test_memory_bomb_fails_instead_of_hanging():
     r = run_python("chunks = []\nwhile True:\n    chunks.append(bytearray(50 * 2**20))", memory_mb=256, timeout_s=20)
     assert r.status == "oom"
@@ -61,110 +79,136 @@ def test_memory_bomb_fails_instead_of_hanging():
     assert r.status == "oom"
 
 
-@pytest.mark.parametrize(
-    "code",
-    [
-        "import os\nos.fork()",
-        "import subprocess\nsubprocess.run(['true'])",
-        "import os\nwhile True:\n    os.fork()",  # fork bomb
-        "import threading\nthreading.Thread(target=print).start()",
-    ],
-)
-def test_no_child_processes(layers, code):
-    if not layers["no_child_processes"]:
-        pytest.skip("RLIMIT_NPROC cannot be enforced here")
+@pytest.mark.parametrize("code", [
+    "import os\nos.fork()",
+    "import subprocess\nsubprocess.run(['true'])",
+    "import os\nwhile True:\n    os.fork()",
+    "import threading\nthreading.Thread(target=print).start()",
+    "import os\nos.system('true')",
+])
+@needs_jail
+def test_no_child_processes_or_threads(code):
     r = run_python(code, timeout_s=5)
     assert r.status == "error", r
-    assert "BlockingIOError" in r.stderr or "can't start new thread" in r.stderr
 
 
-def test_writes_outside_the_work_dir_fail_and_the_work_dir_is_removed(layers, tmp_path: Path):
-    if not layers["write_confinement"]:
-        pytest.skip("no Landlock in this kernel: writes are confined only by file permissions")
-    tmp_path.chmod(0o777)  # even a world-writable directory stays out of reach
-    victim = tmp_path / "keep.txt"
-    victim.write_text("precious")
-    code = f"""
-import os, shutil
-outside = {str(tmp_path)!r}
-for attempt in (lambda: open(os.path.join(outside, 'new.txt'), 'w'),
-                lambda: open(os.path.join(outside, 'keep.txt'), 'w'),
-                lambda: os.remove(os.path.join(outside, 'keep.txt')),
-                lambda: os.mkdir(os.path.join(outside, 'd')),
-                lambda: open('/tmp/phibook-sandbox-escape', 'w')):
-    try:
-        attempt()
-        print('ESCAPED')
-    except OSError as exc:
-        print('blocked', exc.errno)
-with open('inside.txt', 'w') as f:  # the throw-away directory is writable
-    f.write('fine')
-print(os.getcwd())
-"""
-    r = run_python(code)
-    assert r.ok, r.stderr
-    assert "ESCAPED" not in r.stdout
-    assert r.stdout.count("blocked") == 5
-    assert victim.read_text() == "precious"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
-    assert not os.path.exists("/tmp/phibook-sandbox-escape")
-    work_dir = r.stdout.strip().splitlines()[-1]
-    assert not os.path.exists(work_dir)
-
-
-def test_network_is_blocked(layers):
-    if not layers["network_isolation"]:
-        pytest.skip("this OS allows neither a network namespace nor Landlock TCP rules: network is not isolated")
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    port = server.getsockname()[1]
-    accepted: list = []
-    server.settimeout(5)
-
-    def accept():
-        try:
-            accepted.append(server.accept())
-        except OSError:
-            pass
-
-    t = threading.Thread(target=accept)
-    t.start()
-    code = f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('CONNECTED')"
-    r = run_python(code, timeout_s=10)
-    server.close()
-    t.join()
-    assert r.status == "error"
-    assert "CONNECTED" not in r.stdout
-    assert not accepted
-
-
-def test_killing_the_parent_fails(layers):
-    if not layers["signal_isolation"]:
-        pytest.skip("the sandbox runs as our own uid without Landlock signal scoping")
-    r = run_python("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)")
-    assert r.status == "error" and "PermissionError" in r.stderr
-    r = run_python("import os, signal\nos.kill(-1, signal.SIGKILL)\nprint('survived')")
-    assert r.status in ("error", "ok")  # either refused or it only hit itself; we are still alive
-
-
-def test_huge_output_is_truncated_not_buffered():
-    r = run_python("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)", timeout_s=5, max_file_mb=8)
-    assert r.status in ("killed", "timeout", "error")
+@needs_jail
+def test_output_flood_is_cut_off():
+    r = run_python("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)", timeout_s=20)
+    assert r.status == "killed" and "MiB of output" in r.reason
     assert len(r.stdout) <= (1 << 20) + 100
 
 
+@needs_jail
+def test_work_dir_is_writable_and_capped():
+    r = run_python("import os\nopen('a.txt', 'w').write('hi')\nopen('/tmp/b.txt', 'w').write('x')\n"
+                   "print(os.getcwd(), sorted(os.listdir('.')))")
+    assert r.ok and r.stdout.strip() == "/work ['a.txt', 'b.txt']"
+    # 8 MB for the whole work dir: the tmpfs fills up (ENOSPC) or the file-size limit hits first.
+    r = run_python("f = open('big', 'wb')\nfor _ in range(100):\n    f.write(b'x' * 2**20)\n    f.flush()\n",
+                   max_file_mb=8, timeout_s=20)
+    assert r.status in ("error", "killed"), r
+
+
+@needs_jail
 def test_check_program_pass_and_fail():
     program = "def add(a, b):\n    return a + b\n"
-    assert check_program(program, "assert add(1, 2) == 3").passed
+    ok = check_program(program, "assert add(1, 2) == 3")
+    assert ok.passed and ok.reason == "passed"
     bad = check_program("def add(a, b):\n    return a - b\n", "assert add(1, 2) == 3")
-    assert not bad.passed and bad.status == "error"
+    assert not bad.passed and bad.status == "error" and "AssertionError" in bad.reason
     slow = check_program("def add(a, b):\n    while True:\n        pass\n", "assert add(1, 2) == 3", timeout_s=1)
     assert not slow.passed and slow.status == "timeout"
 
 
+@needs_jail
+def test_tests_see_plain_values_and_inert_objects():
+    node = "class Node:\n    def __init__(self, v):\n        self.v = v\n\ndef value(n):\n    return n.v\n"
+    assert check_program(node, "assert value(Node(3)) == 3").passed  # the tests may build program objects
+    counter = "import collections\ndef count(s):\n    return collections.Counter(s)\n"
+    assert check_program(counter, "assert count('aab') == {'a': 2, 'b': 1}").passed
+    sneaky = "class Yes:\n    def __eq__(self, other):\n        return True\n\ndef answer():\n    return [Yes()]\n"
+    out = check_program(sneaky, "assert answer() == [42]")
+    assert not out.passed and "checker compares only plain values" in out.reason
+
+
+@needs_jail
+def test_main_guard_does_not_run_in_checked_programs():
+    program = "def f():\n    return 1\n\nif __name__ == '__main__':\n    raise SystemExit(1)\n"
+    assert check_program(program, "assert f() == 1").passed
+    assert run_python(program).status == "error"  # run_python runs it as __main__
+
+
+@needs_jail
 def test_pool_keeps_order():
     results = run_many([f"print({i} * {i})" for i in range(6)], workers=2)
     assert [r.stdout.strip() for r in results] == [str(i * i) for i in range(6)]
     outcomes = check_many([("x = 1", "assert x == 1"), ("x = 2", "assert x == 1")], workers=2)
     assert [o.passed for o in outcomes] == [True, False]
+
+
+@needs_jail
+def test_capabilities_are_verified_inside_the_jail():
+    caps = capabilities(refresh=True)
+    assert caps["tool"].startswith("bubblewrap")
+    assert caps["verified"] and all(caps["verified"].values()), caps
+    for check in ("network_udp_blocked", "host_unix_sockets_blocked", "ipc_namespace", "host_files_unreadable",
+                  "no_signal_handlers", "unprivileged_uid", "ipc_objects_die_with_the_jail"):
+        assert check in caps["verified"]
+
+
+def test_seccomp_filter_shape():
+    from phibook.eval import jail
+
+    prog = jail.seccomp_filter("x86_64")
+    assert len(prog) % 8 == 0 and len(prog) // 8 < 200
+    assert len(jail.seccomp_filter("aarch64")) % 8 == 0
+    with pytest.raises(jail.JailUnavailable, match="no seccomp syscall table for riscv64"):
+        jail.seccomp_filter("riscv64")
+
+
+def test_missing_bubblewrap_fails_closed(monkeypatch):
+    monkeypatch.setattr(sandbox, "_BWRAP", None)
+    monkeypatch.setattr(sandbox, "_CAPS", None)
+    monkeypatch.setenv("PHIBOOK_BWRAP", "/nonexistent/bwrap")
+    with pytest.raises(sandbox.JailUnavailable, match=r"needs bubblewrap.*apt-get install bubblewrap.*--unsafe-no-sandbox"):
+        run_python("print(1)")
+    with pytest.raises(sandbox.JailUnavailable):
+        sandbox.require_sandbox()
+
+
+@needs_jail
+def test_unsafe_mode_runs_without_the_jail_and_says_so():
+    r = run_python("import os\nprint(os.path.exists('/proc/self'), os.getcwd())", unsafe=True)
+    assert r.ok and r.stdout.split()[0] == "True"  # the host's /proc: no jail
+    assert not os.path.exists(r.stdout.split()[1])  # its work dir is gone
+    assert sandbox.describe(unsafe=True)["mode"] == "unsafe-no-sandbox"
+    assert not check_program("def f():\n    return 1\n", "import os\nos._exit(0)", unsafe=True).passed
+
+
+def test_remove_tree_handles_any_depth_and_modes(tmp_path):
+    top = tmp_path / "work"
+    path = top
+    path.mkdir()
+    fd = os.open(path, os.O_RDONLY)
+    for _ in range(3000):  # deeper than both the recursion limit and PATH_MAX
+        os.mkdir("d", dir_fd=fd)
+        nxt = os.open("d", os.O_RDONLY, dir_fd=fd)
+        with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=nxt), "w") as f:
+            f.write("x")
+        os.close(fd)
+        fd = nxt
+    os.chmod(fd, 0o000)
+    os.close(fd)
+    (top / "locked").mkdir()
+    (top / "locked" / "file").write_text("x")
+    (top / "locked").chmod(0o000)
+    os.symlink("/etc", top / "link")
+    remove_tree(str(top))
+    assert not top.exists() and Path("/etc").exists()
+
+
+def test_eval_help_names_the_unsafe_flag():
+    out = subprocess.run([sys.executable, "-m", "phibook.cli", "eval", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert "--unsafe-no-sandbox" in out.stdout and "UNSAFE" in out.stdout

@@ -1,86 +1,66 @@
-"""Run model-written Python in a throw-away, locked-down process.
+"""Run model-written Python where it can neither forge its verdict nor see the host.
 
-Each program gets its own process, started through this very file as a small launcher
-(`python -I sandbox.py CONFIG`). The launcher applies the limits to itself, then runs the
-program in-process (one interpreter start per program keeps the overhead low):
+Each program runs in a fresh bubblewrap jail (phibook.eval.jail: namespaces, a bare read-only
+root, seccomp, uid 65534, rlimits, a size-capped tmpfs) through a small launcher
+(phibook/eval/sandbox_launcher.py). The parent trusts one thing only: a line on a private pipe
+carrying a random nonce, which the launcher writes after the program (and its tests) ran to the
+end. An exit of any kind, a crash, a signal, a limit, a timeout or a missing line is a failure
+with its reason; the exit status and the output never decide a verdict.
 
-- a fresh temporary working directory, removed afterwards; a scrubbed environment;
-- wall-clock timeout (the parent kills the whole process group) plus RLIMIT_CPU;
-- RLIMIT_AS (memory), RLIMIT_FSIZE (file and output size), RLIMIT_NOFILE, no core files;
-- no child processes or threads: RLIMIT_NPROC = 0. Root ignores RLIMIT_NPROC, so when the
-  parent is root the launcher switches to the unprivileged uid/gid 65534 ("nobody") and keeps
-  only CAP_DAC_READ_SEARCH (read-only access, so the interpreter and its stdlib stay readable
-  wherever they are installed; it grants no write, kill or fork rights);
-- writes confined to the working directory with Linux Landlock (kernel >= 5.13); Landlock
-  ABI >= 4 also refuses TCP bind/connect and ABI >= 6 refuses signals to processes outside
-  the sandbox (the parent and other sandboxes);
-- no network: a fresh, empty network namespace (unshare(CLONE_NEWNET); as root directly,
-  otherwise inside a new user namespace when the kernel allows unprivileged ones).
-
-`capabilities()` reports which of these layers the running system provides; the ones the OS
-refuses are skipped (best effort) rather than failing every program.
-
-This module must stay importable with only the standard library (the launcher runs with
-`python -I`, before phibook's own imports are needed), so phibook imports are inside functions.
+The jail is required. When it cannot be built, ``require_sandbox`` (and every run) raises
+``JailUnavailable`` with what is missing and how to install it; only ``unsafe=True``
+(``phibook eval --unsafe-no-sandbox``) runs programs without it, and ``describe()`` records that.
 """
 
 from __future__ import annotations
 
-import ctypes
-import json
+import ast
+import marshal
 import math
 import os
-import resource
+import secrets
+import selectors
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-# The launcher (`python -I sandbox.py`) runs this module's top level for every program, so the
-# parent-only modules (subprocess, tempfile, shutil, concurrent.futures: ~10 ms of imports per
-# program) are imported inside the functions that use them.
+from phibook.errors import PhibookError
+from phibook.eval import jail
 
-NOBODY = 65534
-MAX_OUTPUT_BYTES = 1 << 20  # stdout/stderr kept per program; the rest is dropped
-SETUP_FAILED_RC = 121  # launcher exit code when a sandbox layer it needs could not be set up
-SETUP_MARK = "phibook-sandbox: setup failed: "
+LAUNCHER = str(Path(__file__).with_name("sandbox_launcher.py"))
+MAX_OUTPUT_BYTES = 1 << 20  # stdout/stderr kept per program; more ends the run
+MAX_VERDICT_BYTES = 8192
+SETUP_ATTEMPTS = 2  # a jail that fails to start is retried once before the run stops
+_CAPS: dict[str, Any] | None = None
+_BWRAP: jail.Bwrap | None = None
 
-# Linux constants (include/uapi/linux/{sched,prctl,capability,landlock}.h); the landlock syscall
-# numbers are the same on every architecture (generic syscall table).
-CLONE_NEWNET = 0x40000000
-CLONE_NEWUSER = 0x10000000
-PR_SET_KEEPCAPS = 8
-PR_CAPBSET_DROP = 24
-PR_SET_NO_NEW_PRIVS = 38
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_RAISE = 2
-CAP_DAC_READ_SEARCH = 2
-SYS_LANDLOCK_CREATE_RULESET = 444
-SYS_LANDLOCK_ADD_RULE = 445
-SYS_LANDLOCK_RESTRICT_SELF = 446
-LANDLOCK_CREATE_RULESET_VERSION = 1
-LANDLOCK_RULE_PATH_BENEATH = 1
-# Filesystem rights that modify something. Reading and executing stay unrestricted.
-FS_WRITE_FILE = 1 << 1
-FS_REMOVE_DIR, FS_REMOVE_FILE = 1 << 4, 1 << 5
-FS_MAKE_ALL = sum(1 << b for b in range(6, 13))  # char, dir, reg, sock, fifo, block, sym
-FS_REFER = 1 << 13  # ABI 2
-FS_TRUNCATE = 1 << 14  # ABI 3
-NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1  # ABI 4
-SCOPE_ABSTRACT_UNIX, SCOPE_SIGNAL = 1 << 0, 1 << 1  # ABI 6
+
+class SandboxError(PhibookError):
+    """The jail or the launcher failed before the program started (never the program's doing)."""
+
+
+JailUnavailable = jail.JailUnavailable
 
 
 @dataclass
 class SandboxResult:
-    """What happened to one program. `status` is "ok" (exit 0), "error" (non-zero exit),
-    "timeout" (wall clock or CPU limit), "oom" (MemoryError under the memory limit) or
-    "killed" (ended by another signal, e.g. the file-size limit)."""
+    """How one program ended. ``status``: "ok" (ran to its end and the launcher said so), "error"
+    (raised, exited or was refused before its end), "timeout" (wall clock or CPU limit), "oom"
+    (MemoryError under the memory limit) or "killed" (a signal, or the output limit). ``reason``
+    says why in words; ``value`` is what the called function returned (see ``run_python``)."""
 
     status: str
     returncode: int | None
     stdout: str
     stderr: str
     duration_s: float
+    reason: str = ""
+    value: Any = None
 
     @property
     def ok(self) -> bool:
@@ -98,12 +78,46 @@ class CheckOutcome:
     def status(self) -> str:
         return self.result.status
 
+    @property
+    def reason(self) -> str:
+        return "passed" if self.passed else self.result.reason
+
     def __bool__(self) -> bool:
         return self.passed
 
 
-# ---------------------------------------------------------------------------------------------
-# Parent side
+# --------------------------------------------------------------------------- policy
+
+
+def require_sandbox() -> dict[str, Any]:
+    """The verified capabilities, or JailUnavailable naming what failed; call before a long run."""
+    caps = capabilities()
+    failed = [k for k, v in caps["verified"].items() if not v]
+    if failed:
+        raise JailUnavailable(f"the code sandbox was built, but these checks failed inside it: {', '.join(failed)}; "
+                              "phibook will not run model-written code in a jail it could not verify; "
+                              f"{jail.INSTALL_HINT}")
+    return caps
+
+
+def bwrap() -> jail.Bwrap:
+    """The bubblewrap this process uses (found and checked once)."""
+    global _BWRAP
+    if _BWRAP is None:
+        _BWRAP = jail.find_bwrap()
+    return _BWRAP
+
+
+def describe(unsafe: bool = False) -> dict[str, Any]:
+    """What the results JSON records about how programs ran."""
+    if unsafe:
+        return {"mode": "unsafe-no-sandbox", "note": "programs ran unconfined (--unsafe-no-sandbox): rlimits "
+                "and the launcher's verdict channel only; no namespaces, no seccomp"}
+    caps = capabilities()
+    return {"mode": "bubblewrap", "tool": caps["tool"], "verified": caps["verified"]}
+
+
+# --------------------------------------------------------------------------- running
 
 
 def run_python(
@@ -114,287 +128,484 @@ def run_python(
     cpu_s: float | None = None,
     stdin: str = "",
     max_file_mb: int = 64,
+    call: str | None = None,
+    unsafe: bool = False,
 ) -> SandboxResult:
-    """Run `code` as `__main__` in a sandboxed child process and report how it ended.
+    """Run ``code`` as a module in the sandbox and report how it ended.
 
-    A timeout (wall clock `timeout_s`, or CPU time `cpu_s`, default ceil(timeout_s) + 1) is a
-    failure with status "timeout"; the whole process group is killed.
+    "ok" means its top level ran to the end (and, with ``call``, that ``call()`` returned too:
+    ``value`` is then its result when that is a number, string, bool or None). The wall clock
+    ``timeout_s`` and the CPU limit ``cpu_s`` (default ceil(timeout_s) + 1) end it as "timeout";
+    ``max_file_mb`` caps the whole work directory (its tmpfs) and each file. ``unsafe`` runs it
+    without the jail (``phibook eval --unsafe-no-sandbox``): rlimits and the verdict channel only;
+    no namespaces, no seccomp, the host's files and network in reach.
     """
-    import subprocess
-    import tempfile
-
-    cpu = int(math.ceil(cpu_s if cpu_s is not None else timeout_s + 1))
-    root = os.geteuid() == 0
-    base = tempfile.mkdtemp(prefix="phibook-sbx-")  # 0700, ours: holds the I/O files
-    try:
-        work = os.path.join(base, "work")
-        os.mkdir(work, 0o700)
-        if root:
-            os.chown(work, NOBODY, NOBODY)
-        with open(os.path.join(work, "main.py"), "w", encoding="utf-8") as f:
-            f.write(code)
-        if root:
-            os.chown(os.path.join(work, "main.py"), NOBODY, NOBODY)
-        config = {
-            "work": work,
-            "memory_bytes": int(memory_mb) << 20,
-            "cpu_s": cpu,
-            "fsize_bytes": int(max_file_mb) << 20,
-            "drop_to_nobody": root,
-        }
-        paths = {name: os.path.join(base, name) for name in ("stdin", "stdout", "stderr")}
-        with open(paths["stdin"], "w", encoding="utf-8") as f:
-            f.write(stdin)
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": work,
-               "TMPDIR": work, "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1",
-               "OMP_NUM_THREADS": "1"}
-        argv = [sys.executable, "-I", os.path.abspath(__file__), json.dumps(config)]
-        with (open(paths["stdin"], "rb") as fin, open(paths["stdout"], "wb") as fout,
-              open(paths["stderr"], "wb") as ferr):
-            start = time.monotonic()
-            proc = subprocess.Popen(argv, stdin=fin, stdout=fout, stderr=ferr, cwd=work, env=env,
-                                    close_fds=True, start_new_session=True)
-            timed_out = False
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_group(proc.pid)
-                proc.wait()
-            duration = time.monotonic() - start
-        out, err = _read_capped(paths["stdout"]), _read_capped(paths["stderr"])
-    finally:
-        _remove_tree(base)
-    rc = proc.returncode
-    if rc == SETUP_FAILED_RC and SETUP_MARK in err:
-        from phibook.errors import PhibookError
-
-        raise PhibookError("the code sandbox could not be set up: " + err.split(SETUP_MARK, 1)[1].strip())
-    return SandboxResult(_classify(rc, err, timed_out), rc, out, err, duration)
+    return _run({"program": code, "call": call}, timeout_s, memory_mb, cpu_s, stdin, max_file_mb, unsafe)
 
 
-def _classify(rc: int | None, stderr: str, timed_out: bool) -> str:
-    if timed_out or rc == -signal.SIGXCPU:
-        return "timeout"
-    if rc == 0:
-        return "ok"
-    lines = stderr.strip().splitlines()
-    if lines and lines[-1].startswith("MemoryError"):
-        return "oom"
-    if rc is not None and rc < 0:
-        return "killed"
-    return "error"
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)  # start_new_session made pgid == pid
-    except ProcessLookupError:
-        pass
-
-
-def _read_capped(path: str) -> str:
-    with open(path, "rb") as f:
-        data = f.read(MAX_OUTPUT_BYTES + 1)
-    text = data[:MAX_OUTPUT_BYTES].decode("utf-8", errors="replace")
-    return text + ("\n[output truncated]" if len(data) > MAX_OUTPUT_BYTES else "")
-
-
-def _remove_tree(path: str) -> None:
-    def make_writable_and_retry(func, p, _exc):  # a program may chmod its own files to 000
-        os.chmod(os.path.dirname(p), 0o700)
-        if os.path.isdir(p) and not os.path.islink(p):
-            os.chmod(p, 0o700)
-        func(p)
-
-    import shutil
-
-    shutil.rmtree(path, onerror=make_writable_and_retry)
-
-
-def check_program(program: str, tests: str, *, timeout_s: float = 10.0, memory_mb: int = 512) -> CheckOutcome:
-    """HumanEval/MBPP style check: run `program` followed by `tests` (asserts, and for HumanEval
-    `check(entry_point)`); passed means the combined program exited 0 within the limits."""
-    result = run_python(program + "\n\n" + tests + "\n", timeout_s=timeout_s, memory_mb=memory_mb)
-    return CheckOutcome(result.ok, result)
+def check_program(program: str, tests: str, *, timeout_s: float = 10.0, memory_mb: int = 512,
+                  unsafe: bool = False) -> CheckOutcome:
+    """HumanEval/MBPP check: passed means ``tests`` ran to their end after ``program`` (the launcher
+    says so on its private channel; see sandbox_launcher.py for what the tests see). The program
+    runs as module "solution", so an ``if __name__ == "__main__":`` block in it does not run."""
+    result = _run({"program": program, "tests": tests}, timeout_s, memory_mb, None, "", 64, unsafe)
+    return CheckOutcome(result.ok and result.value == "pass", result)
 
 
 def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def run_many(codes: list[str], *, workers: int | None = None, **limits) -> list[SandboxResult]:
-    """`run_python` over many programs, `workers` at a time (default: the usable CPU cores);
-    results in input order. Threads only wait on child processes, so no GIL contention."""
+def run_many(codes: list[str], *, workers: int | None = None, **limits: Any) -> list[SandboxResult]:
+    """``run_python`` over many programs, ``workers`` at a time (default: the usable CPU cores);
+    results in input order. Threads only wait on child processes."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
         return list(pool.map(lambda c: run_python(c, **limits), codes))
 
 
-def check_many(pairs: list[tuple[str, str]], *, workers: int | None = None, **limits) -> list[CheckOutcome]:
-    """`check_program` over many (program, tests) pairs in parallel; outcomes in input order."""
+def check_many(pairs: list[tuple[str, str]], *, workers: int | None = None, **limits: Any) -> list[CheckOutcome]:
+    """``check_program`` over many (program, tests) pairs in parallel; outcomes in input order."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
         return list(pool.map(lambda p: check_program(p[0], p[1], **limits), pairs))
 
 
-_CAPS: dict | None = None
+def _run(job: dict, timeout_s: float, memory_mb: int, cpu_s: float | None, stdin: str,
+         max_file_mb: int, unsafe: bool) -> SandboxResult:
+    cpu = int(math.ceil(cpu_s if cpu_s is not None else timeout_s + 1))
+    job = dict(job, memory_bytes=int(memory_mb) << 20, fsize_bytes=int(max_file_mb) << 20, cpu_s=cpu)
+    why = ""
+    for _ in range(SETUP_ATTEMPTS):
+        result, why = _run_once(job, timeout_s, stdin, int(max_file_mb) << 20, unsafe)
+        if why is None:
+            return result
+    raise SandboxError(f"the code sandbox could not start a program: {why}")
 
 
-def capabilities() -> dict:
-    """Which isolation layers this system gives the sandbox, probed once by running a real
-    sandboxed program: {"landlock_abi", "no_child_processes", "write_confinement",
-    "network_isolation", "signal_isolation", "uid"}."""
-    global _CAPS
-    if _CAPS is None:
-        result = run_python("import json, os\nprint(json.dumps(__sandbox_layers__ | {'uid': os.getuid()}))",
-                            timeout_s=30)
-        if not result.ok:
-            raise RuntimeError(f"sandbox probe failed: {result.status}: {result.stderr[-2000:]}")
-        _CAPS = json.loads(result.stdout)
-    return dict(_CAPS)
+def _launch_argv(job_fd: int, verdict_fd: int, disk_bytes: int, unsafe: bool) -> tuple[list[str], list[int]]:
+    """(argv, extra fds to pass) for the jail, or for the bare launcher with --unsafe-no-sandbox."""
+    if unsafe:
+        return [os.path.realpath(sys.executable), "-I", "-S", LAUNCHER, str(job_fd), str(verdict_fd)], []
+    seccomp_r, seccomp_w = os.pipe()
+    try:
+        os.write(seccomp_w, jail.seccomp_filter())  # a few hundred bytes: fits the pipe
+    finally:
+        os.close(seccomp_w)
+    argv = jail.jail_argv(bwrap(), launcher=LAUNCHER, seccomp_fd=seccomp_r, disk_bytes=disk_bytes,
+                          as_root=os.geteuid() == 0)
+    return argv + [str(job_fd), str(verdict_fd)], [seccomp_r]
 
 
-# ---------------------------------------------------------------------------------------------
-# Launcher side (runs in the child, as `python -I sandbox.py CONFIG`)
+def _run_once(job: dict, timeout_s: float, stdin: str, disk_bytes: int,
+              unsafe: bool) -> tuple[SandboxResult, str | None]:
+    """One launch: (result, None), or (_, why) when the jail or the launcher failed before the
+    program started (no "ready" line with the nonce): never the program's doing."""
+    nonce = secrets.token_hex(16)
+    work = tempfile.mkdtemp(prefix="phibook-unsafe-") if unsafe else None
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+    if work:
+        env.update(HOME=work, TMPDIR=work, PYTHONHASHSEED="0", PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
+    drop = (jail.NOBODY, jail.NOBODY) if not unsafe and os.geteuid() == 0 else None
+    payload = marshal.dumps(dict(job, nonce=nonce, drop_to=drop))
+    job_r, job_w = os.pipe()
+    verdict_r, verdict_w = os.pipe()
+    # Each fd is closed exactly once (threads run many of these at a time: a second close could
+    # hit another run's newly opened fd): whoever closes one takes it out of its set.
+    parent_fds, child_fds = {job_w, verdict_r}, [job_r, verdict_w]
+    try:
+        argv, extra = _launch_argv(job_r, verdict_w, disk_bytes, unsafe)
+        child_fds += extra
+        start = time.monotonic()
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=child_fds, env=env,
+                                cwd=work or "/", start_new_session=True)
+        for fd in child_fds:
+            os.close(fd)
+        child_fds = []
+        out = _collect(proc, job_w, payload, stdin.encode("utf-8"), verdict_r, start + timeout_s, parent_fds)
+        duration = time.monotonic() - start
+    finally:
+        for fd in [*parent_fds, *child_fds]:
+            _close(fd)
+        if work is not None:
+            remove_tree(work)
+    lines = _verdict_lines(out["verdict"], nonce)
+    if "ready" not in lines:
+        why = lines.get("setup-error") or (out["stderr"].strip().splitlines() or [
+            f"the launcher ended with status {proc.returncode}"])[-1]
+        if out["timed_out"]:
+            why = f"no start within {timeout_s:g} s ({why})"
+        return SandboxResult("error", proc.returncode, out["stdout"], out["stderr"], duration), why
+    return _classify(proc.returncode, duration, lines, out, timeout_s, unsafe), None
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _check(ret: int, what: str) -> int:
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return ret
-
-
-def _isolate_network(libc: ctypes.CDLL, as_root: bool) -> bool:
-    """A new network namespace has only a loopback device, and it is down: nothing is reachable."""
-    if as_root:
-        return libc.unshare(CLONE_NEWNET) == 0
-    uid, gid = os.getuid(), os.getgid()
-    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) != 0:
-        return False
-    # Map our own ids into the new user namespace, else file creation fails with EOVERFLOW.
-    for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"{uid} {uid} 1"),
-                       ("/proc/self/gid_map", f"{gid} {gid} 1")):
-        with open(path, "w") as f:
-            f.write(text)
-    return True
-
-
-def _drop_to_nobody(libc: ctypes.CDLL) -> None:
-    """uid/gid 65534 with CAP_DAC_READ_SEARCH as the only (ambient) capability, so the program,
-    run after exec or in-process, can still read the interpreter wherever it is installed."""
-    last_cap = int(open("/proc/sys/kernel/cap_last_cap").read())
-    for cap in range(last_cap + 1):
-        if cap != CAP_DAC_READ_SEARCH:
-            _check(libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"drop capability {cap} from the bounding set")
-    _check(libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "prctl(PR_SET_KEEPCAPS)")
-    os.setgroups([])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
-
-    class Header(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-    class Data(ctypes.Structure):
-        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                    ("inheritable", ctypes.c_uint32)]
-
-    keep = 1 << CAP_DAC_READ_SEARCH
-    data = (Data * 2)(Data(keep, keep, keep), Data(0, 0, 0))
-    _check(libc.capset(ctypes.byref(Header(0x20080522, 0)), data), "capset")  # _LINUX_CAPABILITY_VERSION_3
-    _check(libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_DAC_READ_SEARCH, 0, 0), "raise ambient cap")
-
-
-def _landlock(libc: ctypes.CDLL, work: str) -> dict:
-    """Confine writes to `work` (and /dev/null); with ABI >= 4 refuse TCP bind/connect, with
-    ABI >= 6 refuse signals and abstract unix sockets outside this sandbox."""
-    libc.syscall.restype = ctypes.c_long
-    abi = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, None, 0, LANDLOCK_CREATE_RULESET_VERSION)
-    if abi < 1:
-        return {"landlock_abi": 0}
-    fs = FS_WRITE_FILE | FS_REMOVE_DIR | FS_REMOVE_FILE | FS_MAKE_ALL
-    fs |= (FS_REFER if abi >= 2 else 0) | (FS_TRUNCATE if abi >= 3 else 0)
-    net = NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0
-    scoped = SCOPE_ABSTRACT_UNIX | SCOPE_SIGNAL if abi >= 6 else 0
-    attr = (ctypes.c_uint64 * 3)(fs, net, scoped)
-    size = 8 * (3 if abi >= 6 else 2 if abi >= 4 else 1)
-    ruleset = _check(libc.syscall(SYS_LANDLOCK_CREATE_RULESET, attr, size, 0), "landlock_create_ruleset")
-
-    class PathBeneath(ctypes.Structure):
-        _pack_ = 1
-        _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-
-    for path, access in ((work, fs), ("/dev/null", FS_WRITE_FILE | (FS_TRUNCATE if abi >= 3 else 0))):
-        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-        rule = PathBeneath(access, fd)
-        _check(libc.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule), 0),
-               f"landlock_add_rule({path})")
+def _close(fd: int) -> None:
+    try:
         os.close(fd)
-    _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
-    _check(libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
-    os.close(ruleset)
-    return {"landlock_abi": int(abi), "tcp_blocked": abi >= 4, "signal_isolation": abi >= 6}
+    except OSError:
+        pass
 
 
-def _launch(config: dict) -> dict:
-    """Apply every limit to this process; returns which isolation layers are in force."""
-    libc = _libc()
-    as_root = bool(config["drop_to_nobody"])
-    layers = {"network_isolation": _isolate_network(libc, as_root)}
-    for limit, value in ((resource.RLIMIT_AS, config["memory_bytes"]),
-                         (resource.RLIMIT_FSIZE, config["fsize_bytes"]),
-                         (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)):
-        resource.setrlimit(limit, (value, value))
-    # SIGXCPU at the soft limit (reported as "timeout"), SIGKILL one second later.
-    resource.setrlimit(resource.RLIMIT_CPU, (config["cpu_s"], config["cpu_s"] + 1))
-    layers.update(_landlock(libc, config["work"]))
-    if as_root:
-        _drop_to_nobody(libc)
-    # After the uid switch: set_user() would otherwise mark us over the limit at setuid time.
-    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
-    layers["write_confinement"] = layers["landlock_abi"] >= 1
-    layers["network_isolation"] = layers["network_isolation"] or layers.get("tcp_blocked", False)
-    layers["signal_isolation"] = layers.get("signal_isolation", False) or as_root
-    layers["no_child_processes"] = True  # RLIMIT_NPROC = 0 as a non-root uid
-    layers.pop("tcp_blocked", None)
-    return layers
-
-
-def _run_main(layers: dict) -> None:
-    """Execute ./main.py as the __main__ module of this (now restricted) interpreter."""
-    import types
-
-    with open("main.py", encoding="utf-8") as f:
-        source = f.read()
-    code = compile(source, "main.py", "exec")
-    main = types.ModuleType("__main__")
-    main.__file__ = "main.py"
-    main.__builtins__ = __builtins__
-    main.__sandbox_layers__ = layers
-    sys.modules["__main__"] = main
-    sys.argv = ["main.py"]
+def _collect(proc: subprocess.Popen, job_w: int, job: bytes, stdin: bytes, verdict_r: int,
+             deadline: float, owned: set[int]) -> dict[str, Any]:
+    """Feed the job (and stdin), read stdout/stderr/verdict up to their caps, enforce the deadline.
+    The job pipe is closed (and taken out of ``owned``) as soon as it is written: the launcher
+    reads it to its end."""
+    readers = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr", verdict_r: "verdict"}
+    writers = {job_w: memoryview(job)}
+    if proc.stdin is not None:
+        writers[proc.stdin.fileno()] = memoryview(stdin)
+    caps = {"stdout": MAX_OUTPUT_BYTES, "stderr": MAX_OUTPUT_BYTES, "verdict": MAX_VERDICT_BYTES}
+    bufs = {name: bytearray() for name in caps}
+    timed_out, overflow = False, None
+    with selectors.DefaultSelector() as sel:
+        for fd in readers:
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ)
+        for fd in writers:
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_WRITE)
+        while (readers or writers) and not overflow:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            for key, _ in sel.select(left):
+                fd = key.fd
+                if fd in writers:
+                    try:
+                        writers[fd] = writers[fd][os.write(fd, writers[fd][:65536]):]
+                    except BlockingIOError:
+                        continue
+                    except BrokenPipeError:
+                        writers[fd] = writers[fd][:0]  # the reader is gone: nothing more to send
+                    if not writers[fd]:
+                        sel.unregister(fd)
+                        del writers[fd]
+                        if fd == job_w:
+                            owned.discard(fd)
+                            _close(fd)
+                        else:
+                            proc.stdin.close()
+                    continue
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    sel.unregister(fd)
+                    del readers[fd]
+                    continue
+                name = readers[fd]
+                bufs[name] += chunk
+                if len(bufs[name]) > caps[name]:
+                    overflow = name
+                    break
+    if timed_out or overflow:
+        _kill(proc)
     try:
-        exec(code, main.__dict__)
-    except SystemExit:
-        raise
-    except BaseException as exc:  # print the traceback from main.py on, without the launcher's frames
-        import traceback
+        proc.wait(timeout=10 if (timed_out or overflow) else max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:  # it closed its pipes and kept running
+        timed_out = True
+        _kill(proc)
+        proc.wait()
+    for f in (proc.stdin, proc.stdout, proc.stderr):
+        if f is not None and not f.closed:
+            try:
+                f.close()
+            except OSError:
+                pass
+    return {"stdout": _text(bufs["stdout"]), "stderr": _text(bufs["stderr"]),
+            "verdict": bytes(bufs["verdict"][:MAX_VERDICT_BYTES]), "timed_out": timed_out, "overflow": overflow}
 
-        traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next)
-        sys.exit(1)
 
-
-if __name__ == "__main__":
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILL bwrap's (or the launcher's) process group; bwrap's --die-with-parent and the PID
+    namespace take everything inside the jail with it."""
     try:
-        _layers = _launch(json.loads(sys.argv[1]))
-    except Exception as exc:  # reported to the parent, which raises PhibookError
-        sys.stderr.write(SETUP_MARK + repr(exc) + "\n")
-        sys.exit(SETUP_FAILED_RC)
-    _run_main(_layers)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _text(data: bytearray) -> str:
+    text = bytes(data[:MAX_OUTPUT_BYTES]).decode("utf-8", errors="replace")
+    return text + ("\n[output truncated]" if len(data) > MAX_OUTPUT_BYTES else "")
+
+
+def _verdict_lines(data: bytes, nonce: str) -> dict[str, str]:
+    """{kind: rest} for the lines that carry the nonce; anything else on the channel is ignored
+    (only the program could have written it, and without the nonce it says nothing)."""
+    lines: dict[str, str] = {}
+    prefix = nonce + " "
+    for raw in data.decode("utf-8", errors="replace").split("\n"):
+        if raw.startswith(prefix):
+            kind, _, rest = raw[len(prefix):].partition(" ")
+            lines.setdefault(kind, rest)
+    return lines
+
+
+def _classify(rc: int | None, duration: float, lines: dict[str, str], out: dict[str, Any],
+              timeout_s: float, unsafe: bool) -> SandboxResult:
+    stdout, stderr = out["stdout"], out["stderr"]
+
+    def result(status: str, reason: str = "", value: Any = None) -> SandboxResult:
+        return SandboxResult(status, rc, stdout, stderr, duration, reason, value)
+
+    finished = "pass" in lines or "done" in lines
+    sig = _signal_of(rc, bwrap_status=not unsafe)
+    if out["timed_out"]:
+        return result("timeout", f"ran past the {timeout_s:g} s time limit")
+    if out["overflow"]:
+        what = "output" if out["overflow"] != "verdict" else "to the verdict channel"
+        return result("killed", f"wrote more than {MAX_OUTPUT_BYTES >> 20} MiB of {what}; stopped")
+    if sig == signal.SIGXCPU:
+        return result("timeout", "ran past its CPU time limit")
+    if finished and rc == 0:
+        return result("ok", "", "pass" if "pass" in lines else _literal(lines["done"]))
+    last = (stderr.strip().splitlines() or [""])[-1]
+    if last.startswith("MemoryError"):
+        return result("oom", "ran out of memory (MemoryError)")
+    if sig is not None:
+        return result("killed", f"killed by {_signal_name(sig)}")
+    if rc == 0:
+        return result("error", "exited (status 0) before it finished")
+    return result("error", last or f"exited with status {rc} before it finished")
+
+
+def _signal_of(rc: int | None, bwrap_status: bool) -> int | None:
+    """The signal that ended the program: a negative status from Popen, or bwrap's 128 + n."""
+    if rc is None:
+        return None
+    if rc < 0:
+        return -rc
+    if bwrap_status and 128 < rc < 128 + 65:
+        return rc - 128
+    return None
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return None
+
+
+# --------------------------------------------------------------------------- cleanup
+
+
+def remove_tree(path: str) -> None:
+    """Delete a directory tree of any depth (no recursion, no long paths), whatever the modes.
+
+    Used for --unsafe-no-sandbox work dirs (the jail's work dir is a tmpfs that vanishes with it).
+    Deep subfolders are renamed up to the top as they are met, so the walk stays shallow.
+    """
+    try:
+        top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    counter = 0
+    try:
+        while True:
+            emptied = True
+            for entry in list(os.scandir(top)):
+                if entry.is_dir(follow_symlinks=False):
+                    emptied = False
+                    counter += 1
+                    _hoist_children(top, entry.name, f".phibook-rm-{counter}")
+                    try:
+                        os.rmdir(entry.name, dir_fd=top)
+                    except OSError:
+                        pass
+                else:
+                    os.unlink(entry.name, dir_fd=top)
+            if emptied:
+                break
+    finally:
+        os.close(top)
+    os.rmdir(path)
+
+
+def _hoist_children(top: int, name: str, tag: str) -> None:
+    """Move the subfolders of top/name up into top (renamed ``tag-N``) and delete its files."""
+    os.chmod(name, 0o700, dir_fd=top, follow_symlinks=False)
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=top)
+    try:
+        for i, entry in enumerate(list(os.scandir(fd))):
+            if entry.is_dir(follow_symlinks=False):
+                os.rename(entry.name, f"{tag}-{i}", src_dir_fd=fd, dst_dir_fd=top)
+            else:
+                os.unlink(entry.name, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- verification
+
+# Runs as the jail's program directly (no launcher, no audit hook: it may use ctypes), so what it
+# finds is what the jail itself allows. It prints repr({check: passed}).
+PROBE = r"""
+import ctypes, os, socket, sys
+if len(sys.argv) > 1:
+    os.setgroups([]); os.setresgid(int(sys.argv[1]), int(sys.argv[1]), int(sys.argv[1]))
+    os.setresuid(int(sys.argv[1]), int(sys.argv[1]), int(sys.argv[1]))
+libc = ctypes.CDLL(None, use_errno=True)
+facts = {}
+def refused(name, fn):
+    try:
+        fn()
+        facts[name] = False
+    except Exception:
+        facts[name] = True
+facts["unprivileged_uid"] = os.getuid() != 0 and os.geteuid() != 0
+facts["pid_namespace"] = os.getpid() < 10
+facts["uts_namespace"] = socket.gethostname() == "sandbox"
+facts["host_filesystem_hidden"] = not any(os.path.exists(p) for p in ("/etc", "/home", "/proc", "/sys", "/var"))
+refused("host_root_unlisted", lambda: os.listdir("/root"))
+refused("host_files_unreadable", lambda: open(HOST_FILE).read())
+refused("read_only_root", lambda: open("/probe", "w"))
+refused("no_child_processes", os.fork)
+refused("no_threads", lambda: __import__("_thread").start_new_thread(print, ()))
+refused("no_memfd", lambda: os.memfd_create("probe"))
+refused("no_signal_handlers", lambda: __import__("signal").signal(14, lambda *a: None))
+def no_userns():
+    if libc.unshare(0x10000000) != 0:
+        raise OSError(ctypes.get_errno(), "unshare")
+refused("no_new_namespaces", no_userns)
+def tcp():
+    socket.create_connection(("127.0.0.1", TCP_PORT), timeout=2).sendall(b"probe")
+refused("network_tcp_blocked", tcp)
+def udp():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for host in ("127.0.0.1", HOST_IP):
+        s.sendto(b"probe", (host, UDP_PORT))
+refused("network_udp_blocked", udp)
+refused("host_unix_sockets_blocked", lambda: socket.socket(socket.AF_UNIX).connect(UNIX_PATH))
+refused("abstract_unix_sockets_blocked", lambda: socket.socket(socket.AF_UNIX).connect(ABSTRACT))
+libc.shmget.restype = ctypes.c_int
+facts["ipc_namespace"] = libc.shmget(SHM_KEY, 0, 0) == -1
+facts["ipc_left_behind"] = libc.shmget(SHM_KEY + 1, 4096, 0o1600) != -1  # made here: must die with the jail
+print(repr(facts))
+"""
+
+
+def _run_raw(script: str, args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    """Run our own ``script`` as the jail's program (for verification only)."""
+    with tempfile.TemporaryDirectory(prefix="phibook-probe-") as tmp:
+        path = Path(tmp) / "probe.py"
+        path.write_text(script)
+        path.chmod(0o644)
+        os.chmod(tmp, 0o755)
+        seccomp_r, seccomp_w = os.pipe()
+        os.write(seccomp_w, jail.seccomp_filter())
+        os.close(seccomp_w)
+        try:
+            argv = jail.jail_argv(bwrap(), launcher=str(path), seccomp_fd=seccomp_r, disk_bytes=16 << 20,
+                                  as_root=os.geteuid() == 0)
+            return subprocess.run(argv + args, pass_fds=[seccomp_r], capture_output=True, text=True,
+                                  timeout=timeout_s, env={"PATH": "/usr/bin:/bin"}, start_new_session=True)
+        finally:
+            os.close(seccomp_r)
+
+
+def capabilities(refresh: bool = False) -> dict[str, Any]:
+    """What this machine's jail was verified to do: a probe runs inside it while the host listens
+    on TCP, UDP, a 0777 unix socket and an abstract one, holds a 0600 file and a SysV shared
+    memory segment, and checks afterwards that nothing arrived and nothing was left behind.
+    Returns {"tool", "verified": {check: bool}}; raises JailUnavailable when no jail can be built.
+    Cached per process."""
+    global _CAPS
+    if _CAPS is not None and not refresh:
+        return _CAPS
+    import ctypes
+    import socket
+    import threading
+
+    tool = bwrap()
+    libc = ctypes.CDLL(None, use_errno=True)
+    shm_key = 0x50480000 | secrets.randbits(15) << 1
+    shm_id = libc.shmget(shm_key, 4096, 0o1600)  # IPC_CREAT | 0600, on the host
+    listeners, arrived, stop = [], [], threading.Event()
+    with tempfile.TemporaryDirectory(prefix="phibook-probe-") as tmp:
+        secret = Path(tmp) / "host-secret.txt"
+        secret.write_text("host secret")
+        secret.chmod(0o600)
+        tcp = socket.create_server(("127.0.0.1", 0))
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("0.0.0.0", 0))
+        unix_path = str(Path(tmp) / "probe.sock")
+        unix = socket.socket(socket.AF_UNIX)
+        unix.bind(unix_path)
+        os.chmod(unix_path, 0o777)
+        abstract_name = f"\0phibook-probe-{secrets.token_hex(6)}"
+        abstract = socket.socket(socket.AF_UNIX)
+        abstract.bind(abstract_name)
+        for sock, name in ((tcp, "network_tcp_blocked"), (udp, "network_udp_blocked"),
+                           (unix, "host_unix_sockets_blocked"), (abstract, "abstract_unix_sockets_blocked")):
+            if sock.type == socket.SOCK_STREAM:
+                sock.listen(4)
+            sock.settimeout(0.1)
+            listeners.append((sock, name))
+
+        def watch(sock, name):
+            while not stop.is_set():
+                try:
+                    if sock.type == socket.SOCK_STREAM:
+                        sock.accept()[0].close()
+                    else:
+                        sock.recvfrom(64)
+                    arrived.append(name)
+                except OSError:
+                    continue
+
+        threads = [threading.Thread(target=watch, args=pair, daemon=True) for pair in listeners]
+        for t in threads:
+            t.start()
+        code = (PROBE.replace("HOST_FILE", repr(str(secret))).replace("TCP_PORT", str(tcp.getsockname()[1]))
+                .replace("UDP_PORT", str(udp.getsockname()[1])).replace("HOST_IP", repr(_host_ip()))
+                .replace("UNIX_PATH", repr(unix_path)).replace("ABSTRACT", repr(abstract_name))
+                .replace("SHM_KEY", str(shm_key)))
+        try:
+            proc = _run_raw(code, [str(jail.NOBODY)] if os.geteuid() == 0 else [], timeout_s=60)
+        finally:
+            time.sleep(0.3)  # let anything that did get out arrive before we look
+            stop.set()
+            for t in threads:
+                t.join()
+            for sock, _ in listeners:
+                sock.close()
+            if shm_id != -1:
+                libc.shmctl(shm_id, 0, None)  # IPC_RMID
+    try:
+        facts = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, SyntaxError, IndexError):
+        raise JailUnavailable(f"the code sandbox could not run a probe in the jail (status {proc.returncode}: "
+                              f"{proc.stderr.strip()[-500:]}); {jail.INSTALL_HINT}") from None
+    left = libc.shmget(shm_key + 1, 0, 0)
+    if left != -1:
+        libc.shmctl(left, 0, None)
+    facts["ipc_objects_die_with_the_jail"] = left == -1 and facts.pop("ipc_left_behind")
+    facts["ipc_namespace"] = facts["ipc_namespace"] and shm_id != -1
+    for name in arrived:
+        facts[name] = False  # the probe's attempt failed for it, but the host saw it arrive
+    _CAPS = {"tool": f"{tool.version} ({tool.path})", "verified": dict(sorted(facts.items()))}
+    return _CAPS
+
+
+def _host_ip() -> str:
+    """A non-loopback address of this host, if any (a UDP probe to it must not arrive either)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"

@@ -1,0 +1,235 @@
+"""The jail model-written programs run in: bubblewrap namespaces, a bare read-only root, a seccomp filter.
+
+bubblewrap (``bwrap``, the sandbox behind Flatpak) builds the isolation; this module only decides
+what goes in it:
+
+- fresh mount, PID, IPC, UTS, network and cgroup namespaces (a user namespace too when we are not
+  root); ``--die-with-parent`` and a new session;
+- a root filesystem holding only read-only binds of the interpreter's prefix (its site-packages
+  hidden under an empty tmpfs) and the system library folders, /dev/null and /dev/urandom, and a
+  size-capped tmpfs at /work (also /tmp) for the program's files: no /proc, /etc, /home, /root,
+  /tmp of the host, no evaluator cwd, checkpoints or benchmark files;
+- a seccomp filter (BPF generated here, loaded by bwrap) refusing process and thread creation,
+  signal handlers, memfd, ptrace, keyrings, mounts and namespaces, bpf, perf, io_uring, kernel
+  modules and the like;
+- run as root, the launcher keeps only CAP_SETUID/CAP_SETGID to become uid 65534 at once, so the
+  program runs as an unprivileged user of the host; run as a user, a user namespace maps that
+  user's own id.
+
+Nothing here is best effort: ``find_bwrap`` and ``jail_argv`` raise ``JailUnavailable`` with the
+fix when the tool or a feature is missing, and sandbox.capabilities() verifies the result by
+running probes inside it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import struct
+import subprocess
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+from phibook.errors import PhibookError
+
+NOBODY = 65534
+WORK = "/work"
+LAUNCHER_IN_JAIL = "/sandbox/launcher.py"
+INSTALL_HINT = ("install bubblewrap: `sudo apt-get install bubblewrap` (Debian/Ubuntu), `sudo dnf install "
+                "bubblewrap` (Fedora), `sudo pacman -S bubblewrap` (Arch), or set PHIBOOK_BWRAP to its path; "
+                "or pass --unsafe-no-sandbox to run model-written programs unconfined")
+# Library folders the interpreter may load from; absent ones are skipped, symlinks recreated.
+LIBRARY_DIRS = ("/lib", "/lib64", "/lib32", "/libx32", "/usr/lib", "/usr/lib64", "/usr/lib32", "/usr/libx32")
+# Options this module relies on (bubblewrap >= 0.8: --size for a capped tmpfs, --perms for tmpfs).
+REQUIRED_OPTIONS = ("--size", "--perms", "--die-with-parent", "--seccomp", "--disable-userns", "--new-session")
+
+
+class JailUnavailable(PhibookError):
+    """The jail cannot be built on this machine; the message says what is missing and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Bwrap:
+    path: str
+    version: str
+
+
+def find_bwrap() -> Bwrap:
+    """The bwrap to use ($PHIBOOK_BWRAP, else PATH), checked for the options the jail needs."""
+    path = os.environ.get("PHIBOOK_BWRAP") or shutil.which("bwrap")
+    if not path or not os.access(path, os.X_OK):
+        where = f"PHIBOOK_BWRAP={os.environ['PHIBOOK_BWRAP']} is not an executable" if os.environ.get(
+            "PHIBOOK_BWRAP") else "bwrap is not on PATH"
+        raise JailUnavailable(f"the code sandbox needs bubblewrap, and {where}; {INSTALL_HINT}")
+    try:
+        version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+        usage = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise JailUnavailable(f"the code sandbox could not run {path}: {exc}; {INSTALL_HINT}") from exc
+    missing = [o for o in REQUIRED_OPTIONS if o not in usage]
+    if missing:
+        raise JailUnavailable(f"{path} ({version or 'unknown version'}) lacks {', '.join(missing)}; the code sandbox "
+                              f"needs bubblewrap >= 0.8; {INSTALL_HINT}")
+    return Bwrap(path, version or "bubblewrap")
+
+
+# --------------------------------------------------------------------------- seccomp
+
+# Syscalls the program never needs and that would widen its reach: new processes or threads,
+# memory the rlimits do not count, other processes' memory, kernel keyrings, mounts and
+# namespaces, kernel extension points, and clocks/modules/reboot. Numbers from the kernel's
+# arch/x86/entry/syscalls/syscall_64.tbl and include/uapi/asm-generic/unistd.h (arm64).
+DENIED_SYSCALLS = {
+    "x86_64": {
+        "fork": 57, "vfork": 58, "clone": 56, "clone3": 435, "memfd_create": 319, "memfd_secret": 447,
+        "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "kcmp": 312, "pidfd_getfd": 438,
+        "keyctl": 250, "add_key": 248, "request_key": 249, "bpf": 321, "perf_event_open": 298,
+        "userfaultfd": 323, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
+        "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161, "unshare": 272, "setns": 308,
+        "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
+        "mount_setattr": 442, "kexec_load": 246, "kexec_file_load": 320, "init_module": 175,
+        "finit_module": 313, "delete_module": 176, "reboot": 169, "swapon": 167, "swapoff": 168,
+        "acct": 163, "syslog": 103, "quotactl": 179, "quotactl_fd": 443, "name_to_handle_at": 303,
+        "open_by_handle_at": 304, "lookup_dcookie": 212, "personality": 135, "uselib": 134, "iopl": 172,
+        "ioperm": 173, "modify_ldt": 154, "settimeofday": 164, "clock_settime": 227, "clock_adjtime": 305,
+        "adjtimex": 159, "vhangup": 153, "fanotify_init": 300, "ustat": 136, "sysfs": 139, "_sysctl": 156,
+        "nfsservctl": 180, "create_module": 174, "get_kernel_syms": 177, "query_module": 178,
+    },
+    "aarch64": {
+        "clone": 220, "clone3": 435, "memfd_create": 279, "memfd_secret": 447, "ptrace": 117,
+        "process_vm_readv": 270, "process_vm_writev": 271, "kcmp": 272, "pidfd_getfd": 438, "keyctl": 219,
+        "add_key": 217, "request_key": 218, "bpf": 280, "perf_event_open": 241, "userfaultfd": 282,
+        "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "mount": 40, "umount2": 39,
+        "pivot_root": 41, "chroot": 51, "unshare": 97, "setns": 268, "open_tree": 428, "move_mount": 429,
+        "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442,
+        "kexec_load": 104, "kexec_file_load": 294, "init_module": 105, "finit_module": 273,
+        "delete_module": 106, "reboot": 142, "swapon": 224, "swapoff": 225, "acct": 89, "syslog": 116,
+        "quotactl": 60, "quotactl_fd": 443, "name_to_handle_at": 264, "open_by_handle_at": 265,
+        "lookup_dcookie": 18, "personality": 92, "settimeofday": 170, "clock_settime": 112,
+        "clock_adjtime": 266, "adjtimex": 171, "vhangup": 58, "fanotify_init": 262, "nfsservctl": 42,
+    },
+}
+# rt_sigaction may only query (act == NULL): a handler would be called with the interrupted frame.
+RT_SIGACTION = {"x86_64": 13, "aarch64": 134}
+AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+X32_BIT = 0x40000000  # x86_64's x32 ABI numbers: refused whole
+
+# classic BPF (linux/filter.h, linux/seccomp.h)
+LD_W_ABS, JEQ_K, JGE_K, JSET_K, RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
+RET_ALLOW, RET_KILL_PROCESS, RET_ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
+EPERM = 1
+# struct seccomp_data: int nr; __u32 arch; __u64 instruction_pointer; __u64 args[6]
+OFF_NR, OFF_ARCH, OFF_ARGS = 0, 4, 16
+
+
+def machine_arch() -> str:
+    arch = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(arch, arch)
+
+
+def seccomp_filter(arch: str | None = None) -> bytes:
+    """The BPF program (struct sock_filter[]) bwrap loads with --seccomp, for this machine's arch."""
+    arch = arch or machine_arch()
+    if arch not in DENIED_SYSCALLS:
+        raise JailUnavailable(f"the code sandbox has no seccomp syscall table for {arch} (only "
+                              f"{', '.join(DENIED_SYSCALLS)}); pass --unsafe-no-sandbox to run programs unconfined")
+    prog: list[tuple[int, int, int, int]] = []
+
+    def emit(code: int, jt: int = 0, jf: int = 0, k: int = 0) -> int:
+        prog.append((code, jt, jf, k))
+        return len(prog) - 1
+
+    emit(LD_W_ABS, k=OFF_ARCH)
+    emit(JEQ_K, 1, 0, AUDIT_ARCH[arch])  # another ABI in this process (int 0x80): kill it
+    emit(RET_K, k=RET_KILL_PROCESS)
+    emit(LD_W_ABS, k=OFF_NR)
+    jumps: list[int] = []  # instructions whose jt goes to DENY, patched below
+    if arch == "x86_64":
+        jumps.append(emit(JSET_K, 0, 0, X32_BIT))
+    for nr in sorted(DENIED_SYSCALLS[arch].values()):
+        jumps.append(emit(JEQ_K, 0, 0, nr))
+    sigaction = emit(JEQ_K, 0, 0, RT_SIGACTION[arch])  # jf -> ALLOW, jt -> check act
+    allow = emit(RET_K, k=RET_ALLOW)
+    act_lo = emit(LD_W_ABS, k=OFF_ARGS + 8)  # args[1] = act, two 32-bit halves
+    emit(JEQ_K, 0, 0, 0)
+    emit(LD_W_ABS, k=OFF_ARGS + 12)
+    emit(JEQ_K, 0, 0, 0)
+    emit(RET_K, k=RET_ALLOW)  # act == NULL: a query
+    deny = emit(RET_K, k=RET_ERRNO | EPERM)
+    for i in jumps:
+        code, _, jf, k = prog[i]
+        prog[i] = (code, deny - i - 1, jf, k)
+    prog[sigaction] = (JEQ_K, act_lo - sigaction - 1, allow - sigaction - 1, RT_SIGACTION[arch])
+    prog[act_lo + 1] = (JEQ_K, 0, deny - act_lo - 2, 0)
+    prog[act_lo + 3] = (JEQ_K, 0, deny - act_lo - 4, 0)
+    if any(not 0 <= jt <= 255 or not 0 <= jf <= 255 for _, jt, jf, _ in prog):
+        raise AssertionError("seccomp filter jump out of range")
+    return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
+
+
+# --------------------------------------------------------------------------- filesystem
+
+
+def interpreter() -> tuple[str, str]:
+    """(the real python binary, its installation prefix): a venv's python is its base's."""
+    exe = os.path.realpath(sys.executable)
+    prefix = os.path.realpath(sys.base_prefix)
+    return exe, prefix
+
+
+def hidden_dirs(prefix: str) -> list[str]:
+    """site-packages folders under the interpreter prefix: not needed (the jail runs python -I -S)."""
+    names = set()
+    for scheme_var in ("purelib", "platlib"):
+        path = sysconfig.get_paths(vars={"base": prefix, "platbase": prefix}).get(scheme_var)
+        if path:
+            names.add(os.path.realpath(path))
+    for pattern in ("lib*/python3*/site-packages", "lib*/python3*/dist-packages", "lib/python3/dist-packages",
+                    "local/lib/python3*/dist-packages"):
+        names.update(str(p) for p in Path(prefix).glob(pattern))
+    return sorted(p for p in names if os.path.isdir(p) and p.startswith(prefix.rstrip("/") + "/"))
+
+
+def jail_argv(bwrap: Bwrap, *, launcher: str, seccomp_fd: int, disk_bytes: int, as_root: bool) -> list[str]:
+    """The bwrap command line that runs ``launcher`` as /sandbox/launcher.py in the jail."""
+    exe, prefix = interpreter()
+    argv = [bwrap.path, "--die-with-parent", "--new-session", "--unshare-ipc", "--unshare-pid", "--unshare-net",
+            "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox"]
+    if as_root:
+        # No user namespace: the launcher switches to uid 65534 of the host, with these two
+        # capabilities only for that; every other capability is gone before it starts.
+        argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        argv += ["--unshare-user", "--disable-userns"]
+    # Parents of the prefix (say /root/.pyenv/versions): traversable, not listable.
+    parents = []
+    for parent in Path(prefix).parents:
+        if str(parent) != "/":
+            parents.append(str(parent))
+    for parent in reversed(parents):
+        argv += ["--perms", "0711", "--dir", parent]
+    argv += ["--ro-bind", prefix, prefix]
+    for hidden in hidden_dirs(prefix):
+        argv += ["--perms", "0555", "--tmpfs", hidden, "--remount-ro", hidden]
+    if not exe.startswith(prefix.rstrip("/") + "/"):
+        argv += ["--ro-bind", exe, exe]
+    for lib in LIBRARY_DIRS:
+        if prefix == lib or lib.startswith(prefix.rstrip("/") + "/"):
+            continue
+        if os.path.islink(lib):
+            argv += ["--symlink", os.readlink(lib), lib]
+        elif os.path.isdir(lib):
+            argv += ["--ro-bind", lib, lib]
+    argv += ["--dev-bind", "/dev/null", "/dev/null", "--dev-bind", "/dev/urandom", "/dev/urandom",
+             "--remount-ro", "/dev/urandom",
+             "--perms", "1777", "--size", str(int(disk_bytes)), "--tmpfs", WORK, "--symlink", WORK, "/tmp",
+             "--ro-bind", launcher, LAUNCHER_IN_JAIL, "--remount-ro", "/",
+             "--chdir", WORK, "--clearenv",
+             "--setenv", "HOME", WORK, "--setenv", "TMPDIR", WORK, "--setenv", "LANG", "C.UTF-8",
+             "--setenv", "PYTHONHASHSEED", "0", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
+             "--setenv", "OMP_NUM_THREADS", "1", "--seccomp", str(seccomp_fd),
+             exe, "-I", "-S", LAUNCHER_IN_JAIL]
+    return argv
