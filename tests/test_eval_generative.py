@@ -14,10 +14,12 @@ from phibook.eval.generative import (
     MBPP,
     SQuAD,
     exact_match,
-    extract_program_answer,
     gsm8k_gold,
+    last_number,
     normalize_answer,
+    parse_number,
     pass_at_k,
+    program_answer,
     read_squad,
     squad_scores,
     token_f1,
@@ -64,6 +66,7 @@ def test_pass_at_k_rejects_impossible_counts():
 # --------------------------------------------------------------------------- HumanEval
 
 
+@pytest.mark.usefixtures("jail")
 def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(benchmarks):
     task = get_task("humaneval")
     docs = task.load_docs(benchmarks, 20)
@@ -74,7 +77,7 @@ def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(benchmarks):
     assert not any(o.passed for o in wrong)
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("jail")
 def test_humaneval_all_164_canonical_solutions_pass(benchmarks):
     task = get_task("humaneval")
     docs = task.load_docs(benchmarks, None)
@@ -83,6 +86,7 @@ def test_humaneval_all_164_canonical_solutions_pass(benchmarks):
     assert [d["task_id"] for d, o in zip(docs, outcomes) if not o.passed] == []
 
 
+@pytest.mark.usefixtures("jail")
 def test_humaneval_process_results_greedy_and_sampled(benchmarks):
     doc = get_task("humaneval").load_docs(benchmarks, 1)[0]
     greedy = get_task("humaneval")
@@ -111,6 +115,7 @@ def test_humaneval_process_results_greedy_and_sampled(benchmarks):
 # --------------------------------------------------------------------------- MBPP
 
 
+@pytest.mark.usefixtures("jail")
 def test_mbpp_loader_split_and_reference_code_passes(benchmarks):
     task = get_task("mbpp")
     docs = task.load_docs(benchmarks, None)
@@ -127,7 +132,7 @@ def test_mbpp_loader_split_and_reference_code_passes(benchmarks):
     )
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("jail")
 def test_mbpp_all_500_reference_solutions_pass(benchmarks):
     task = get_task("mbpp")
     docs = task.load_docs(benchmarks, None)
@@ -153,13 +158,28 @@ def test_gsm8k_gold_extraction():
 
 
 def test_gsm8k_program_answer_extraction():
-    assert extract_program_answer("__PHIBOOK_RESULT__ 18\n") == 18.0
-    assert extract_program_answer("noise 3\n\n__PHIBOOK_RESULT__ 18.0\n") == 18.0
-    assert extract_program_answer("__PHIBOOK_RESULT__ '1,234'\n") == 1234.0
-    assert extract_program_answer("The answer is 42\n\n__PHIBOOK_RESULT__ None\n") == 42.0  # printed, not returned
-    assert extract_program_answer("nothing numeric\n__PHIBOOK_RESULT__ None\n") is None
+    assert program_answer(18, "noise 3\n") == 18.0  # the returned value wins
+    assert program_answer(18.0, "") == 18.0
+    assert program_answer("1,234", "") == 1234.0
+    assert program_answer(None, "The answer is 42.\n") == 42.0  # printed, not returned
+    assert program_answer(None, "nothing numeric\n") is None
+    assert program_answer("1,8", "") is None  # not a number GSM8K writes: never 18
+    assert program_answer("12 apples", "") is None
+    assert program_answer(True, "") is None and program_answer([18], "18") is None
+    assert program_answer(float("nan"), "") is None
 
 
+def test_strict_number_parsing():
+    for text, value in (("18", 18.0), ("-3.5", -3.5), ("1,200", 1200.0), ("$1,200.50", 1200.5), (" 7. ", 7.0),
+                        ("1e3", 1000.0), (".5", 0.5)):
+        assert parse_number(text) == value, text
+    for text in ("1,8", "1,20", "12,0000", "18a", "", "--1", "1.2.3", "one"):
+        assert parse_number(text) is None, text
+    assert last_number("We have 3 apples, then 1,8 pears; total: 18.") == 18.0
+    assert last_number("x=18") is None and last_number("(42)") == 42.0
+
+
+@pytest.mark.usefixtures("jail")
 def test_gsm8k_hand_written_programs_on_a_real_problem(benchmarks):
     task = get_task("gsm8k")
     task.timeout_s = 1.0  # the busy-loop case below only has to time out
@@ -245,6 +265,7 @@ def test_truncate_at_stops_takes_the_earliest():
 # --------------------------------------------------------------------------- through the runner
 
 
+@pytest.mark.usefixtures("jail")
 def test_squad_and_gsm8k_through_the_eval_command(tiny_checkpoint, benchmarks, tmp_path, capsys):
     from phibook.cli import main
 
@@ -269,10 +290,12 @@ def test_squad_and_gsm8k_through_the_eval_command(tiny_checkpoint, benchmarks, t
         samples = results["samples"][name]
         assert len(samples) == 2 and isinstance(samples[0]["results"][0], str)  # the generated text
     assert results["samples"]["squad"][0]["requests"][0]["prompt"].startswith("Title: Super Bowl 50")
+    assert results["sandbox"]["mode"] == "bubblewrap" and all(results["sandbox"]["verified"].values())
     text = capsys.readouterr().out
     assert "squad" in text and "gsm8k" in text
 
 
+@pytest.mark.usefixtures("jail")
 def test_humaneval_longer_than_the_context_is_truncated_with_a_warning(tiny_checkpoint, benchmarks, tmp_path,
                                                                          capsys):
     from phibook.cli import main
@@ -294,6 +317,7 @@ def test_humaneval_longer_than_the_context_is_truncated_with_a_warning(tiny_chec
     assert "truncated" not in captured.out  # a JSON count, not a table row
 
 
+@pytest.mark.usefixtures("jail")
 def test_sampled_pass_at_k_through_the_eval_command(tiny_checkpoint, benchmarks, tmp_path, capsys):
     from phibook.cli import main
 
@@ -329,3 +353,52 @@ def test_samples_flags_are_checked(tiny_checkpoint, benchmarks, capsys):
     assert "--samples must be >= 1" in capsys.readouterr().err
     assert main(base + ["--tasks", "mbpp", "--temperature", "-1"]) == 2
     assert "--temperature must be a finite number >= 0" in capsys.readouterr().err
+
+
+def _one_problem_humaneval(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    (data / "humaneval").mkdir(parents=True)
+    row = {"task_id": "Test/0", "prompt": "def add(a, b):\n", "entry_point": "add",
+           "canonical_solution": "    return a + b\n", "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n"}
+    (data / "humaneval" / "HumanEval.jsonl").write_text(json.dumps(row) + "\n")
+    return data
+
+
+def test_code_tasks_fail_closed_without_the_jail(tmp_path):
+    """No bubblewrap: one clear line and exit 2, before the model loads (the model path is bogus)."""
+    import os
+    import subprocess
+    import sys
+
+    data = _one_problem_humaneval(tmp_path)
+    env = dict(os.environ, PHIBOOK_BWRAP=str(tmp_path / "no-bwrap"))
+    for task in ("humaneval", "gsm8k"):
+        if task == "gsm8k":
+            (data / "gsm8k").mkdir(exist_ok=True)
+            (data / "gsm8k" / "test.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
+        r = subprocess.run([sys.executable, "-m", "phibook.cli", "eval", "--model", str(tmp_path / "no-model"),
+                            "--tasks", task, "--data-dir", str(data)], capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("phibook eval: error: the code sandbox needs bubblewrap")
+        assert "apt-get install bubblewrap" in lines[0] and "--unsafe-no-sandbox" in lines[0]
+        assert "Traceback" not in r.stderr
+
+
+def test_unsafe_no_sandbox_is_recorded(tiny_checkpoint, tmp_path, capsys):
+    from phibook.cli import main
+
+    data = _one_problem_humaneval(tmp_path)
+    out = tmp_path / "he.json"
+    rc = main(["eval", "--model", str(tiny_checkpoint), "--tasks", "humaneval", "--data-dir", str(data),
+               "--output", str(out), "--no-progress", "--unsafe-no-sandbox"])
+    assert rc == 0
+    assert "WITHOUT the jail" in capsys.readouterr().err
+    results = json.loads(out.read_text())
+    assert results["sandbox"]["mode"] == "unsafe-no-sandbox"
+    (data / "squad").mkdir()
+    (data / "squad" / "dev-v1.1.json").write_text(FIXTURE.read_text())
+    assert main(["eval", "--model", str(tiny_checkpoint), "--tasks", "squad", "--data-dir", str(data), "--limit", "1",
+                 "--output", str(out), "--no-progress"]) == 0
+    assert "sandbox" not in json.loads(out.read_text())  # no code ran

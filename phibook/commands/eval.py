@@ -62,6 +62,11 @@ def register(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=None, metavar="T",
                    help="code tasks: sampling temperature (default: 0 = greedy with one sample, 0.8 with "
                         "--samples > 1); top_p is 0.95 when sampling")
+    p.add_argument("--unsafe-no-sandbox", action="store_true",
+                   help="UNSAFE: run model-written programs (humaneval, mbpp, gsm8k) without the bubblewrap jail, "
+                        "with only resource limits: they can read your files and reach the network. Without this "
+                        "flag, a code task stops at once when the jail cannot be built or verified. The results "
+                        "JSON records which way programs ran.")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weight dtype (default: float32; log-probabilities are always computed in float32)")
@@ -107,6 +112,24 @@ def build_tasks(names: list[str], samples: int | None, temperature: float | None
     if temperature is not None:
         options["temperature"] = temperature
     return [get_task(n, **options) if n in code else get_task(n) for n in names]
+
+
+def check_sandbox(tasks: list, unsafe: bool) -> dict | None:
+    """For tasks that run model-written code: the verified jail (or the unsafe mode), else a
+    clear error now, before the model loads. None when no task runs code."""
+    from phibook.eval import sandbox
+
+    code_tasks = [task for task in tasks if task.runs_code]
+    if not code_tasks:
+        return None
+    if unsafe:
+        for task in code_tasks:
+            task.unsafe_sandbox = True
+        print("phibook eval: warning: --unsafe-no-sandbox: model-written programs run WITHOUT the jail "
+              "(no namespaces, no seccomp; they can read your files and use the network)", file=sys.stderr)
+        return sandbox.describe(unsafe=True)
+    sandbox.require_sandbox()
+    return sandbox.describe()
 
 
 def truncation_warning(task, outcome: dict, context: int) -> str | None:
@@ -156,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
     # Read every task's files before loading the model, so a missing file fails in a second.
     for task in tasks:
         task.load_docs(data_dir, 1)
+    sandbox = check_sandbox(tasks, args.unsafe_no_sandbox)
 
     import torch
 
@@ -189,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         samples=samples if args.log_samples else None,
+        sandbox=sandbox,
     )
     print(format_table(results))
     if args.output:

@@ -99,6 +99,7 @@ class CodeTask(Task):
     """A task whose answers are programs checked in the sandbox; pass@k over `samples` per problem."""
 
     output_type = "generate"
+    runs_code = True
     folder: ClassVar[str] = ""
     stops: ClassVar[list[str]] = CODE_STOPS
     max_new_tokens: ClassVar[int] = 512
@@ -141,7 +142,7 @@ class CodeTask(Task):
         from phibook.eval.sandbox import check_many
 
         pairs = [self.program(doc, truncate_at_stops(str(text), self.stops)) for text in results]
-        outcomes = check_many(pairs, timeout_s=self.timeout_s, memory_mb=self.memory_mb)
+        outcomes = check_many(pairs, timeout_s=self.timeout_s, memory_mb=self.memory_mb, unsafe=self.unsafe_sandbox)
         n, c = len(outcomes), sum(o.passed for o in outcomes)
         return {f"pass@{k}": pass_at_k(n, c, k) for k in self.ks}
 
@@ -239,8 +240,9 @@ class MBPP(CodeTask):
 
 # --------------------------------------------------------------------------- GSM8K via coding
 
-RESULT_MARK = "__PHIBOOK_RESULT__"
-NUMBER = re.compile(r"-?\d[\d,]*\.?\d*(?:[eE][-+]?\d+)?|-?\.\d+")
+# A number as GSM8K writes one: digits with optional comma thousands groups ("1,200", never
+# "1,8"), an optional fraction and exponent, an optional sign and dollar sign.
+STRICT_NUMBER = re.compile(r"[-+]?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\$?\.\d+")
 
 
 def gsm8k_gold(answer: str) -> float:
@@ -250,26 +252,35 @@ def gsm8k_gold(answer: str) -> float:
     return float(answer.split("####")[-1].strip().replace(",", "").rstrip("."))
 
 
+def parse_number(text: str) -> float | None:
+    """``text`` as a number if the whole of it is one (see STRICT_NUMBER; a trailing period is
+    allowed), else None: "1,8" and "12 apples" are not numbers."""
+    text = text.strip().rstrip(".")
+    if not STRICT_NUMBER.fullmatch(text):
+        return None
+    return float(text.replace(",", "").replace("$", ""))
+
+
 def last_number(text: str) -> float | None:
-    """The last number written in `text` (commas as thousands separators), or None."""
-    for match in reversed(NUMBER.findall(text)):
-        try:
-            return float(match.replace(",", ""))
-        except ValueError:
-            continue
+    """The last whitespace-separated word of ``text`` that is a number (trailing punctuation and
+    brackets aside), or None."""
+    for word in reversed(text.split()):
+        value = parse_number(word.strip("()[]{}:;,!?\"'"))
+        if value is not None:
+            return value
     return None
 
 
-def extract_program_answer(stdout: str) -> float | None:
-    """solution()'s return value from our marker line; if it returned nothing numeric, the last
-    number the program printed."""
-    before, mark, after = stdout.rpartition(RESULT_MARK + " ")
-    if mark:
-        value = last_number(after.strip().splitlines()[0] if after.strip() else "")
-        if value is not None:
-            return value
-        return last_number(before)
-    return last_number(stdout)
+def program_answer(value: object, stdout: str) -> float | None:
+    """solution()'s return value as a number; when it returned None, the last number printed.
+    A bool, or a string that is not wholly a number, is no answer."""
+    if type(value) is int or type(value) is float:
+        return float(value) if math.isfinite(value) else None
+    if type(value) is str:
+        return parse_number(value)
+    if value is None:
+        return last_number(stdout)
+    return None
 
 
 def answers_match(pred: float | None, gold: float) -> bool:
@@ -279,6 +290,7 @@ def answers_match(pred: float | None, gold: float) -> bool:
 @register("gsm8k")
 class GSM8K(Task):
     output_type = "generate"
+    runs_code = True
     metrics: ClassVar[dict[str, bool]] = {"acc": True}
     stops: ClassVar[list[str]] = CODE_STOPS
     max_new_tokens: ClassVar[int] = 512
@@ -286,8 +298,8 @@ class GSM8K(Task):
     prompt_settings: ClassVar[dict[str, Any]] = {
         "num_fewshot": 0, "method": "via coding (program-aided): solution() runs in the sandbox",
         "template": 'def solution():\\n    """{question}"""\\n', "stop": CODE_STOPS, "greedy": True,
-        "max_new_tokens": 512, "answer": "solution()'s numeric result (else the last number printed) "
-        "vs the number after '####', math.isclose(rel 1e-6, abs 1e-4)",
+        "max_new_tokens": 512, "answer": "solution()'s numeric result (else the last number printed), "
+        "only when the program ran to its end, vs the number after '####', math.isclose(rel 1e-6, abs 1e-4)",
     }
 
     @staticmethod
@@ -297,8 +309,7 @@ class GSM8K(Task):
 
     @staticmethod
     def program(doc: dict, completion: str) -> str:
-        return (GSM8K.prompt(doc) + completion + "\n\n\n"
-                f"_result = solution()\nprint()\nprint({RESULT_MARK!r}, repr(_result))\n")
+        return GSM8K.prompt(doc) + completion + "\n"
 
     def requests(self, doc: dict) -> list[GenerationRequest]:
         return [GenerationRequest(self.prompt(doc), sampling_params(max_new_tokens=self.max_new_tokens,
@@ -307,8 +318,11 @@ class GSM8K(Task):
     def process_results(self, doc: dict, results: list) -> dict[str, float]:
         from phibook.eval.sandbox import run_python
 
-        run = run_python(self.program(doc, truncate_at_stops(str(results[0]), self.stops)), timeout_s=self.timeout_s)
-        pred = extract_program_answer(run.stdout) if run.status in ("ok", "error") else None
+        # The sandbox calls solution() after the program's top level; its value comes back on the
+        # launcher's channel. A program that crashes, exits or times out is wrong, whatever it printed.
+        run = run_python(self.program(doc, truncate_at_stops(str(results[0]), self.stops)), timeout_s=self.timeout_s,
+                         call="solution", unsafe=self.unsafe_sandbox)
+        pred = program_answer(run.value, run.stdout) if run.ok else None
         return {"acc": float(answers_match(pred, doc["gold"]))}
 
     @staticmethod

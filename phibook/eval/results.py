@@ -76,6 +76,7 @@ def build_results(
     device: str,
     dtype: str,
     samples: dict[str, list] | None = None,
+    sandbox: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
         "phibook_version": __version__,
@@ -88,6 +89,8 @@ def build_results(
         "dtype": dtype,
         "results": entries,
     }
+    if sandbox is not None:  # how model-written programs ran (code tasks only)
+        out["sandbox"] = sandbox
     if samples is not None:
         out["samples"] = samples
     return out

@@ -68,6 +68,11 @@ class Task:
     output_type: ClassVar[OutputType] = "loglikelihood"
     metrics: ClassVar[dict[str, bool]] = {"acc": True}
     prompt_settings: ClassVar[dict[str, Any]] = {}
+    # True for tasks that run model-written code (in phibook.eval.sandbox): `phibook eval` checks
+    # the jail before it loads the model, and records how programs ran.
+    runs_code: ClassVar[bool] = False
+    # Set by `phibook eval --unsafe-no-sandbox` on the tasks that run code: no jail for them.
+    unsafe_sandbox: bool = False
 
     def load_docs(self, data_dir: Path | None, limit: int | None) -> list[dict]:
         """Read the evaluated split from `data_dir/<task folder>`; first `limit` docs when given."""
