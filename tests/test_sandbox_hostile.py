@@ -190,6 +190,59 @@ find(sys._getframe())
     "list of always-equal": "    class Yes:\n        def __eq__(self, other): return True\n    return [Yes()][0]\n",
     "patched builtins and math": WRONG + "import builtins, math\nbuiltins.abs = lambda x: 0\n"
                                  "math.isclose = lambda *a, **k: True\nbuiltins.AssertionError = None\n",
+    "swap the function under test": """    import sys
+    f = sys._getframe(1)
+    while f is not None:
+        for scope in (f.f_globals, f.f_locals):
+            for name in ('add', 'candidate'):
+                if name in scope:
+                    scope[name] = lambda a, b: a + b
+        f = f.f_back
+    return a - b
+""",
+    "patch the harness's builtins": WRONG + """
+import builtins
+class Yes:
+    def __eq__(self, other): return True
+builtins.type = lambda x: int
+builtins.any = lambda x: True
+builtins.isinstance = lambda *a: True
+def add(a, b):
+    return Yes()
+""",
+    "import hook in the tests' thread": WRONG + """
+import sys
+class Finder:
+    def find_spec(self, name, path=None, target=None):
+        f = sys._getframe(1)
+        while f is not None:
+            if 'add' in f.f_globals:
+                f.f_globals['add'] = lambda a, b: a + b
+            f = f.f_back
+sys.meta_path.insert(0, Finder())
+sys.modules.pop('math', None)
+""",
+    "thread watching the harness": WRONG + """
+import sys, threading, time
+def spy():
+    for _ in range(200):
+        for frame in getattr(sys, '_current_frames', lambda: {})().values():
+            frame.f_globals['add'] = lambda a, b: a + b
+        time.sleep(0.005)
+threading.Thread(target=spy, daemon=True).start()
+""",
+    "finalizer on the tests' thread": """    class Bomb:
+        def __del__(self):
+            import sys
+            f = sys._getframe(1)
+            while f is not None:
+                if 'add' in f.f_globals:
+                    f.f_globals['add'] = lambda a, b: a + b
+                f = f.f_back
+    cycle = [Bomb() for _ in range(100)]
+    cycle.append(cycle)  # garbage only a collection frees: on whichever thread runs it
+    return a - b
+""",
     "gc walk": WRONG + "import gc\nfor o in gc.get_objects():\n    pass\n",
     "ctypes memory read": WRONG + "import ctypes\nctypes.string_at(id(1), 64)\n",
     "hand-made bytecode": WRONG + "add.__code__.replace(co_consts=(None,))\n",
@@ -217,6 +270,8 @@ for _ in range(5000):
 @pytest.mark.parametrize("name", list(FORGERIES), ids=list(FORGERIES))
 def test_forgeries_never_pass(name):
     assert humaneval(FORGERIES[name]) == 0.0
+    # MBPP's asserts call the function by its global name (HumanEval's check() holds it in a local).
+    assert mbpp("def add(a, b):\n" + FORGERIES[name]) == 0.0
 
 
 def test_forged_setup_failure_does_not_stop_the_run():

@@ -9,9 +9,9 @@ what goes in it:
   hidden under an empty tmpfs) and the system library folders, /dev/null and /dev/urandom, and a
   size-capped tmpfs at /work (also /tmp) for the program's files: no /proc, /etc, /home, /root,
   /tmp of the host, no evaluator cwd, checkpoints or benchmark files;
-- a seccomp filter (BPF generated here, loaded by bwrap) refusing process and thread creation,
-  signal handlers, memfd, ptrace, keyrings, mounts and namespaces, bpf, perf, io_uring, kernel
-  modules and the like;
+- a seccomp filter (BPF generated here, loaded by bwrap) refusing new processes (threads are
+  allowed: the launcher runs the program on its own), signal handlers, memfd, ptrace, keyrings,
+  mounts and namespaces, bpf, perf, io_uring, kernel modules and the like;
 - run as root, the launcher keeps only CAP_SETUID/CAP_SETGID to become uid 65534 at once, so the
   program runs as an unprivileged user of the host; run as a user, a user namespace maps that
   user's own id.
@@ -78,13 +78,13 @@ def find_bwrap() -> Bwrap:
 
 # --------------------------------------------------------------------------- seccomp
 
-# Syscalls the program never needs and that would widen its reach: new processes or threads,
+# Syscalls the program never needs and that would widen its reach: new processes (fork, vfork),
 # memory the rlimits do not count, other processes' memory, kernel keyrings, mounts and
 # namespaces, kernel extension points, and clocks/modules/reboot. Numbers from the kernel's
 # arch/x86/entry/syscalls/syscall_64.tbl and include/uapi/asm-generic/unistd.h (arm64).
 DENIED_SYSCALLS = {
     "x86_64": {
-        "fork": 57, "vfork": 58, "clone": 56, "clone3": 435, "memfd_create": 319, "memfd_secret": 447,
+        "fork": 57, "vfork": 58, "memfd_create": 319, "memfd_secret": 447,
         "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "kcmp": 312, "pidfd_getfd": 438,
         "keyctl": 250, "add_key": 248, "request_key": 249, "bpf": 321, "perf_event_open": 298,
         "userfaultfd": 323, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
@@ -99,7 +99,7 @@ DENIED_SYSCALLS = {
         "nfsservctl": 180, "create_module": 174, "get_kernel_syms": 177, "query_module": 178,
     },
     "aarch64": {
-        "clone": 220, "clone3": 435, "memfd_create": 279, "memfd_secret": 447, "ptrace": 117,
+        "memfd_create": 279, "memfd_secret": 447, "ptrace": 117,
         "process_vm_readv": 270, "process_vm_writev": 271, "kcmp": 272, "pidfd_getfd": 438, "keyctl": 219,
         "add_key": 217, "request_key": 218, "bpf": 280, "perf_event_open": 241, "userfaultfd": 282,
         "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "mount": 40, "umount2": 39,
@@ -112,15 +112,20 @@ DENIED_SYSCALLS = {
         "clock_adjtime": 266, "adjtimex": 171, "vhangup": 58, "fanotify_init": 262, "nfsservctl": 42,
     },
 }
-# rt_sigaction may only query (act == NULL): a handler would be called with the interrupted frame.
+# Checked by argument: clone only for threads (CLONE_THREAD; the launcher runs the program on its
+# own threads), clone3 answered ENOSYS so libc falls back to clone (its flags are in memory, where
+# a filter cannot look), rt_sigaction only to query (a handler receives the interrupted frame).
+CLONE = {"x86_64": 56, "aarch64": 220}
+CLONE3 = 435
 RT_SIGACTION = {"x86_64": 13, "aarch64": 134}
+CLONE_THREAD = 0x00010000
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 X32_BIT = 0x40000000  # x86_64's x32 ABI numbers: refused whole
 
 # classic BPF (linux/filter.h, linux/seccomp.h)
-LD_W_ABS, JEQ_K, JGE_K, JSET_K, RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
+LD_W_ABS, JEQ_K, JSET_K, RET_K = 0x20, 0x15, 0x45, 0x06
 RET_ALLOW, RET_KILL_PROCESS, RET_ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
-EPERM = 1
+EPERM, ENOSYS = 1, 38
 # struct seccomp_data: int nr; __u32 arch; __u64 instruction_pointer; __u64 args[6]
 OFF_NR, OFF_ARCH, OFF_ARGS = 0, 4, 16
 
@@ -136,38 +141,50 @@ def seccomp_filter(arch: str | None = None) -> bytes:
     if arch not in DENIED_SYSCALLS:
         raise JailUnavailable(f"the code sandbox has no seccomp syscall table for {arch} (only "
                               f"{', '.join(DENIED_SYSCALLS)}); pass --unsafe-no-sandbox to run programs unconfined")
-    prog: list[tuple[int, int, int, int]] = []
+    # (code, jump-if-true label, jump-if-false label, k); labels resolve to relative offsets below.
+    prog: list[tuple[int, str | int, str | int, int]] = []
+    labels: dict[str, int] = {}
 
-    def emit(code: int, jt: int = 0, jf: int = 0, k: int = 0) -> int:
+    def op(code: int, k: int = 0, jt: str | int = 0, jf: str | int = 0) -> None:
         prog.append((code, jt, jf, k))
-        return len(prog) - 1
 
-    emit(LD_W_ABS, k=OFF_ARCH)
-    emit(JEQ_K, 1, 0, AUDIT_ARCH[arch])  # another ABI in this process (int 0x80): kill it
-    emit(RET_K, k=RET_KILL_PROCESS)
-    emit(LD_W_ABS, k=OFF_NR)
-    jumps: list[int] = []  # instructions whose jt goes to DENY, patched below
+    def label(name: str) -> None:
+        labels[name] = len(prog)
+
+    op(LD_W_ABS, OFF_ARCH)
+    op(JEQ_K, AUDIT_ARCH[arch], jt=1)  # another ABI in this process (int 0x80): kill it
+    op(RET_K, RET_KILL_PROCESS)
+    op(LD_W_ABS, OFF_NR)
     if arch == "x86_64":
-        jumps.append(emit(JSET_K, 0, 0, X32_BIT))
+        op(JSET_K, X32_BIT, jt="deny")
     for nr in sorted(DENIED_SYSCALLS[arch].values()):
-        jumps.append(emit(JEQ_K, 0, 0, nr))
-    sigaction = emit(JEQ_K, 0, 0, RT_SIGACTION[arch])  # jf -> ALLOW, jt -> check act
-    allow = emit(RET_K, k=RET_ALLOW)
-    act_lo = emit(LD_W_ABS, k=OFF_ARGS + 8)  # args[1] = act, two 32-bit halves
-    emit(JEQ_K, 0, 0, 0)
-    emit(LD_W_ABS, k=OFF_ARGS + 12)
-    emit(JEQ_K, 0, 0, 0)
-    emit(RET_K, k=RET_ALLOW)  # act == NULL: a query
-    deny = emit(RET_K, k=RET_ERRNO | EPERM)
-    for i in jumps:
-        code, _, jf, k = prog[i]
-        prog[i] = (code, deny - i - 1, jf, k)
-    prog[sigaction] = (JEQ_K, act_lo - sigaction - 1, allow - sigaction - 1, RT_SIGACTION[arch])
-    prog[act_lo + 1] = (JEQ_K, 0, deny - act_lo - 2, 0)
-    prog[act_lo + 3] = (JEQ_K, 0, deny - act_lo - 4, 0)
-    if any(not 0 <= jt <= 255 or not 0 <= jf <= 255 for _, jt, jf, _ in prog):
-        raise AssertionError("seccomp filter jump out of range")
-    return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
+        op(JEQ_K, nr, jt="deny")
+    op(JEQ_K, CLONE[arch], jt="clone")
+    op(JEQ_K, CLONE3, jt="nosys")
+    op(JEQ_K, RT_SIGACTION[arch], jt="sigaction")
+    op(RET_K, RET_ALLOW)
+    label("clone")
+    op(LD_W_ABS, OFF_ARGS)  # args[0] = flags (low 32 bits hold CLONE_THREAD)
+    op(JSET_K, CLONE_THREAD, jt="allow", jf="deny")
+    label("sigaction")
+    op(LD_W_ABS, OFF_ARGS + 8)  # args[1] = act, two 32-bit halves: NULL is a query
+    op(JEQ_K, 0, jf="deny")
+    op(LD_W_ABS, OFF_ARGS + 12)
+    op(JEQ_K, 0, jt="allow", jf="deny")
+    label("allow")
+    op(RET_K, RET_ALLOW)
+    label("nosys")
+    op(RET_K, RET_ERRNO | ENOSYS)
+    label("deny")
+    op(RET_K, RET_ERRNO | EPERM)
+    out = []
+    for i, (code, jt, jf, k) in enumerate(prog):
+        jt = labels[jt] - i - 1 if isinstance(jt, str) else jt
+        jf = labels[jf] - i - 1 if isinstance(jf, str) else jf
+        if not (0 <= jt <= 255 and 0 <= jf <= 255):
+            raise AssertionError("seccomp filter jump out of range")
+        out.append(struct.pack("=HBBI", code, jt, jf, k))
+    return b"".join(out)
 
 
 # --------------------------------------------------------------------------- filesystem

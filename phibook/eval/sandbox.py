@@ -472,7 +472,6 @@ refused("host_root_unlisted", lambda: os.listdir("/root"))
 refused("host_files_unreadable", lambda: open(HOST_FILE).read())
 refused("read_only_root", lambda: open("/probe", "w"))
 refused("no_child_processes", os.fork)
-refused("no_threads", lambda: __import__("_thread").start_new_thread(print, ()))
 refused("no_memfd", lambda: os.memfd_create("probe"))
 refused("no_signal_handlers", lambda: __import__("signal").signal(14, lambda *a: None))
 def no_userns():
