@@ -409,7 +409,7 @@ def make_runner(tail_code, namespace, import_state, pristine_builtins, harness, 
     import system as they were before it ran (what it imported or replaced is imported afresh),
     its callables running on worker threads and its other values copied (or left out)."""
     def run_tail() -> None:
-        restore_imports(import_state)
+        restore_imports(import_state, harness.copier.graveyard)
         tail_ns = {"__builtins__": pristine_builtins, "__name__": "tests", "_phibook_flush": flush}
         items = list(dict.items(namespace))
         harness.copier.graveyard.append(items)
@@ -434,19 +434,22 @@ def save_imports() -> tuple:
             [(module, dict(module.__dict__)) for module in machinery])
 
 
-def restore_imports(state: tuple) -> None:
+def restore_imports(state: tuple, graveyard: list) -> None:
     """Undo what the program did to the import system, so that the tests' imports run stdlib code
     only: modules it imported or replaced are dropped (imported afresh), finders and importlib's
-    functions put back."""
+    functions put back. What is taken out goes to ``graveyard`` (see Copier)."""
     modules, before, meta_path, path_hooks, path, saved = state
     for name in list(modules):
         if before.get(name) is not modules[name]:
+            graveyard.append(modules[name])
             del modules[name]
     modules.update(before)
+    graveyard.extend([sys.modules, sys.meta_path, sys.path_hooks, sys.path, sys.path_importer_cache])
     # New plain objects, not the program's (a list subclass could run code when assigned into).
     sys.modules, sys.meta_path, sys.path_hooks, sys.path = modules, list(meta_path), list(path_hooks), list(path)
     sys.path_importer_cache = {}
     for module, namespace in saved:
+        graveyard.append(dict(module.__dict__))
         module.__dict__.clear()
         module.__dict__.update(namespace)
 
