@@ -5,17 +5,19 @@
 
 Systems, in ALTERNATING rounds (the machine is shared; medians are reported):
 
-- ``sandbox``: ``phibook.eval.sandbox.run_python`` / ``check_many`` with the defaults phibook eval
-  uses (fresh temp dir, scrubbed env, RLIMITs, no children, Landlock write/network/signal
-  confinement, a new network namespace, uid 65534 when run as root: see ``capabilities()``).
-- ``subprocess``: the peer, no isolation at all: ``subprocess.run([python, "-c", code],
-  timeout=...)`` from a thread pool of the same size.
+- ``jail``: ``phibook.eval.sandbox.run_python`` / ``check_many`` as phibook eval runs them: a
+  bubblewrap jail per program (namespaces, read-only binds, tmpfs, seccomp, uid 65534), the
+  launcher (worker threads, audit hook, nonce verdict), RLIMITs.
+- ``launcher``: the same launcher without the jail (``unsafe=True``, what --unsafe-no-sandbox
+  runs): the jail's own share is the difference.
+- ``floor``: the interpreter start the launcher itself pays, ``python -I -S -c pass`` (no site).
+- ``bare``: what a harness without a sandbox runs, ``subprocess.run([python, "-c", code])``
+  (``pass`` for the overhead test; the program and its tests for HumanEval, from a thread pool of
+  the same size): no isolation at all and an exit status for a verdict.
 
-1. Overhead per program: a trivial program (``print(1)``) run one at a time; milliseconds per
-   program, and the sandbox's extra cost over the peer.
-2. Throughput: the 164 HumanEval canonical solutions with their tests (``prompt +
-   canonical_solution``, then ``test`` and ``check(entry_point)``, the program phibook eval
-   builds), 2 workers; programs per second and how many pass (both must pass 164).
+1. Overhead per program: a trivial program run one at a time; milliseconds per program.
+2. Throughput: the 164 HumanEval canonical solutions with their tests (the programs phibook eval
+   builds), 2 workers; programs per second and how many pass (all must pass 164).
 """
 
 from __future__ import annotations
@@ -28,16 +30,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import git_rev, load_average, machine, median, now  # noqa: E402
+from common import cpu_flags, git_rev, load_average, machine, median, memory_bandwidth_gbs, now  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 BENCH = ROOT.parent / "shared" / "benchmarks"
 
 
-def peer_run(code: str, timeout_s: float = 10.0) -> bool:
+def bare_run(code: str, timeout_s: float = 10.0, flags: tuple[str, ...] = ()) -> bool:
     try:
-        return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=timeout_s).returncode == 0
+        return subprocess.run([sys.executable, *flags, "-c", code], capture_output=True,
+                              timeout=timeout_s).returncode == 0
     except subprocess.TimeoutExpired:
         return False
 
@@ -46,10 +49,12 @@ def trivial_round(system: str, n: int) -> float:
     """Milliseconds per trivial program, run one after another."""
     from phibook.eval.sandbox import run_python
 
-    code = "print(1)\n"
     t = time.perf_counter()
     for _ in range(n):
-        ok = run_python(code, timeout_s=10).ok if system == "sandbox" else peer_run(code)
+        if system in ("bare", "floor"):
+            ok = bare_run("pass", flags=("-I", "-S") if system == "floor" else ())
+        else:
+            ok = run_python("pass", timeout_s=10, unsafe=system == "launcher").ok
         assert ok, system
     return (time.perf_counter() - t) / n * 1000
 
@@ -67,11 +72,12 @@ def humaneval_round(system: str, pairs: list[tuple[str, str]], workers: int) -> 
     from phibook.eval.sandbox import check_many
 
     t = time.perf_counter()
-    if system == "sandbox":
-        passed = sum(o.passed for o in check_many(pairs, workers=workers, timeout_s=10.0))
-    else:
+    if system == "bare":
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            passed = sum(pool.map(lambda p: peer_run(p[0] + "\n\n" + p[1] + "\n"), pairs))
+            passed = sum(pool.map(lambda p: bare_run(p[0] + "\n\n" + p[1] + "\n"), pairs))
+    else:
+        outcomes = check_many(pairs, workers=workers, timeout_s=10.0, unsafe=system == "launcher")
+        passed = sum(o.passed for o in outcomes)
     return len(pairs) / (time.perf_counter() - t), passed
 
 
@@ -86,7 +92,7 @@ def main() -> None:
     from phibook.eval.sandbox import capabilities
 
     caps = capabilities()
-    systems = ["sandbox", "subprocess"]
+    systems = ["jail", "launcher", "floor", "bare"]
     ms: dict[str, list[float]] = {s: [] for s in systems}
     for r in range(args.rounds):
         for system in systems if r % 2 == 0 else systems[::-1]:
@@ -95,40 +101,48 @@ def main() -> None:
               + f" (load {load_average()})", file=sys.stderr)
 
     pairs = humaneval_programs()
-    rate: dict[str, list[float]] = {s: [] for s in systems}
+    he_systems = ["jail", "launcher", "bare"]
+    rate: dict[str, list[float]] = {s: [] for s in he_systems}
     passed: dict[str, int] = {}
     for r in range(args.he_rounds):
-        for system in systems if r % 2 == 0 else systems[::-1]:
+        for system in he_systems if r % 2 == 0 else he_systems[::-1]:
             per_s, passed[system] = humaneval_round(system, pairs, args.workers)
             rate[system].append(per_s)
-        print(f"humaneval round {r + 1}: " + ", ".join(f"{s} {rate[s][-1]:.1f}/s" for s in systems)
+        print(f"humaneval round {r + 1}: " + ", ".join(f"{s} {rate[s][-1]:.1f}/s" for s in he_systems)
               + f" (load {load_average()})", file=sys.stderr)
 
-    sb, peer = median(ms["sandbox"]), median(ms["subprocess"])
+    labels = {"jail": "phibook sandbox (bubblewrap jail + launcher)", "launcher": "launcher only (unsafe=True)",
+              "floor": "`python -I -S -c pass` (the launcher's interpreter start)",
+              "bare": "bare `python -c` (no isolation)"}
     print(f"# bench_sandbox  {now()}  git {git_rev()}")
-    print(f"# {machine()}; load average at the end {load_average()}")
-    print(f"# sandbox layers here: {caps}")
+    print(f"# {machine()}; CPU flags: {cpu_flags()}; copy bandwidth {memory_bandwidth_gbs():.1f} GB/s; "
+          f"load average at the end {load_average()}")
+    print(f"# jail: {caps['tool']}; verified: {', '.join(k for k, v in caps['verified'].items() if v)}; "
+          f"NOT verified: {', '.join(k for k, v in caps['verified'].items() if not v) or 'none'}")
     print()
-    print(f"Overhead per trivial program (`print(1)`, one at a time, {args.trivial} per round, "
+    print(f"Overhead per trivial program (`pass`, one at a time, {args.trivial} per round, "
           f"median of {args.rounds} alternating rounds):")
     print()
     print("| system | ms per program (median) | rounds |")
     print("|---|---|---|")
-    for s, label in (("sandbox", "phibook sandbox (run_python)"), ("subprocess", "subprocess.run([python, '-c'])")):
-        print(f"| {label} | {median(ms[s]):.1f} | {', '.join(f'{x:.1f}' for x in ms[s])} |")
+    for s in systems:
+        print(f"| {labels[s]} | {median(ms[s]):.1f} | {', '.join(f'{x:.1f}' for x in ms[s])} |")
+    jail, launcher, floor, bare = (median(ms[s]) for s in systems)
     print()
-    print(f"sandbox extra cost over a bare interpreter start: {sb - peer:.1f} ms per program ({sb / peer:.2f}x)")
+    print(f"the sandbox per program: {jail:.1f} ms, {jail - bare:+.1f} ms vs a bare `python -c pass`; over the "
+          f"interpreter start it needs anyway ({floor:.1f} ms): the jail {jail - launcher:.1f} ms, the launcher "
+          f"{launcher - floor:.1f} ms")
     print()
     print(f"HumanEval canonical solutions ({len(pairs)} programs + tests, {args.workers} workers, "
           f"median of {args.he_rounds} alternating rounds):")
     print()
     print("| system | programs/s (median) | rounds | passed |")
     print("|---|---|---|---|")
-    for s, label in (("sandbox", "phibook sandbox (check_many)"), ("subprocess", "subprocess.run pool")):
-        print(f"| {label} | {median(rate[s]):.1f} | {', '.join(f'{x:.1f}' for x in rate[s])} | "
+    for s in he_systems:
+        print(f"| {labels[s]} | {median(rate[s]):.1f} | {', '.join(f'{x:.1f}' for x in rate[s])} | "
               f"{passed[s]}/{len(pairs)} |")
     print()
-    print(f"sandbox throughput vs the unsandboxed peer: {median(rate['sandbox']) / median(rate['subprocess']):.2f}x")
+    print(f"sandbox throughput vs the bare interpreter: {median(rate['jail']) / median(rate['bare']):.2f}x")
 
 
 if __name__ == "__main__":

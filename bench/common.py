@@ -105,3 +105,29 @@ def median(xs: list[float]) -> float:
 
 def now() -> str:
     return time.strftime("%Y-%m-%d %H:%M %Z")
+
+
+def cpu_flags() -> str:
+    """The SIMD features a reader compares machines by (the full flag list is long)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "?"
+    m = re.search(r"^flags\s*:\s*(.*)$", text, re.MULTILINE)
+    have = set(m.group(1).split()) if m else set()
+    wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+    return " ".join(f for f in wanted if f in have) or "none of " + " ".join(wanted)
+
+
+def memory_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
+    """Copy bandwidth (read + write) of a ``mb`` MB buffer, best of ``repeats``, in GB/s."""
+    import numpy as np
+
+    src = np.ones(mb << 17, dtype=np.float64)  # mb MiB
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.nbytes / best / 1e9
