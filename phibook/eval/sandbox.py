@@ -189,12 +189,13 @@ def _launch_argv(job_fd: int, verdict_fd: int, disk_bytes: int, unsafe: bool) ->
     """(argv, extra fds to pass) for the jail, or for the bare launcher with --unsafe-no-sandbox."""
     if unsafe:
         return [os.path.realpath(sys.executable), "-I", "-S", LAUNCHER, str(job_fd), str(verdict_fd)], []
+    tool, program = bwrap(), jail.seccomp_filter()  # either may raise JailUnavailable: before any fd
     seccomp_r, seccomp_w = os.pipe()
     try:
-        os.write(seccomp_w, jail.seccomp_filter())  # a few hundred bytes: fits the pipe
+        os.write(seccomp_w, program)  # a few hundred bytes: fits the pipe
     finally:
         os.close(seccomp_w)
-    argv = jail.jail_argv(bwrap(), launcher=LAUNCHER, seccomp_fd=seccomp_r, disk_bytes=disk_bytes,
+    argv = jail.jail_argv(tool, launcher=LAUNCHER, seccomp_fd=seccomp_r, disk_bytes=disk_bytes,
                           as_root=os.geteuid() == 0)
     return argv + [str(job_fd), str(verdict_fd)], [seccomp_r]
 
