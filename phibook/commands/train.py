@@ -45,7 +45,9 @@ def register(subparsers) -> None:
         "--data",
         required=True,
         metavar="MANIFEST_OR_MIXTURE",
-        help="token shards: a manifest.json, its folder, or a mixture .toml (from `phibook tokenize`)",
+        help="token shards: a manifest.json, its folder, a mixture .toml (from `phibook tokenize`), or the name of "
+        "one of the report's mixtures (phi-1.5, phi-1.5-web, phi-1.5-web-only), read over shards/<source> "
+        "folders under the current directory",
     )
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory for checkpoints and metrics")
     parser.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps to train (same as --set max_steps=N)")

@@ -64,9 +64,20 @@ def _check_one_tokenizer(sources: list[Source], where: Path) -> None:
             )
 
 
-def load_mixture_file(path: str | Path) -> Mixture:
-    """Parse a mixture TOML, resolve each source's manifest relative to the file, normalize weights."""
+# The report's three recipes, shipped with the package and runnable by name.
+SHIPPED_MIXTURES = Path(__file__).resolve().parent / "mixtures"
+
+
+def shipped_mixture_names() -> list[str]:
+    """Names ``--data`` accepts for the report's mixtures: phi-1.5, phi-1.5-web, phi-1.5-web-only."""
+    return sorted(p.stem for p in SHIPPED_MIXTURES.glob("*.toml"))
+
+
+def load_mixture_file(path: str | Path, base: Path | None = None) -> Mixture:
+    """Parse a mixture TOML, resolve each source's manifest relative to ``base`` (default: the
+    file's folder), normalize weights."""
     path = Path(path)
+    base = path.parent if base is None else Path(base)
     try:
         data = tomllib.loads(path.read_text())
     except OSError as exc:
@@ -94,7 +105,7 @@ def load_mixture_file(path: str | Path) -> Mixture:
         if name in seen:
             raise PhibookError(f"{where}: source name {name!r} is used twice")
         seen.add(name)
-        manifest_path = (path.parent / raw["path"]).resolve()
+        manifest_path = (base / raw["path"]).resolve()
         try:
             manifest = load_manifest(manifest_path)
         except PhibookError as exc:
@@ -110,8 +121,12 @@ def load_mixture_file(path: str | Path) -> Mixture:
 
 
 def load_data(path: str | Path) -> Mixture:
-    """What ``--data`` accepts: a mixture ``.toml``, a ``manifest.json``, or a folder holding one."""
+    """What ``--data`` accepts: a mixture ``.toml``, a ``manifest.json``, a folder holding one, or
+    the name of a shipped mixture (its source paths then read relative to the current directory)."""
     path = Path(path)
+    if not path.exists() and str(path) in shipped_mixture_names():
+        # A name, not a path: the shipped recipe over shard folders under the current directory.
+        return load_mixture_file(SHIPPED_MIXTURES / f"{path}.toml", base=Path.cwd())
     if path.suffix == ".toml":
         return load_mixture_file(path)
     manifest = load_manifest(path)
