@@ -47,6 +47,23 @@ def test_generate_batch_prints_in_order(tiny_checkpoint: Path, gen: Generator, c
     assert err.index("=== prompt 0") < err.index("=== prompt 1") < err.index("=== prompt 2")
 
 
+def test_prompt_escapes_match_stop_escapes(tiny_checkpoint: Path, gen: Generator, capsys, monkeypatch) -> None:
+    # "\n" in a PROMPT argument is a newline, as it is in --stop; "\\n" stays a backslash and an n;
+    # a prompt read from stdin is taken as it is.
+    from phibook.commands.generate import read_prompts
+
+    assert read_prompts([r"Alice: hi\nBob:", r"a\\nb", r"tab\there"]) == ["Alice: hi\nBob:", "a\\nb", "tab\there"]
+    prompts = ["Alice: hi\nBob:", "a\\nb"]
+    argv = [r"Alice: hi\nBob:", r"a\\nb"]
+    expected = gen.generate(prompts, SamplingParams(max_new_tokens=5))
+    assert main(["generate", "--model", str(tiny_checkpoint), "--max-new-tokens", "5", *argv]) == 0
+    assert capsys.readouterr().out == "".join(r.text + "\n" for r in expected)
+    literal = gen.generate([r"x\ny"], SamplingParams(max_new_tokens=5))[0].text
+    monkeypatch.setattr(sys, "stdin", io.StringIO(r"x\ny" + "\n"))
+    assert main(["generate", "--model", str(tiny_checkpoint), "--max-new-tokens", "5", "--no-stream", "-"]) == 0
+    assert capsys.readouterr().out == literal + "\n"
+
+
 def test_generate_template_and_stdin_prompt(tiny_checkpoint: Path, gen: Generator, capsys, monkeypatch) -> None:
     qa = get_template("qa")
     question = "What is the capital of France?"

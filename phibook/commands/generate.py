@@ -78,8 +78,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256
     )
     parser.add_argument(
         "--stop", action="append", default=[], metavar="STR",
-        help=r"stop when the output contains STR (not printed); repeat the flag for several; \n and \t are "
-        "understood. The template's own stop strings are always added",
+        help=r"stop when the output contains STR (not printed); repeat the flag for several; \n, \t and \\ "
+        "are understood, as in PROMPT. The template's own stop strings are always added",
     )
 
 
@@ -120,7 +120,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "prompts", nargs="+", metavar="PROMPT",
-        help="prompt text; '-' reads one prompt from stdin (one trailing newline removed)",
+        help=r"prompt text, where \n and \t are a newline and a tab and \\ is a backslash, as in --stop "
+        "(so 'Alice: hi\nBob:' is two lines); '-' reads one prompt from stdin as it is, escapes not "
+        "applied (one trailing newline removed)",
     )
     parser.set_defaults(func=run)
 
@@ -146,13 +148,15 @@ def load_generator(args: argparse.Namespace):
 
 
 def read_prompts(prompts: list[str]) -> list[str]:
+    """Prompt arguments with the same escapes as --stop (a shell cannot easily type a newline);
+    stdin is read as it is, since a file already holds real newlines."""
     out = []
     for p in prompts:
         if p == "-":
             text = sys.stdin.read()
             out.append(text[:-1] if text.endswith("\n") else text)
         else:
-            out.append(p)
+            out.append(unescape(p))
     return out
 
 
