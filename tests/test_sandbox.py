@@ -66,6 +66,24 @@ def test_infinite_loop_and_sleep_time_out():
 
 
 @needs_jail
+def test_time_limit_is_cpu_time_so_a_busy_machine_does_not_fail_correct_code():
+    # The program computes until it has used 1.2 s of CPU (whatever the machine's speed) under a
+    # 2 s limit, while busy loops of our own take the cores: with a wall-clock limit it needed
+    # ~3 s and timed out; charged for its CPU only, it passes.
+    # Each loop in its own session: the scheduler's autogroups share CPU between sessions, and the
+    # sandbox runs its program in a session of its own.
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+            for _ in range(min(8, 2 * len(os.sched_getaffinity(0))))]
+    try:
+        r = run_python("import time\nwhile time.process_time() < 1.2:\n    pass\nprint('done')", timeout_s=2.0)
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    assert r.ok and r.stdout == "done\n", (r.status, r.reason, r.duration_s)
+
+
+@needs_jail
 def test_cpu_limit_counts_as_timeout():
     r = run_python("while True:\n    pass", timeout_s=60.0, cpu_s=1)
     assert r.status == "timeout" and "CPU" in r.reason

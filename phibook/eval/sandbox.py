@@ -134,8 +134,10 @@ def run_python(
     """Run ``code`` as a module in the sandbox and report how it ended.
 
     "ok" means its top level ran to the end (and, with ``call``, that ``call()`` returned too:
-    ``value`` is then its result when that is a number, string, bool or None). The wall clock
-    ``timeout_s`` and the CPU limit ``cpu_s`` (default ceil(timeout_s) + 1) end it as "timeout";
+    ``value`` is then its result when that is a number, string, bool or None). ``timeout_s`` is
+    the program's CPU time (``cpu_s`` overrides it), so a verdict does not depend on how busy the
+    machine is; a program that waits instead of computing is stopped by the wall clock at
+    ``wall_limit(timeout_s)``. Either ends it as "timeout";
     ``max_file_mb`` caps the whole work directory (its tmpfs) and each file. ``unsafe`` runs it
     without the jail (``phibook eval --unsafe-no-sandbox``): rlimits and the verdict channel only;
     no namespaces, no seccomp, the host's files and network in reach.
@@ -173,13 +175,27 @@ def check_many(pairs: list[tuple[str, str]], *, workers: int | None = None, **li
         return list(pool.map(lambda p: check_program(p[0], p[1], **limits), pairs))
 
 
+# A time limit is CPU seconds, not wall seconds: on a shared machine a program waits for a core,
+# and a wall-clock limit then fails correct code (MBPP 123's reference solution needs ~5 CPU s
+# of its 10 s and took 12 s of wall time at load 5). The wall clock is only the backstop for a
+# program that sleeps or blocks: WALL_FACTOR times the limit, plus the jail's start-up slack.
+WALL_FACTOR = 3.0
+WALL_SLACK_S = 5.0
+
+
+def wall_limit(timeout_s: float) -> float:
+    """Wall seconds after which a program with a ``timeout_s`` CPU limit is stopped anyway."""
+    return WALL_FACTOR * timeout_s + WALL_SLACK_S
+
+
 def _run(job: dict, timeout_s: float, memory_mb: int, cpu_s: float | None, stdin: str,
          max_file_mb: int, unsafe: bool) -> SandboxResult:
-    cpu = int(math.ceil(cpu_s if cpu_s is not None else timeout_s + 1))
+    # RLIMIT_CPU counts whole seconds; at least one.
+    cpu = max(1, int(math.ceil(cpu_s if cpu_s is not None else timeout_s)))
     job = dict(job, memory_bytes=int(memory_mb) << 20, fsize_bytes=int(max_file_mb) << 20, cpu_s=cpu)
     why = ""
     for _ in range(SETUP_ATTEMPTS):
-        result, why = _run_once(job, timeout_s, stdin, int(max_file_mb) << 20, unsafe)
+        result, why = _run_once(job, wall_limit(max(timeout_s, cpu)), stdin, int(max_file_mb) << 20, unsafe)
         if why is None:
             return result
     raise SandboxError(f"the code sandbox could not start a program: {why}")
@@ -356,7 +372,7 @@ def _classify(rc: int | None, duration: float, lines: dict[str, str], out: dict[
     finished = "pass" in lines or "done" in lines
     sig = _signal_of(rc, bwrap_status=not unsafe)
     if out["timed_out"]:
-        return result("timeout", f"ran past the {timeout_s:g} s time limit")
+        return result("timeout", f"ran past the {timeout_s:g} s wall-clock time limit (waiting, not computing)")
     if out["overflow"]:
         what = "output" if out["overflow"] != "verdict" else "to the verdict channel"
         return result("killed", f"wrote more than {MAX_OUTPUT_BYTES >> 20} MiB of {what}; stopped")
