@@ -224,7 +224,7 @@ def test_cli_end_to_end_writes_results_and_table(tiny_checkpoint: Path, bench: P
     proc = subprocess.run(
         [sys.executable, "-m", "phibook.cli", "eval", "--model", str(tiny_checkpoint),
          "--tasks", "arc_easy,boolq,winogrande", "--limit", "10", "--data-dir", str(bench),
-         "--output", str(out), "--batch-size", "8"],
+         "--output", str(out), "--batch-size", "8", "--compare"],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
@@ -237,7 +237,10 @@ def test_cli_end_to_end_writes_results_and_table(tiny_checkpoint: Path, bench: P
         assert entry["prompt_settings"]["num_fewshot"] == 0
         assert entry["report"]["phi-1.5 (1.3B)"] > 0.7
     assert "acc_norm" in results["results"]["arc_easy"]
-    # the table: our number beside the report's phi-1.5 and peers
+    # each task's files and their layout, on stderr and in the JSON
+    assert f"phibook eval: arc_easy: ai2-jsonl ({bench / 'arc_easy' / 'ARC-Easy-Test.jsonl'})" in proc.stderr
+    assert results["results"]["boolq"]["data"]["layout"] == "superglue-jsonl"
+    # the table (--compare): our number beside the report's phi-1.5 and peers
     lines = {line.split()[0] + " " + line.split()[1]: line for line in proc.stdout.splitlines()[2:]}
     assert "0.756" in lines["arc_easy acc"] and "0.763" in lines["arc_easy acc"]  # phi-1.5, Llama2-7B
     assert "0.734" in lines["winogrande acc"]
@@ -251,7 +254,11 @@ def test_cli_end_to_end_writes_results_and_table(tiny_checkpoint: Path, bench: P
 
 def test_cli_bad_inputs_exit_2_with_message(tiny_checkpoint: Path, bench: Path, tmp_path: Path, capsys,
                                             monkeypatch) -> None:
+    from phibook.eval import data_dir
+
     monkeypatch.delenv("PHIBOOK_DATA_DIR", raising=False)
+    # no ../shared/benchmarks anywhere: nothing to fall back on
+    monkeypatch.setattr(data_dir, "default_locations", lambda: [tmp_path / "no-shared"])
     base = ["eval", "--model", str(tiny_checkpoint)]
     assert main(base + ["--tasks", "arc_medium", "--data-dir", str(bench)]) == 2
     assert "unknown task(s) arc_medium; known tasks:" in capsys.readouterr().err

@@ -39,7 +39,7 @@ def test_loader_errors_name_the_item(tmp_path):
     path.write_text(json.dumps([good, dict(good, id=9, label="toxic")]))
     with pytest.raises(PhibookError, match=r"item 1 \(id 9\): 'label'"):
         read_toxigen(path)
-    with pytest.raises(PhibookError, match="Hugging Face"):
+    with pytest.raises(PhibookError, match="local files only"):
         ToxiGen().load_docs(None, None)
 
 

@@ -10,12 +10,16 @@ Evaluate a checkpoint (a phibook checkpoint, a training run directory, or a Hugg
 directory such as the released phi-1.5) on the report's benchmarks, with lm-evaluation-harness's
 prompts and metrics: zero-shot winogrande, arc_easy, arc_challenge, boolq, siqa, piqa, hellaswag,
 openbookqa (acc, acc_norm) and 2-shot mmlu (per subject + average), plus the generative tasks
-registered by other modules. Prints a table beside the report's Tables 2-4 and writes a results JSON.
+registered by other modules. Prints a compact table (task, metric, value ± stderr, n; --compare adds
+the report's Tables 2-4 beside ours) and writes a results JSON.
 
-Benchmark files are read from --data-dir (or $PHIBOOK_DATA_DIR): one folder per task, laid out
-like shared/benchmarks (arc_easy/ARC-Easy-Test.jsonl, boolq/val.jsonl, mmlu/{dev,test}/*.csv, ...).
-`--data-dir hf` reads them from the Hugging Face hub instead (needs `pip install datasets` and
-network access). See docs/eval.md for where to get each file.
+Benchmark files are local; nothing is downloaded. They are looked for in --data-dir, else
+$PHIBOOK_DATA_DIR, else ../shared/benchmarks beside the current directory or the repository
+(the same rule as `phibook demo`): one folder per task, holding either the original release files
+(arc_easy/ARC-Easy-Test.jsonl, boolq/val.jsonl, piqa/valid.jsonl + valid-labels.lst,
+mmlu/{dev,test}/*.csv, ...) or a Hugging Face hub copy of the split, as parquet or jsonl
+(arc_easy/ARC-Easy/test-00000-of-00001.parquet, piqa/validation.jsonl, ...). The layout is detected
+from the file and printed per task. See docs/eval.md for where to get each file.
 """
 
 EPILOG = """\
@@ -45,8 +49,8 @@ def register(subparsers) -> None:
                    help="comma-separated task names, or 'all' (every registered task); "
                         "'list' prints the known names and exits")
     p.add_argument("--data-dir", metavar="DIR", default=None,
-                   help="folder of benchmark files, one subfolder per task (default: $PHIBOOK_DATA_DIR); "
-                        "'hf' to read them from the Hugging Face hub")
+                   help="folder of benchmark files, one subfolder per task (default: $PHIBOOK_DATA_DIR, else "
+                        "../shared/benchmarks beside the current directory or the repository); nothing is downloaded")
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="evaluate only the first N documents of each task (per subject for mmlu)")
     p.add_argument("--batch-size", type=int, default=16, metavar="B",
@@ -54,6 +58,10 @@ def register(subparsers) -> None:
                         "(default: 16)")
     p.add_argument("--output", metavar="FILE.json", default=None,
                    help="write the results JSON here (atomically); default: print the table only")
+    p.add_argument("--compare", action="store_true",
+                   help="print the report's numbers beside ours: columns task, metric, n, ours ± stderr, "
+                        "phi-1.5 (report) and each peer model of the report's Tables 2-4 (default: the compact "
+                        "table task, metric, value ± stderr, n)")
     p.add_argument("--log-samples", action="store_true",
                    help="include per-document records (prompts, log-likelihoods, metrics) in the results JSON")
     p.add_argument("--samples", type=int, default=None, metavar="N",
@@ -155,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from phibook.errors import PhibookError
-    from phibook.eval.loaders import data_dir_from_env
+    from phibook.eval.data_dir import require_data_dir
     from phibook.eval.task import task_names
 
     if args.tasks.strip() == "list":
@@ -164,21 +172,15 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise PhibookError(f"--limit must be >= 1, got {args.limit}")
     names = resolve_tasks(args.tasks)
-    data_dir = data_dir_from_env(args.data_dir)
-    if data_dir is None:
-        raise PhibookError(
-            "no benchmark data: pass --data-dir DIR (one folder per task, laid out like shared/benchmarks; "
-            "see docs/eval.md for where to get each file), set PHIBOOK_DATA_DIR, or use --data-dir hf "
-            "to read them from the Hugging Face hub"
-        )
-    if str(data_dir) == "hf":
-        data_dir = None
-    elif not data_dir.is_dir():
-        raise PhibookError(f"--data-dir {data_dir} is not a directory")
+    data_dir = require_data_dir(args.data_dir)
     tasks = build_tasks(names, args.samples, args.temperature)
-    # Read every task's files before loading the model, so a missing file fails in a second.
+    # Read every task's files before loading the model, so a missing file fails in a second;
+    # say which files, in which layout, each task reads.
     for task in tasks:
         task.load_docs(data_dir, 1)
+        source = getattr(task, "data_source", None)
+        if source is not None:
+            print(f"phibook eval: {task.name}: {source.describe()}", file=sys.stderr)
     sandbox = check_sandbox(tasks, args.unsafe_no_sandbox)
 
     import torch
@@ -209,13 +211,13 @@ def run(args: argparse.Namespace) -> int:
         source=loaded.source,
         limit=args.limit,
         batch_size=args.batch_size,
-        data_dir="hf" if data_dir is None else str(Path(data_dir).resolve()),
+        data_dir=str(Path(data_dir).resolve()),
         device=args.device,
         dtype=args.dtype,
         samples=samples if args.log_samples else None,
         sandbox=sandbox,
     )
-    print(format_table(results))
+    print(format_table(results, compare=args.compare))
     if args.output:
         path = write_json_atomic(args.output, results)
         print(f"results written to {path}", file=sys.stderr)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from phibook.errors import PhibookError
-from phibook.eval.loaders import field, hf_rows, read_jsonl
+from phibook.eval.loaders import field, read_jsonl
 from phibook.eval.task import GenerationRequest, Task, mean_and_stderr, register
 
 # The Codex paper's stop sequences for completing a function body (top-level code ends it).
@@ -148,13 +148,11 @@ class CodeTask(Task):
 
     def load_docs(self, data_dir: Path | None, limit: int | None) -> list[dict]:
         if data_dir is None:
-            return self.load_hf(limit)
+            raise PhibookError(f"{self.name}: no benchmark folder given (phibook reads local files only; "
+                               "pass --data-dir DIR or set $PHIBOOK_DATA_DIR)")
         return self.load_files(Path(data_dir), limit)
 
     def load_files(self, data_dir: Path, limit: int | None) -> list[dict]:
-        raise NotImplementedError
-
-    def load_hf(self, limit: int | None) -> list[dict]:
         raise NotImplementedError
 
 
@@ -183,9 +181,6 @@ class HumanEval(CodeTask):
     def load_files(self, data_dir: Path, limit: int | None) -> list[dict]:
         path = locate(data_dir, self.folder, ["HumanEval.jsonl.gz", "HumanEval.jsonl"], self.name)
         return [self._doc(row, path) for row in read_jsonl_any(path, limit)]
-
-    def load_hf(self, limit: int | None) -> list[dict]:
-        return [self._doc(row, "openai/openai_humaneval") for row in hf_rows("openai/openai_humaneval", None, "test", limit)]
 
 
 # --------------------------------------------------------------------------- MBPP
@@ -232,10 +227,6 @@ class MBPP(CodeTask):
         if not docs:
             raise PhibookError(f"{path}: no rows with task_id 11-510 (the MBPP test split)")
         return docs[:limit] if limit is not None else docs
-
-    def load_hf(self, limit: int | None) -> list[dict]:
-        rows = hf_rows("google-research-datasets/mbpp", "full", "test", limit)
-        return [self._doc(row, "google-research-datasets/mbpp") for row in rows]
 
 
 # --------------------------------------------------------------------------- GSM8K via coding
@@ -337,8 +328,8 @@ class GSM8K(Task):
 
     def load_docs(self, data_dir: Path | None, limit: int | None) -> list[dict]:
         if data_dir is None:
-            rows = hf_rows("openai/gsm8k", "main", "test", limit)
-            return [self._doc(r, "openai/gsm8k", i) for i, r in enumerate(rows)]
+            raise PhibookError(f"{self.name}: no benchmark folder given (phibook reads local files only; "
+                               "pass --data-dir DIR or set $PHIBOOK_DATA_DIR)")
         path = locate(Path(data_dir), "gsm8k", ["test.jsonl"], self.name)
         return [self._doc(r, path, i) for i, r in enumerate(read_jsonl(path, limit))]
 
@@ -430,8 +421,7 @@ class SQuAD(Task):
 
     def load_docs(self, data_dir: Path | None, limit: int | None) -> list[dict]:
         if data_dir is None:
-            rows = hf_rows("rajpurkar/squad", None, "validation", limit)
-            return [{"id": r["id"], "title": r["title"], "context": r["context"], "question": r["question"],
-                     "answers": list(r["answers"]["text"])} for r in rows]
+            raise PhibookError(f"{self.name}: no benchmark folder given (phibook reads local files only; "
+                               "pass --data-dir DIR or set $PHIBOOK_DATA_DIR)")
         path = locate(Path(data_dir), "squad", ["dev-v1.1.json"], self.name)
         return read_squad(path, limit)

@@ -16,6 +16,11 @@ Prompts are copied from the harness's task YAMLs (lm-eval 0.4.x):
   winogrande  sentence[:blank] + option  ->  " " + sentence[blank+1:].strip()  (acc only)
   mmlu        "The following are multiple choice questions (with answers) about {subject}.\\n\\n"
               + 2 dev examples "{q}\\nA. ..\\nD. ..\\nAnswer: X\\n\\n" + the question; choices " A".." D"
+
+Each task reads the original release's files or a Hugging Face hub copy of the same split (parquet,
+jsonl or json; the hub's tree or a flat folder of files named by split): `MultipleChoiceTask.locate`
+finds the files, each `load_files` detects the row layout from the rows, and `data_source` names it
+("hf-parquet", "ai2-jsonl", ...). Every layout gives the same documents (tests/test_eval_layouts.py).
 """
 
 from __future__ import annotations
@@ -27,13 +32,19 @@ from typing import Any, ClassVar
 
 from phibook.errors import PhibookError
 from phibook.eval.loaders import (
+    SOURCE_HINTS,
+    DataSource,
+    data_format,
+    describe_value,
     field,
+    find_split_files,
     first_existing,
-    hf_rows,
+    label_index,
     read_csv_rows,
-    read_jsonl,
     read_labels,
+    read_rows,
     task_folder,
+    where,
 )
 from phibook.eval.task import LoglikelihoodRequest, Task, mean_and_stderr, register
 
@@ -75,22 +86,78 @@ class MultipleChoiceTask(Task):
             out["acc_norm"] = float(argmax(normed) == gold)
         return out
 
+    # Where the evaluated split is: the original release's file names (first found wins), else a
+    # Hugging Face copy of split `splits[0]` (or an alias) in the task folder; `hub_prefer`/`hub_avoid`
+    # pick the config folder when a whole hub repo is there (ARC-Easy vs ARC-Challenge).
+    original_names: ClassVar[list[str]] = []
+    splits: ClassVar[list[str]] = []
+    hub_example: ClassVar[str] = ""
+    hub_prefer: ClassVar[list[str]] = []
+    hub_avoid: ClassVar[list[str]] = []
+
+    # What load_docs found: the layout and its files (reported by `phibook eval`, kept in the results JSON).
+    data_source: DataSource | None = None
+
     def load_docs(self, data_dir: Path | None, limit: int | None) -> list[dict]:
         if data_dir is None:
-            return self.load_hf(limit)
+            raise PhibookError(f"{self.name}: no benchmark folder given (phibook reads local files only; "
+                               "pass --data-dir DIR or set $PHIBOOK_DATA_DIR)")
         return self.load_files(task_folder(Path(data_dir), self.folder, self.name), limit)
 
     def load_files(self, folder: Path, limit: int | None) -> list[dict]:
         raise NotImplementedError
 
-    def load_hf(self, limit: int | None) -> list[dict]:
-        raise PhibookError(f"{self.name}: no Hugging Face route; pass --data-dir")
+    def locate(self, folder: Path) -> tuple[list[Path], bool]:
+        """(files of the evaluated split, True when found under an original release name)."""
+        for name in self.original_names:
+            if (folder / name).is_file():
+                return [folder / name], True
+        files = find_split_files(folder, self.splits, self.name, self.hub_prefer, self.hub_avoid)
+        if files:
+            return files, False
+        hint = SOURCE_HINTS.get(self.name, "")
+        raise PhibookError(
+            f"{self.name}: none of {', '.join(self.original_names)} found in {folder}, nor a Hugging Face copy of "
+            f"the {self.splits[0]} split ({self.splits[0]}.jsonl, {self.splits[0]}.parquet"
+            f"{', ' + self.hub_example if self.hub_example else ''}, ...){'; get ' + hint if hint else ''}"
+        )
+
+    def found(self, layout: str, files: list[Path]) -> None:
+        self.data_source = DataSource(layout, list(files))
 
 
 def check_gold(gold: int, n: int, path: Path | str, line: Any) -> int:
     if not 0 <= gold < n:
         raise PhibookError(f"{path}:{line}: answer index {gold} is out of range for {n} choices")
     return gold
+
+
+def labels_beside(data: Path, name: str, task: str) -> Path:
+    """The release's label file next to its data file (whose rows carry no "label")."""
+    if (data.parent / name).is_file():
+        return data.parent / name
+    hint = SOURCE_HINTS.get(task, "")
+    raise PhibookError(f"{task}: the rows of {data} have no \"label\" field (the hub's layout) and none of {name} "
+                       f"found in {data.parent} (the release keeps labels there, line by line)"
+                       f"{'; get ' + hint if hint else ''}")
+
+
+def fields_of(row: dict) -> str:
+    return ", ".join(k for k in row if not k.startswith("_")) or "none"
+
+
+def arc_schema(row: dict, path: Path, task: str) -> str:
+    """"ai2" (the release's jsonl: question {stem, choices}) or "hf" (allenai/ai2_arc: question a string)."""
+    question = row.get("question")
+    if isinstance(question, dict):
+        return "ai2"
+    if isinstance(question, str) and isinstance(row.get("choices"), dict):
+        return "hf"
+    raise PhibookError(
+        f"{where(row, path)}: not an ARC row in a layout phibook knows: expected \"question\" as an object with "
+        "\"stem\" and \"choices\" (AI2's release) or \"question\" as a string with \"choices\" {text, label} "
+        f"(the hub's allenai/ai2_arc); found fields {fields_of(row)}"
+    )
 
 
 # --------------------------------------------------------------------------- ARC
@@ -109,44 +176,59 @@ class ArcTask(MultipleChoiceTask):
     def doc_to_text(self, doc: dict) -> str:
         return f"Question: {doc['question']}\nAnswer:"
 
+    splits: ClassVar[list[str]] = ["test"]
+
     def load_files(self, folder: Path, limit: int | None) -> list[dict]:
-        path = first_existing(folder, [self.filename], self.name)
+        files, _ = self.locate(folder)
+        rows = read_rows(files, limit)
+        schema = arc_schema(rows[0], files[0], self.name) if rows else "ai2"
         docs = []
-        for row in read_jsonl(path, limit):
-            q = field(row, "question", path, dict)
-            stem = field(q, "stem", path)
-            choices = field(q, "choices", path, list)
-            texts = [c["text"] for c in choices]
-            labels = [c["label"] for c in choices]
+        for row in rows:
+            path = row["_path"]
+            if schema == "ai2":  # {"question": {"stem", "choices": [{text, label}]}, "answerKey"}
+                q = field(row, "question", path, dict)
+                stem = field(q, "stem", path, line=row["_line"])
+                choices = field(q, "choices", path, list, line=row["_line"])
+                texts = [field(c, "text", path, line=row["_line"]) for c in choices]
+                labels = [field(c, "label", path, line=row["_line"]) for c in choices]
+            else:  # hub: {"question": str, "choices": {"text": [...], "label": [...]}, "answerKey"}
+                stem = field(row, "question", path)
+                choices = field(row, "choices", path, dict)
+                texts = field(choices, "text", path, list, line=row["_line"])
+                labels = field(choices, "label", path, list, line=row["_line"])
             docs.append(self._doc(row.get("id"), stem, texts, labels, field(row, "answerKey", path), path, row["_line"]))
+        self.found(f"{schema}-{data_format(files[0])}", files)
         return docs
 
     def _doc(self, id_, stem, texts, labels, key, path, line) -> dict:
         # answerKey is a label ("A".."E" or "1".."5"); look it up, as the harness does.
+        if len(texts) != len(labels):
+            raise PhibookError(f"{path}:{line}: {len(texts)} choice texts but {len(labels)} labels")
         if key not in labels:
             raise PhibookError(f"{path}:{line}: answerKey {key!r} is not among the choice labels {labels}")
-        return {"id": id_, "question": stem, "choices": texts, "gold": labels.index(key)}
-
-    def load_hf(self, limit: int | None) -> list[dict]:
-        rows = hf_rows("allenai/ai2_arc", self.hf_name, "test", limit)
-        return [
-            self._doc(r["id"], r["question"], r["choices"]["text"], r["choices"]["label"], r["answerKey"], "hf", r["_line"])
-            for r in rows
-        ]
+        return {"id": id_, "question": stem, "choices": list(texts), "gold": labels.index(key)}
 
 
 @register("arc_easy")
 class ArcEasy(ArcTask):
     folder = "arc_easy"
     filename = "ARC-Easy-Test.jsonl"
+    original_names: ClassVar[list[str]] = ["ARC-Easy-Test.jsonl"]
     hf_name = "ARC-Easy"
+    hub_example = "ARC-Easy/test-00000-of-00001.parquet"
+    hub_prefer: ClassVar[list[str]] = ["ARC-Easy"]
+    hub_avoid: ClassVar[list[str]] = ["ARC-Challenge"]
 
 
 @register("arc_challenge")
 class ArcChallenge(ArcTask):
     folder = "arc_challenge"
     filename = "ARC-Challenge-Test.jsonl"
+    original_names: ClassVar[list[str]] = ["ARC-Challenge-Test.jsonl"]
     hf_name = "ARC-Challenge"
+    hub_example = "ARC-Challenge/test-00000-of-00001.parquet"
+    hub_prefer: ClassVar[list[str]] = ["ARC-Challenge"]
+    hub_avoid: ClassVar[list[str]] = ["ARC-Easy"]
 
 
 # --------------------------------------------------------------------------- BoolQ
@@ -167,36 +249,54 @@ class BoolQ(MultipleChoiceTask):
     def doc_to_text(self, doc: dict) -> str:
         return f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:"
 
+    original_names: ClassVar[list[str]] = ["val.jsonl", "dev.jsonl"]
+    splits: ClassVar[list[str]] = ["validation", "val", "dev"]
+    hub_example = "boolq/validation-00000-of-00001.parquet"
+    hub_prefer: ClassVar[list[str]] = ["boolq"]
+
+    @staticmethod
+    def label(row: dict, key: str, path: Path | str) -> bool:
+        """true/false, "true"/"false" (any case) or 0/1 (the hub's class label: 0 = False, 1 = True)."""
+        value = row.get(key)
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in {"true", "false"}:
+            return value.strip().lower() == "true"
+        if key not in row:
+            raise PhibookError(f"{where(row, path)}: missing field 'label' (SuperGLUE, hub) or 'answer' (google's "
+                               f"dev.jsonl); found fields {fields_of(row)}")
+        raise PhibookError(f"{where(row, path)}: field {key!r} should be true/false, 0/1 or the string "
+                           f"\"true\"/\"false\", got {describe_value(value)}")
+
     def load_files(self, folder: Path, limit: int | None) -> list[dict]:
-        # SuperGLUE's val.jsonl has "label"; google's original dev.jsonl has "answer" (and "title").
-        path = first_existing(folder, ["val.jsonl", "dev.jsonl"], self.name)
+        # SuperGLUE's val.jsonl has "label" (true/false, or "true"/"false" strings in the copy in
+        # shared/benchmarks); the hub's super_glue/boolq has "label" 0/1; google's original dev.jsonl
+        # (and the hub's google/boolq) has "answer" (and "title").
+        files, original = self.locate(folder)
+        rows = read_rows(files, limit)
         docs = []
-        for row in read_jsonl(path, limit):
+        for row in rows:
             key = "label" if "label" in row else "answer"
-            # booleans in google's file; the SuperGLUE copy here stores the strings "true"/"false".
-            label = field(row, key, path, (bool, str))
-            if isinstance(label, str):
-                if label.lower() not in {"true", "false"}:
-                    raise PhibookError(f"{path}:{row['_line']}: {key} {label!r} should be true or false")
-                label = label.lower() == "true"
             docs.append(
                 {
-                    "id": row.get("idx", row["_line"] - 1),
-                    "passage": field(row, "passage", path),
-                    "question": field(row, "question", path),
+                    "id": row.get("idx", len(docs)),
+                    "passage": field(row, "passage", row["_path"]),
+                    "question": field(row, "question", row["_path"]),
                     "choices": ["no", "yes"],
-                    "gold": int(label),
+                    "gold": int(self.label(row, key, row["_path"])),
                 }
             )
+        first = rows[0] if rows else {}
+        if "label" not in first and "answer" in first:
+            schema = "google"
+        elif isinstance(first.get("label"), int) and not isinstance(first.get("label"), bool):
+            schema = "hf"
+        else:
+            schema = "superglue"
+        self.found(f"{schema}-{data_format(files[0])}", files)
         return docs
-
-    def load_hf(self, limit: int | None) -> list[dict]:
-        rows = hf_rows("aps/super_glue", "boolq", "validation", limit)
-        return [
-            {"id": r["idx"], "passage": r["passage"], "question": r["question"], "choices": ["no", "yes"],
-             "gold": int(r["label"])}
-            for r in rows
-        ]
 
 
 # --------------------------------------------------------------------------- SIQA
@@ -218,6 +318,10 @@ class SocialIQA(MultipleChoiceTask):
     def doc_to_text(self, doc: dict) -> str:
         return f"Q: {doc['context']} {doc['question']}\nA:"
 
+    original_names: ClassVar[list[str]] = ["dev.jsonl"]
+    splits: ClassVar[list[str]] = ["validation", "dev"]
+    hub_example = "validation/0000.parquet"
+
     def _doc(self, row: dict, label: str, path: Path | str) -> dict:
         choices = [field(row, k, path) for k in ("answerA", "answerB", "answerC")]
         return {
@@ -228,14 +332,19 @@ class SocialIQA(MultipleChoiceTask):
         }
 
     def load_files(self, folder: Path, limit: int | None) -> list[dict]:
-        path = first_existing(folder, ["dev.jsonl"], self.name)
-        labels_path = first_existing(folder, ["dev-labels.lst"], self.name)
-        rows = read_jsonl(path, limit)
-        labels = read_labels(labels_path, len(rows), {"1", "2", "3"})
-        return [self._doc(row, label, path) for row, label in zip(rows, labels, strict=True)]
-
-    def load_hf(self, limit: int | None) -> list[dict]:
-        return [self._doc(r, r["label"], "hf") for r in hf_rows("allenai/social_i_qa", None, "validation", limit)]
+        # The AI2 release keeps labels (1-3) in dev-labels.lst; the hub's allenai/social_i_qa has
+        # "label" ("1".."3") in each row.
+        files, _ = self.locate(folder)
+        rows = read_rows(files, limit)
+        if rows and "label" in rows[0]:
+            labels = [str(label_index(r, "label", r["_path"], ["answerA", "answerB", "answerC"], offset=1) + 1)
+                      for r in rows]
+            self.found(f"hf-{data_format(files[0])}", files)
+        else:
+            labels_path = labels_beside(files[0], "dev-labels.lst", self.name)
+            labels = read_labels(labels_path, len(rows), {"1", "2", "3"})
+            self.found(f"ai2-{data_format(files[0])}+labels", [*files, labels_path])
+        return [self._doc(row, label, row["_path"]) for row, label in zip(rows, labels, strict=True)]
 
 
 # --------------------------------------------------------------------------- PIQA
@@ -262,15 +371,23 @@ class PIQA(MultipleChoiceTask):
             "gold": check_gold(label, 2, path, row["_line"]),
         }
 
-    def load_files(self, folder: Path, limit: int | None) -> list[dict]:
-        path = first_existing(folder, ["valid.jsonl"], self.name)
-        labels_path = first_existing(folder, ["valid-labels.lst"], self.name)
-        rows = read_jsonl(path, limit)
-        labels = read_labels(labels_path, len(rows), {"0", "1"})
-        return [self._doc(row, int(label), path) for row, label in zip(rows, labels, strict=True)]
+    original_names: ClassVar[list[str]] = ["valid.jsonl"]
+    splits: ClassVar[list[str]] = ["validation", "valid", "dev"]
+    hub_example = "plain_text/validation-00000-of-00001.parquet"
 
-    def load_hf(self, limit: int | None) -> list[dict]:
-        return [self._doc(r, int(r["label"]), "hf") for r in hf_rows("baber/piqa", None, "validation", limit)]
+    def load_files(self, folder: Path, limit: int | None) -> list[dict]:
+        # The release splits labels into valid-labels.lst (0 -> sol1, 1 -> sol2), line by line; the
+        # hub's ybisk/piqa has "label" in each row.
+        files, _ = self.locate(folder)
+        rows = read_rows(files, limit)
+        if rows and "label" in rows[0]:
+            labels = [label_index(r, "label", r["_path"], ["sol1", "sol2"]) for r in rows]
+            self.found(f"hf-{data_format(files[0])}", files)
+        else:
+            labels_path = labels_beside(files[0], "valid-labels.lst", self.name)
+            labels = [int(x) for x in read_labels(labels_path, len(rows), {"0", "1"})]
+            self.found(f"ybisk-{data_format(files[0])}+labels", [*files, labels_path])
+        return [self._doc(row, label, row["_path"]) for row, label in zip(rows, labels, strict=True)]
 
 
 # --------------------------------------------------------------------------- HellaSwag
@@ -299,24 +416,29 @@ class HellaSwag(MultipleChoiceTask):
     def doc_to_text(self, doc: dict) -> str:
         return doc["query"]
 
+    original_names: ClassVar[list[str]] = ["hellaswag_val.jsonl", "hellaswag_val_full.txt.bz2",
+                                           "hellaswag_val_full.txt"]
+    splits: ClassVar[list[str]] = ["validation", "val"]
+    hub_example = "data/validation-00000-of-00001.parquet"
+
     def _from_original(self, row: dict, path: Path | str) -> dict:
         ctx = field(row, "ctx_a", path) + " " + field(row, "ctx_b", path).capitalize()
         endings = field(row, "endings", path, list)
         return {
             "query": hellaswag_preprocess(field(row, "activity_label", path) + ": " + ctx),
             "choices": [hellaswag_preprocess(e) for e in endings],
-            "gold": check_gold(int(field(row, "label", path, (int, str))), len(endings), path, row["_line"]),
+            # an integer in rowanz's hellaswag_val.jsonl, a string ("0".."3") on the hub
+            "gold": label_index(row, "label", path, [f"ending {i}" for i in range(len(endings))]),
         }
 
     def load_files(self, folder: Path, limit: int | None) -> list[dict]:
-        path = first_existing(folder, ["hellaswag_val.jsonl", "hellaswag_val_full.txt.bz2", "hellaswag_val_full.txt"],
-                              self.name)
-        if path.name == "hellaswag_val.jsonl":
-            return [self._from_original(row, path) for row in read_jsonl(path, limit)]
-        return read_hellaswag_text(path, limit)
-
-    def load_hf(self, limit: int | None) -> list[dict]:
-        return [self._from_original(r, "hf") for r in hf_rows("Rowan/hellaswag", None, "validation", limit)]
+        files, original = self.locate(folder)
+        if files[0].name.startswith("hellaswag_val_full.txt"):
+            self.found("klosax-text", files)
+            return read_hellaswag_text(files[0], limit)
+        docs = [self._from_original(row, row["_path"]) for row in read_rows(files, limit)]
+        self.found(f"{'rowanz' if original else 'hf'}-{data_format(files[0])}", files)
+        return docs
 
 
 def read_hellaswag_text(path: Path, limit: int | None) -> list[dict]:
@@ -359,33 +481,56 @@ class OpenBookQA(MultipleChoiceTask):
     def doc_to_text(self, doc: dict) -> str:
         return doc["question_stem"]
 
+    original_names: ClassVar[list[str]] = ["Main/test.jsonl", "test.jsonl", "openbook_qa.llmfoundry.jsonl",
+                                           "openbook_qa.jsonl"]
+    splits: ClassVar[list[str]] = ["test"]
+    hub_example = "main/test-00000-of-00001.parquet"
+    hub_prefer: ClassVar[list[str]] = ["main"]
+
     def load_files(self, folder: Path, limit: int | None) -> list[dict]:
-        path = first_existing(folder, ["Main/test.jsonl", "test.jsonl", "openbook_qa.llmfoundry.jsonl",
-                                       "openbook_qa.jsonl"], self.name)
+        files, _ = self.locate(folder)
+        rows = read_rows(files, limit)
+        schema = openbookqa_schema(rows[0], files[0]) if rows else "ai2"
         docs = []
-        for row in read_jsonl(path, limit):
-            if "question" in row:  # the original AI2 layout
-                q = field(row, "question", path, dict)
-                choices = field(q, "choices", path, list)
-                labels = [c["label"] for c in choices]
-                key = field(row, "answerKey", path).lstrip()
-                if key not in labels:
-                    raise PhibookError(f"{path}:{row['_line']}: answerKey {key!r} is not among the labels {labels}")
-                docs.append({"id": row.get("id"), "question_stem": field(q, "stem", path),
-                             "choices": [c["text"] for c in choices], "gold": labels.index(key)})
-            else:  # llm-foundry's {query, choices, gold}
+        for row in rows:
+            path, line = row["_path"], row["_line"]
+            if schema == "llmfoundry":  # llm-foundry's {query, choices, gold}
                 choices = field(row, "choices", path, list)
                 docs.append({"question_stem": field(row, "query", path), "choices": choices,
-                             "gold": check_gold(field(row, "gold", path, int), len(choices), path, row["_line"])})
+                             "gold": check_gold(field(row, "gold", path, int), len(choices), path, line)})
+                continue
+            if schema == "ai2":  # the release: {"question": {"stem", "choices": [{text, label}]}, "answerKey"}
+                q = field(row, "question", path, dict)
+                stem = field(q, "stem", path, line=line)
+                choices = field(q, "choices", path, list, line=line)
+                texts = [field(c, "text", path, line=line) for c in choices]
+                labels = [field(c, "label", path, line=line) for c in choices]
+            else:  # the hub's allenai/openbookqa: {"question_stem", "choices": {"text": [..], "label": [..]}}
+                stem = field(row, "question_stem", path)
+                choices = field(row, "choices", path, dict)
+                texts = field(choices, "text", path, list, line=line)
+                labels = field(choices, "label", path, list, line=line)
+            key = field(row, "answerKey", path).strip()
+            if key not in labels:
+                raise PhibookError(f"{path}:{line}: answerKey {key!r} is not among the labels {labels}")
+            docs.append({"id": row.get("id"), "question_stem": stem, "choices": list(texts),
+                         "gold": labels.index(key)})
+        self.found(f"{schema}-{data_format(files[0])}", files)
         return docs
 
-    def load_hf(self, limit: int | None) -> list[dict]:
-        docs = []
-        for r in hf_rows("allenai/openbookqa", "main", "test", limit):
-            labels = r["choices"]["label"]
-            docs.append({"id": r["id"], "question_stem": r["question_stem"], "choices": r["choices"]["text"],
-                         "gold": labels.index(r["answerKey"].lstrip())})
-        return docs
+
+def openbookqa_schema(row: dict, path: Path) -> str:
+    if isinstance(row.get("question"), dict):
+        return "ai2"
+    if "question_stem" in row:
+        return "hf"
+    if "query" in row:
+        return "llmfoundry"
+    raise PhibookError(
+        f"{where(row, path)}: not an OpenBookQA row in a layout phibook knows: expected \"question\" {{stem, "
+        "choices}} (AI2's release), \"question_stem\" with \"choices\" {text, label} (the hub's allenai/openbookqa) "
+        f"or \"query\", \"choices\", \"gold\" (llm-foundry); found fields {fields_of(row)}"
+    )
 
 
 # --------------------------------------------------------------------------- WinoGrande
@@ -417,28 +562,33 @@ class WinoGrande(MultipleChoiceTask):
         cont = self.target_delimiter + self.suffix(doc)
         return [LoglikelihoodRequest(ctx, cont) for ctx in self.partial_contexts(doc)]
 
-    def _doc(self, row: dict, answer: str, path: Path | str) -> dict:
+    original_names: ClassVar[list[str]] = ["dev.jsonl"]
+    splits: ClassVar[list[str]] = ["validation", "dev"]
+    hub_example = "winogrande_xl/validation-00000-of-00001.parquet"
+    # Every hub config (xs .. xl, debiased) has the same 1267-row validation split; xl is lm-eval's.
+    hub_prefer: ClassVar[list[str]] = ["winogrande_xl"]
+
+    def _doc(self, row: dict, answer: int, path: Path | str) -> dict:
         sentence = field(row, "sentence", path)
         if "_" not in sentence:
-            raise PhibookError(f"{path}:{row['_line']}: sentence has no '_' blank")
+            raise PhibookError(f"{where(row, path)}: sentence has no '_' blank")
         options = [field(row, "option1", path), field(row, "option2", path)]
-        if answer not in {"1", "2"}:
-            raise PhibookError(f"{path}:{row['_line']}: answer {answer!r} should be '1' or '2'")
         return {"id": row.get("qID"), "sentence": sentence, "options": options, "choices": options,
-                "gold": int(answer) - 1}
+                "gold": answer}
 
     def load_files(self, folder: Path, limit: int | None) -> list[dict]:
-        path = first_existing(folder, ["dev.jsonl"], self.name)
-        rows = read_jsonl(path, limit)
-        if (folder / "dev-labels.lst").is_file():
-            labels = read_labels(folder / "dev-labels.lst", len(rows), {"1", "2"})
+        # "answer" is the string "1"/"2" in the release and on the hub, an integer in some copies;
+        # the release's dev-labels.lst (when beside dev.jsonl) repeats it.
+        files, original = self.locate(folder)
+        rows = read_rows(files, limit)
+        labels_path = files[0].parent / "dev-labels.lst"
+        if original and labels_path.is_file():
+            labels = [int(x) - 1 for x in read_labels(labels_path, len(rows), {"1", "2"})]
+            self.found(f"ai2-{data_format(files[0])}+labels", [*files, labels_path])
         else:
-            labels = [str(field(row, "answer", path)) for row in rows]
-        return [self._doc(row, label, path) for row, label in zip(rows, labels, strict=True)]
-
-    def load_hf(self, limit: int | None) -> list[dict]:
-        return [self._doc(r, r["answer"], "hf") for r in hf_rows("allenai/winogrande", "winogrande_xl", "validation",
-                                                                  limit)]
+            labels = [label_index(row, "answer", row["_path"], ["option1", "option2"], offset=1) for row in rows]
+            self.found(f"{'ai2' if original else 'hf'}-{data_format(files[0])}", files)
+        return [self._doc(row, label, row["_path"]) for row, label in zip(rows, labels, strict=True)]
 
 
 # --------------------------------------------------------------------------- MMLU
@@ -502,6 +652,9 @@ class MMLU(MultipleChoiceTask):
                 "gold": MMLU_LETTERS.index(answer)}
 
     def load_files(self, folder: Path, limit: int | None) -> list[dict]:
+        hendrycks = (folder / "dev").is_dir() and (folder / "test").is_dir()
+        if not hendrycks and (any((folder / s).is_dir() for s in self.subjects) or self._hub_files(folder, "test")):
+            return self.load_hub(folder, limit)
         docs = []
         for subject in self.subjects:
             dev = first_existing(folder / "dev", [f"{subject}_dev.csv"], self.name)
@@ -512,17 +665,57 @@ class MMLU(MultipleChoiceTask):
                 doc = self._doc(subject, r[0], r[1:5], r[5].strip(), test, i + 1)
                 doc["fewshot"] = shots
                 docs.append(doc)
+        self.found("hendrycks-csv", [folder / "dev", folder / "test"])
         return docs
 
-    def load_hf(self, limit: int | None) -> list[dict]:
-        docs = []
+    def _hub_files(self, folder: Path, split: str, subject: str | None = None) -> list[Path] | None:
+        """A split of the hub's cais/mmlu: `<subject>/<split>-*.parquet`, else the `all` config (or a
+        flat `<split>.parquet|jsonl` holding every subject, told apart by the "subject" field)."""
+        if subject is not None and (folder / subject).is_dir():
+            return find_split_files(folder / subject, [split], self.name)
+        return find_split_files(folder, [split], self.name, prefer=["all"], avoid=[*MMLU_SUBJECTS, "auxiliary_train"])
+
+    def _hub_rows(self, folder: Path, split: str, subject: str, limit: int | None,
+                  cache: dict[tuple[Path, ...], list[dict]]) -> tuple[list[dict], list[Path]]:
+        files = self._hub_files(folder, split, subject)
+        if not files:
+            raise PhibookError(f"{self.name}: no {split} split for {subject} in {folder} ({subject}/{split}-00000-of-"
+                               f"00001.parquet or all/{split}-00000-of-00001.parquet); get the hub copy cais/mmlu "
+                               f"or {SOURCE_HINTS['mmlu']}")
+        if (folder / subject).is_dir():
+            return read_rows(files, limit), files
+        key = tuple(files)
+        if key not in cache:
+            cache[key] = read_rows(files)
+        rows = [r for r in cache[key] if field(r, "subject", r["_path"]) == subject]
+        return (rows if limit is None else rows[:limit]), files
+
+    def _hub_doc(self, subject: str, row: dict) -> dict:
+        path = row["_path"]
+        options = field(row, "choices", path, list)
+        if len(options) != 4:
+            raise PhibookError(f"{where(row, path)}: {len(options)} choices; MMLU has 4 (A-D)")
+        answer = row.get("answer")
+        if isinstance(answer, str) and answer.strip() in MMLU_LETTERS:
+            letter = answer.strip()
+        else:
+            letter = MMLU_LETTERS[label_index(row, "answer", path, MMLU_LETTERS)]
+        return self._doc(subject, field(row, "question", path), options, letter, path, row["_line"])
+
+    def load_hub(self, folder: Path, limit: int | None) -> list[dict]:
+        docs: list[dict] = []
+        cache: dict[tuple[Path, ...], list[dict]] = {}
+        used: list[Path] = []
         for subject in self.subjects:
-            shots = [self._doc(subject, r["question"], r["choices"], MMLU_LETTERS[r["answer"]], "hf", r["_line"])
-                     for r in hf_rows("cais/mmlu", subject, "dev", self.num_fewshot)]
-            for r in hf_rows("cais/mmlu", subject, "test", limit):
-                doc = self._doc(subject, r["question"], r["choices"], MMLU_LETTERS[r["answer"]], "hf", r["_line"])
+            dev_rows, dev_files = self._hub_rows(folder, "dev", subject, self.num_fewshot, cache)
+            test_rows, test_files = self._hub_rows(folder, "test", subject, limit, cache)
+            used += [f for f in [*test_files, *dev_files] if f not in used]
+            shots = [self._hub_doc(subject, r) for r in dev_rows]
+            for r in test_rows:
+                doc = self._hub_doc(subject, r)
                 doc["fewshot"] = shots
                 docs.append(doc)
+        self.found(f"hf-{data_format(used[0])}", used)
         return docs
 
     def aggregate(self, per_doc: list[dict[str, float]]) -> dict[str, tuple[float, float]]:

@@ -1,10 +1,12 @@
-"""The results JSON `phibook eval` writes, and the table it prints beside the report's numbers.
+"""The results JSON `phibook eval` writes, and the table it prints (compact by default; with the
+report's numbers beside ours under --compare).
 
 Results JSON (one object):
   phibook_version, date (UTC ISO 8601), model {path, fingerprint, source}, limit, batch_size,
   data_dir, device, dtype,
   results {task: {metric: value, metric + "_stderr": stderr, "n": docs, "truncated": requests cut to fit,
-                  "prompt_settings": {...}, "report": {model: number from the report}}},
+                  "prompt_settings": {...}, "report": {model: number from the report},
+                  "data": {"layout": "hf-parquet", "files": [...]} (the benchmark files read, when known)}},
   samples {task: [per-doc records]}   (only with --log-samples)
 A NaN (stderr of a single doc) is written as null, so the file is strict JSON.
 """
@@ -57,6 +59,9 @@ def task_entry(task, outcome: dict) -> dict[str, Any]:
     entry["prompt_settings"] = dict(task.prompt_settings)
     entry["report_metric"] = report_metric(task.name, list(task.metrics))
     entry["report"] = {m: rn.REPORT_NUMBERS[m][task.name] for m in rn.REPORT_NUMBERS if task.name in rn.REPORT_NUMBERS[m]}
+    source = getattr(task, "data_source", None)
+    if source is not None:  # which files, in which layout (original release, hub copy, ...)
+        entry["data"] = source.as_json()
     return entry
 
 
@@ -118,7 +123,7 @@ def _fmt(value: float | None, stderr: float | None = None) -> str:
     return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
 
 
-NOT_METRICS = {"n", "truncated", "higher_is_better", "prompt_settings", "report_metric", "report"}
+NOT_METRICS = {"n", "truncated", "higher_is_better", "prompt_settings", "report_metric", "report", "data"}
 
 
 def metric_names(entry: dict[str, Any]) -> list[str]:
@@ -126,12 +131,64 @@ def metric_names(entry: dict[str, Any]) -> list[str]:
     return [k for k in entry if k not in NOT_METRICS and not k.endswith("_stderr") and ":" not in k]
 
 
-def format_table(results: dict[str, Any], peers: bool = True) -> str:
-    """A plain-text table: task | metric | n | ours ± stderr | phi-1.5 (report) | peers (report).
+def _render(rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for j, r in enumerate(rows):
+        cells = [c.rjust(w) if i in right and j else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+        lines.append("  ".join(cells).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
 
-    Report numbers appear on the row of the metric they are comparable with (acc for the
-    multiple-choice tasks); per-subject MMLU metrics ("acc:<subject>") stay in the JSON only.
+
+# How a metric judges one item, for the note under a table when every item scored the same.
+METRIC_MEANING = {
+    "acc": ("by log-likelihood", "the choice with the highest log-likelihood"),
+    "acc_norm": ("by length-normalized score", "the choice with the highest log-likelihood per character"),
+}
+
+
+def uniform_notes(results: dict[str, Any]) -> list[str]:
+    """A line for each value of exactly 0 or 1 with a stderr of 0 (or none, for one item): every
+    item scored the same, which "0.0000 ± 0.0000" alone does not say."""
+    notes = []
+    for task, entry in results["results"].items():
+        n = entry.get("n")
+        for metric in metric_names(entry):
+            value, stderr = entry.get(metric), entry.get(f"{metric}_stderr")
+            if value not in (0.0, 1.0) or stderr not in (0.0, None) or not n:
+                continue
+            items = "the only item" if n == 1 else f"all {n} items"
+            if metric in METRIC_MEANING:
+                by, pick = METRIC_MEANING[metric]
+                what = (f"{items} wrong {by} ({pick} was never the gold answer)" if value == 0.0
+                        else f"{items} right {by} ({pick} was always the gold answer)")
+            else:
+                what = f"{items} scored {value:g}"
+            why = ("a stderr of 0 means every item scored the same, not that the number is exact" if n > 1
+                   else "one item has no stderr")
+            shown = f"{value:.4f} ± {stderr:.4f}" if stderr is not None else f"{value:.4f}"
+            notes.append(f"note: {task} {metric} = {shown} on {n} item{'s' if n != 1 else ''}: {what}; {why}.")
+    return notes
+
+
+def format_table(results: dict[str, Any], compare: bool = False, peers: bool = True) -> str:
+    """A plain-text table. By default compact: task | metric | value ± stderr | n, one row per
+    task and metric. `compare` (phibook eval --compare) adds the report's numbers: task | metric |
+    n | ours ± stderr | phi-1.5 (report) | peers (report), the report's numbers on the row of the
+    metric they are comparable with (acc for the multiple-choice tasks). Per-subject MMLU metrics
+    ("acc:<subject>") stay in the JSON only. A line under the table explains any value where every
+    item scored the same (0.0000 ± 0.0000).
     """
+    if not compare:
+        rows = [["task", "metric", "value ± stderr", "n"]]
+        for task, entry in results["results"].items():
+            for metric in metric_names(entry):
+                value, stderr = entry.get(metric), entry.get(f"{metric}_stderr")
+                cell = _fmt(value, stderr) if stderr is not None or value is None else f"{value:.4f} ± n/a"
+                rows.append([task, metric, cell, str(entry.get("n", ""))])
+        return "\n".join(_render(rows, right={3}) + uniform_notes(results))
     models = [m for m in rn.REPORT_NUMBERS if m != rn.PHI15] if peers else []
     header = ["task", "metric", "n", "ours ± stderr", "phi-1.5 (report)"] + [SHORT_NAMES.get(m, m) for m in models]
     rows = [header]
@@ -143,10 +200,4 @@ def format_table(results: dict[str, Any], peers: bool = True) -> str:
             for m in models:
                 row.append(rn.report_cell(m, task) if is_report and task in rn.REPORT_NUMBERS[m] else "")
             rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = []
-    for j, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(_render(rows) + uniform_notes(results))

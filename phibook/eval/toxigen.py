@@ -174,8 +174,8 @@ class ToxiGen(Task):
 
     def load_docs(self, data_dir: Path | None, limit: int | None) -> list[dict]:
         if data_dir is None:
-            raise PhibookError(f"toxigen: SafeNLP's subset is not on the Hugging Face hub; pass --data-dir "
-                               f"with toxigen_safenlp/toxiGen.json ({SOURCE})")
+            raise PhibookError(f"toxigen: no benchmark folder given (phibook reads local files only; pass "
+                               f"--data-dir DIR holding toxigen_safenlp/toxiGen.json; get {SOURCE})")
         path = Path(data_dir) / "toxigen_safenlp" / "toxiGen.json"
         if not path.is_file():
             raise PhibookError(f"toxigen: {path} not found (expected under --data-dir {data_dir}); get {SOURCE}")
