@@ -74,12 +74,10 @@ def machine() -> str:
         text = Path("/proc/cpuinfo").read_text()
         m = re.search(r"model name\s*:\s*(.*)", text)
         cpu = m.group(1).strip() if m else cpu
-        flags = re.search(r"flags\s*:\s*(.*)", text)
-        if flags:
-            have = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags.group(1).split()]
-            cpu += f" ({', '.join(have)})"
     except OSError:
         pass
+    # Every SIMD level the machine has, not only the AVX-512 ones (an AVX2-only CPU printed "()").
+    cpu += f" ({cpu_flags()})"
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.python_version()}"
 
 
