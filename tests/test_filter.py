@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -407,50 +406,82 @@ def _apply_cmd(inputs: list[Path], clf: Path, out: Path, workers: int) -> list[s
             "--batch-size", "8", "--no-progress"]
 
 
-def test_apply_killed_midway_resumes_to_same_output(labelled: dict, tmp_path: Path, tiny_checkpoint: Path,
-                                                     capsys) -> None:
-    # A classifier on the (slower) checkpoint embedder, so the kill lands between chunks.
-    ann = tmp_path / "ann.jsonl"
-    with open(ann, "w") as f:
-        for line in labelled["train"].read_text().splitlines()[::4]:  # 100 documents: quality is not the point
-            d = json.loads(line)
-            f.write(json.dumps({"key": d["id"], "id": d["id"], "text": d["text"], "status": "ok",
-                                "rating": 5 if d["text"] in labelled["educational"] else 0}) + "\n")
-    spec = f"phibook:{tiny_checkpoint}"
-    assert main(["filter", "embed", str(ann), "--out", str(tmp_path / "e"), "--embedder", spec,
-                 "--no-progress", "--max-tokens", "128"]) == 0
-    clf = tmp_path / "clf.joblib"
-    assert main(["filter", "train", "--embeddings", str(tmp_path / "e.npy"), "--annotations", str(ann),
-                 "--out", str(clf), "--model", "logreg"]) == 0
-    inputs = [labelled["fresh_edu"], labelled["fresh_junk"]]
-
-    ref = tmp_path / "ref"
-    assert main(_apply_cmd(inputs, clf, ref, workers=1)[3:]) == 0  # uninterrupted, in this process
-
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(_apply_cmd(inputs, clf, out, workers=1), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    markers: list[Path] = []
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(markers) < 2 and proc.poll() is None:
-        markers = list((out / ".work").glob("*/chunk-*.json")) if (out / ".work").is_dir() else []
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    total_chunks = len(list((ref / ".work").glob("*/chunk-*.json")))
-    done_at_kill = len(list((out / ".work").glob("*/chunk-*.json")))
-    assert 0 < done_at_kill < total_chunks, f"kill should land midway ({done_at_kill}/{total_chunks} chunks)"
+def _killed_apply(inputs: list[Path], clf: Path, out: Path, fault: str, workers: int = 1) -> None:
+    """Run `filter apply` in a subprocess that the fault hook (phibook.faults) SIGKILLs at ``fault``."""
+    res = subprocess.run(_apply_cmd(inputs, clf, out, workers), capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "PHIBOOK_FAULT_INJECT": fault})
+    assert res.returncode == -signal.SIGKILL, f"{fault}: not killed (exit {res.returncode})\n{res.stderr}"
     assert not (out / "summary.json").exists()
 
-    # The rerun uses another worker count (a spawn pool): the output must not depend on it.
-    assert main(_apply_cmd(inputs, clf, out, workers=2)[3:]) == 0
-    assert "resuming" in capsys.readouterr().err
-    assert json.loads((out / "summary.json").read_text())["chunks_scored_this_run"] == total_chunks - done_at_kill
+
+def _markers(out: Path) -> list[str]:
+    return sorted(f"{p.parent.name}/{p.name}" for p in (out / ".work").glob("*/chunk-*.json"))
+
+
+def _assert_resumes_to(ref: Path, out: Path, inputs: list[Path], clf: Path, capsys, workers: int) -> dict:
+    """Resume ``out`` in this process: the output must be ``ref``'s, byte for byte, whatever the worker count."""
+    done_before = len(_markers(out))
+    assert main(_apply_cmd(inputs, clf, out, workers=workers)[3:]) == 0
+    assert "resuming" in capsys.readouterr().err or done_before == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["chunks_scored_this_run"] == len(_markers(ref)) - done_before
     for name in ("fresh_edu.jsonl", "fresh_junk.jsonl"):
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
-    ref_s, out_s = (json.loads((d / "summary.json").read_text()) for d in (ref, out))
-    assert [(f["total"], f["kept"]) for f in ref_s["files"]] == [(f["total"], f["kept"]) for f in out_s["files"]]
-    assert not list(out.glob(".*.tmp")) and not list(out.glob("**/.*.tmp"))
+    ref_s = json.loads((ref / "summary.json").read_text())
+    assert [(f["total"], f["kept"]) for f in ref_s["files"]] == [(f["total"], f["kept"]) for f in summary["files"]]
+    assert sorted(p.name for p in out.rglob("*.tmp")) == [], "partial files left behind"
+    return summary
+
+
+@pytest.fixture(scope="module")
+def apply_ref(labelled: dict, tmp_path_factory) -> tuple[list[Path], Path, Path]:
+    """(inputs, classifier, uninterrupted output) for the kill-and-resume tests: many small chunks."""
+    tmp = tmp_path_factory.mktemp("apply_ref")
+    clf = _hash_classifier(labelled, tmp)
+    inputs = [labelled["fresh_edu"], labelled["fresh_junk"]]
+    assert main(_apply_cmd(inputs, clf, tmp / "ref", workers=1)[3:]) == 0  # uninterrupted, in this process
+    assert len(_markers(tmp / "ref")) >= 8
+    return inputs, clf, tmp / "ref"
+
+
+def test_apply_killed_midway_resumes_to_same_output(apply_ref, tmp_path: Path, capsys) -> None:
+    inputs, clf, ref = apply_ref
+    out = tmp_path / "killed"
+    # Killed inside chunk 2's write: its scores are in the temporary file, not yet renamed.
+    _killed_apply(inputs, clf, out, "filter.chunk_write@2")
+    work = out / ".work" / "fresh_edu.jsonl"
+    assert _markers(out) == ["fresh_edu.jsonl/chunk-00000.json", "fresh_edu.jsonl/chunk-00001.json"]
+    assert len(list(work.glob(".chunk-00002.npy.*.tmp"))) == 1 and not (work / "chunk-00002.npy").exists()
+    _assert_resumes_to(ref, out, inputs, clf, capsys, workers=2)  # a spawn pool this time
+
+    # Killed right after chunk 5 is done: 0..5 are kept, the rest is scored by the rerun.
+    out = tmp_path / "killed-after"
+    _killed_apply(inputs, clf, out, "filter.chunk_done@5")
+    assert _markers(out) == [f"fresh_edu.jsonl/chunk-{i:05d}.json" for i in range(6)]
+    summary = _assert_resumes_to(ref, out, inputs, clf, capsys, workers=1)
+    assert summary["chunks_scored_this_run"] == len(_markers(ref)) - 6
+
+
+def test_apply_killed_at_random_points_resumes_to_same_output(apply_ref, tmp_path: Path, capsys) -> None:
+    """The extra: two kills at seeded random points (the seed is in the message; PHIBOOK_FAULT_SEED repeats
+    one), the second with a spawn pool, whose worker takes the whole job down with it."""
+    inputs, clf, ref = apply_ref
+    seed = int(os.environ.get("PHIBOOK_FAULT_SEED") or random.SystemRandom().randrange(2**31))
+    rng = random.Random(seed)
+    print(f"PHIBOOK_FAULT_SEED={seed}")  # shown with a failure
+    total = len(_markers(ref))
+    out = tmp_path / "killed"
+    first = rng.randrange(total - 1)
+    fault = f"filter.chunk_{rng.choice(['write', 'done'])}@{first}"
+    _killed_apply(inputs, clf, out, fault)
+    done = first + fault.startswith("filter.chunk_done")
+    assert len(_markers(out)) == done, f"seed {seed}: {fault}"
+    # With 2 workers chunks finish in any order: the kill lands at chunk `second` wherever the others are.
+    second = rng.randrange(done, total)
+    fault = f"filter.chunk_{rng.choice(['write', 'done'])}@{second}"
+    _killed_apply(inputs, clf, out, fault, workers=2)
+    assert done <= len(_markers(out)) <= total, f"seed {seed}: {fault}"
+    _assert_resumes_to(ref, out, inputs, clf, capsys, workers=1)
 
 
 # --------------------------------------------------------------------------- errors

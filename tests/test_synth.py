@@ -252,37 +252,77 @@ def test_permanent_failures_are_recorded_not_fatal(tmp_path: Path) -> None:
     assert len(log) == stats.failed and all("500" in rec["error"] and rec["attempts"] == 3 for rec in log)
 
 
+def _synth_cmd(url: str, out: Path, n: int) -> list[str]:
+    return [sys.executable, "-m", "phibook.cli", "synth", "run", "--teacher", "openai", "--base-url", url,
+            "--teacher-model", "fake", "--num-docs", str(n), "--out", str(out), "--seed", "5",
+            "--concurrency", "4", "--no-progress"]
+
+
+def _killed_synth(cmd: list[str], fault: str) -> None:
+    """Run the job in a subprocess that the fault hook (phibook.faults) SIGKILLs at ``fault``."""
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PHIBOOK_FAULT_INJECT": fault})
+    assert res.returncode == -signal.SIGKILL, f"{fault}: not killed (exit {res.returncode})\n{res.stderr}"
+
+
+def _complete_lines(out: Path) -> tuple[int, bool]:
+    """(whole lines in the output, whether a torn line follows them)."""
+    data = out.read_bytes()
+    return data.count(b"\n"), not data.endswith(b"\n")
+
+
+def _assert_same_docs(out: Path, ref: Path, n: int) -> None:
+    ref_docs = {json.loads(x)["id"]: json.loads(x) for x in ref.read_text().splitlines()}
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(got) == len({d["id"] for d in got}) == n  # no duplicates, none lost
+    assert {d["id"] for d in got} == set(ref_docs)
+    assert all(d["text"] == ref_docs[d["id"]]["text"] for d in got)
+    assert [p.name for p in out.parent.glob("*.tmp*")] == []
+
+
 def test_killed_job_resumes_to_exactly_the_uninterrupted_output(tmp_path: Path) -> None:
-    n = 80
-    # ~0.15 s an answer at 4 in flight: an uninterrupted job takes ~3 s, so kills land midway.
-    with FakeTeacherServer(delay_s=0.15) as srv:
+    n = 40
+    with FakeTeacherServer() as srv:
         ref = tmp_path / "ref.jsonl"
         run_synth(ref, n, _openai_teacher(srv.url), load_topics(), load_templates(), seed=5, concurrency=4,
                   progress=False)
         out = tmp_path / "killed.jsonl"
-        cmd = [sys.executable, "-m", "phibook.cli", "synth", "run", "--teacher", "openai", "--base-url", srv.url,
-               "--teacher-model", "fake", "--num-docs", str(n), "--out", str(out), "--seed", "5",
-               "--concurrency", "4", "--no-progress"]
-        rng = random.Random(0)
-        kills = 0
-        for _ in range(8):
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            time.sleep(rng.uniform(0.6, 1.6))
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                kills += 1
-            proc.wait(timeout=30)
-            if proc.returncode == 0:
-                break
+        cmd = _synth_cmd(srv.url, out, n)
+        _killed_synth(cmd, "synth.record_write@10")  # in the middle of the 10th line
+        assert _complete_lines(out) == (9, True)
+        _killed_synth(cmd, "synth.record_done@5")  # the torn line is dropped, 5 more are written
+        assert _complete_lines(out) == (14, False)
         final = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert final.returncode == 0, final.stderr
-    assert kills >= 1
-    ref_docs = {json.loads(x)["id"]: json.loads(x) for x in ref.read_text().splitlines()}
-    lines = out.read_text().splitlines()
-    got = [json.loads(x) for x in lines]
-    assert len(got) == len({d["id"] for d in got}) == n  # no duplicates, none lost
-    assert {d["id"] for d in got} == set(ref_docs)
-    assert all(d["text"] == ref_docs[d["id"]]["text"] for d in got)
+    stats = json.loads(Path(f"{out}.stats.json").read_text())
+    assert (stats["already_done"], stats["written"]) == (14, n - 14)
+    _assert_same_docs(out, ref, n)
+
+
+def test_killed_job_at_random_points_resumes_exactly(tmp_path: Path) -> None:
+    """The extra: three kills at seeded random points (the seed is in the message; PHIBOOK_FAULT_SEED
+    repeats one), each after or in the middle of a random document."""
+    n = 30
+    seed = int(os.environ.get("PHIBOOK_FAULT_SEED") or random.SystemRandom().randrange(2**31))
+    rng = random.Random(seed)
+    print(f"PHIBOOK_FAULT_SEED={seed}")  # shown with a failure
+    with FakeTeacherServer() as srv:
+        ref = tmp_path / "ref.jsonl"
+        run_synth(ref, n, _openai_teacher(srv.url), load_topics(), load_templates(), seed=5, concurrency=4,
+                  progress=False)
+        out = tmp_path / "killed.jsonl"
+        cmd = _synth_cmd(srv.url, out, n)
+        done = 0
+        for _ in range(3):
+            k = rng.randint(1, min(8, n - done))
+            torn = rng.random() < 0.5
+            fault = f"synth.record_{'write' if torn else 'done'}@{k}"
+            _killed_synth(cmd, fault)
+            done += k - torn
+            assert _complete_lines(out) == (done, torn), f"seed {seed}: {fault}"
+        final = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert final.returncode == 0, final.stderr
+    _assert_same_docs(out, ref, n)
 
 
 def test_torn_last_line_is_dropped_and_redone(tmp_path: Path) -> None:
@@ -291,9 +331,16 @@ def test_torn_last_line_is_dropped_and_redone(tmp_path: Path) -> None:
     full = out.read_text()
     lines = full.splitlines(keepends=True)
     out.write_text("".join(lines[:6]) + lines[6][: len(lines[6]) // 2])
+    # What a kill leaves of the side files: the stats file's temporary copy, a torn failures line.
+    stale = Path(f"{out}.stats.json.tmp-999999")
+    stale.write_text('{"planned": ')
+    failures = Path(f"{out}.failures.jsonl")
+    failures.write_text('{"index": 3, "id": "x", "error": "e", "attempts": 1}\n{"index": 4, "id"')
     stats = run_synth(out, 10, BuiltinTeacher(), load_topics(), load_templates(), progress=False)
     assert stats.already_done == 6 and stats.written == 4
     assert sorted(out.read_text().splitlines()) == sorted(full.splitlines())
+    assert not stale.exists() and json.loads(Path(f"{out}.stats.json").read_text())["written"] == 4
+    assert failures.read_text() == '{"index": 3, "id": "x", "error": "e", "attempts": 1}\n'
 
 
 def test_web_samples_reach_the_prompt(tmp_path: Path) -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ import pytest
 from phibook.data.loader import PackedLoader, validation_batches
 from phibook.data.mixture import load_mixture_file
 from phibook.data.shards import file_sha256, load_manifest, write_shard_set
-from phibook.data.tokenize import SLOW_ENV, WORK_DIR, is_val, tokenize_inputs
+from phibook.data.tokenize import WORK_DIR, is_val, tokenize_inputs
 from phibook.errors import PhibookError
 from phibook.model.tokenizer import Tokenizer, train_bpe
 
@@ -147,26 +147,67 @@ def _cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
     )
 
 
-def test_killed_run_resumes_to_identical_output(corpus: dict, reference: Path, tmp_path: Path) -> None:
-    out = tmp_path / "killed"
-    args = ["--tokenizer", str(corpus["tok"].path), "--out", str(out), "--workers", "1", "--no-progress",
-            "--val-fraction", "0.2", "--shard-tokens", "6000", "--chunk-bytes", "8000",
-            *map(str, corpus["inputs"])]
-    proc = _cli(*args, env={SLOW_ENV: "0.3"})
-    deadline = time.monotonic() + 60
-    while not list((out / WORK_DIR).glob("unit-*.json")):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no work unit finished in 60 s"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len(list((out / WORK_DIR).glob("unit-*.json")))
-    assert not (out / "manifest.json").exists() and 1 <= done < 10
+def _killed_args(corpus: dict, out: Path) -> list[str]:
+    return ["--tokenizer", str(corpus["tok"].path), "--out", str(out), "--workers", "1", "--no-progress",
+            "--val-fraction", "0.2", "--shard-tokens", "6000", "--chunk-bytes", "8000", *map(str, corpus["inputs"])]
+
+
+def _kill_at(args: list[str], fault: str) -> None:
+    """Run `phibook tokenize` in a subprocess that the fault hook (phibook.faults) SIGKILLs at ``fault``."""
+    proc = _cli(*args, env={"PHIBOOK_FAULT_INJECT": fault})
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, f"{fault}: not killed (exit {proc.returncode})\n{err}"
+
+
+def _assert_resumes_to(reference: Path, out: Path, args: list[str], done: int) -> None:
+    assert not (out / "manifest.json").exists()
     proc = _cli(*args)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert f"resuming: {done} of" in err
     assert _shard_bytes(out) == _shard_bytes(reference)
+    assert not (out / WORK_DIR).exists() and [p.name for p in out.rglob("*.tmp")] == []
+
+
+def test_killed_run_resumes_to_identical_output(corpus: dict, reference: Path, tmp_path: Path) -> None:
+    units = load_manifest(reference).extra["build"]["units"]
+    # Killed right after work unit 2: units 0-2 are kept, the rest is done by the rerun.
+    out = tmp_path / "killed"
+    args = _killed_args(corpus, out)
+    _kill_at(args, "tokenize.unit_done@2")
+    assert sorted(p.name for p in (out / WORK_DIR).glob("unit-*.json")) == [f"unit-{i:05d}.json" for i in range(3)]
+    _assert_resumes_to(reference, out, args, 3)
+
+    # Killed inside the write of shard train-00001: every unit is done, the shard is under its temporary name.
+    out = tmp_path / "killed-in-shard"
+    args = _killed_args(corpus, out)
+    _kill_at(args, "shards.train_tmp_written@1")
+    assert (out / "train-00000.bin").is_file() and (out / ".train-00001.bin.tmp").is_file()
+    assert not (out / "train-00001.bin").exists()
+    assert len(list((out / WORK_DIR).glob("unit-*.json"))) == units
+    # What a kill in the other writers of the stage leaves: the tokenizer copy's and a sidecar's temporary files.
+    (out / ".tokenizer.k1ll3d.json.tmp").write_text("{")
+    (out / WORK_DIR / ".unit-00001.json.k1ll3d.tmp").write_text("{")
+    _assert_resumes_to(reference, out, args, units)
+
+
+def test_killed_at_random_points_resumes_to_identical_output(corpus: dict, reference: Path, tmp_path: Path) -> None:
+    """The extra: two kills at seeded random points (the seed is in the message; PHIBOOK_FAULT_SEED repeats
+    one): after a work unit, or in or after a shard write of either split."""
+    m = load_manifest(reference)
+    units = m.extra["build"]["units"]
+    seed = int(os.environ.get("PHIBOOK_FAULT_SEED") or random.SystemRandom().randrange(2**31))
+    rng = random.Random(seed)
+    print(f"PHIBOOK_FAULT_SEED={seed}")  # shown with a failure
+    out = tmp_path / "killed"
+    args = _killed_args(corpus, out)
+    first = rng.randrange(units - 1)
+    _kill_at(args, f"tokenize.unit_done@{first}")
+    split = rng.choice(["train", "val"])
+    fault = f"shards.{split}_{rng.choice(['tmp_written', 'done'])}@{rng.randrange(len(m.split_shards(split)))}"
+    _kill_at(args, fault)
+    assert len(list((out / WORK_DIR).glob("unit-*.json"))) == units, f"seed {seed}: {fault}"
+    _assert_resumes_to(reference, out, args, units)
 
 
 def test_tokenized_shards_feed_the_loader(corpus: dict, reference: Path) -> None:
@@ -182,12 +223,28 @@ def test_shipped_mixtures_parse_and_load(tmp_path: Path) -> None:
     tok = {"fingerprint": "f", "vocab_size": 100, "eos_id": 0}
     for src in ("synthetic", "code", "web"):
         write_shard_set(tmp_path / "shards" / src, {"train": [[1, 2, 3] * 50]}, tok)
-    want = {"phi-1.5": [0.8, 0.2], "phi-1.5-web": [0.4, 0.2, 0.4]}
+    write_shard_set(tmp_path / "shards" / "web-code", {"train": [[4, 5, 6] * 50]}, tok)
+    want = {"phi-1.5": [0.8, 0.2], "phi-1.5-web": [0.4, 0.2, 0.4], "phi-1.5-web-only": [0.8, 0.2]}
     for name, weights in want.items():
         shutil.copy(REPO / "phibook" / "data" / "mixtures" / f"{name}.toml", tmp_path)
         mix = load_mixture_file(tmp_path / f"{name}.toml")
         assert mix.name == name and mix.weights == pytest.approx(weights)
         PackedLoader(tmp_path / f"{name}.toml", seq_len=16).next_batch(4)
+
+
+def test_the_reports_three_mixtures_run_by_name(tmp_path: Path, monkeypatch) -> None:
+    from phibook.data.mixture import load_data, shipped_mixture_names
+
+    assert shipped_mixture_names() == ["phi-1.5", "phi-1.5-web", "phi-1.5-web-only"]
+    tok = {"fingerprint": "f", "vocab_size": 100, "eos_id": 0}
+    for src in ("web", "web-code"):
+        write_shard_set(tmp_path / "shards" / src, {"train": [[1, 2, 3] * 50]}, tok)
+    monkeypatch.chdir(tmp_path)  # a name reads shards/<source> under the current directory
+    mix = load_data("phi-1.5-web-only")
+    assert mix.name == "phi-1.5-web-only" and [s.name for s in mix.sources] == ["web", "web-code"]
+    assert mix.weights == pytest.approx([0.8, 0.2])
+    with pytest.raises(PhibookError, match=r"synthetic.*shards/synthetic"):
+        load_data("phi-1.5")  # no synthetic shards here: the error names the source and the path
 
 
 def test_gzipped_jsonl_gives_the_same_shards(corpus: dict, tmp_path: Path) -> None:

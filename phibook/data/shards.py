@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from phibook import faults
 from phibook.errors import PhibookError
 
 FORMAT = "phibook-shards"
@@ -276,8 +277,10 @@ class ShardWriter:
         self._file.close()
         self._file = None
         self._cur.sha256 = self._hash.hexdigest()
+        faults.point(f"shards.{self.split}_tmp_written", len(self.shards))  # test hooks (phibook.faults)
         os.replace(self._tmp, self.out_dir / self._cur.file)
         self.shards.append(self._cur)
+        faults.point(f"shards.{self.split}_done", len(self.shards) - 1)
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray, origin: dict[str, Any] | None = None) -> None:
         """Append consecutive documents: ``tokens`` is their concatenation, ``lengths`` their sizes."""

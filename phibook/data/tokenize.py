@@ -16,6 +16,10 @@ Two phases, so the output never depends on how many workers ran:
    most ``shard_tokens`` tokens (temp name + rename), then ``manifest.json``
    is written atomically, last, and the work folder is removed.
 
+A run first deletes the temporary files that a killed run's writers left (see
+``remove_partial_files``); the fault points ``tokenize.unit_done`` and
+``shards.*`` (phibook.faults) let tests kill a run exactly where they choose.
+
 A document goes to the validation split when a stable hash of its id (or its
 text, when it has no id) falls below ``val_fraction``: the split is the same
 for any worker count, chunking or input order.
@@ -37,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from phibook import faults
 from phibook.data.shards import (
     MANIFEST,
     SPLITS,
@@ -61,7 +66,6 @@ BATCH_DOCS = 256
 BATCH_CHARS = 4 << 20
 DEFAULT_SHARD_TOKENS = 1 << 24  # 16.8M tokens, 32 MiB as uint16
 DEFAULT_CHUNK_BYTES = 16 << 20
-SLOW_ENV = "PHIBOOK_TOKENIZE_SLOW_TEST"  # seconds to sleep per batch: lets tests kill a run midway
 
 
 @dataclass(frozen=True)
@@ -345,7 +349,6 @@ def run_unit(
     paths = unit_paths(work, unit.index)
     key = unit.key(fingerprint, options)
     eos = tokenizer.eos_id
-    slow = float(os.environ.get(SLOW_ENV, "0") or 0)
     counts = {"tokens": dict.fromkeys(SPLITS, 0), "documents": dict.fromkeys(SPLITS, 0), "empty": 0}
     files = {name: open(p, "wb") for name, p in paths.items() if name != "meta"}  # noqa: SIM115
     try:
@@ -371,8 +374,6 @@ def run_unit(
             progress(pending["bytes"], len(batch), tokens)
             batch.clear()
             pending["bytes"] = pending["chars"] = 0
-            if slow:
-                time.sleep(slow)
 
         for split_key, text, nbytes in READERS[unit.kind](unit, options):
             pending["bytes"] += nbytes
@@ -394,6 +395,7 @@ def run_unit(
             f.close()
     meta = {"key": key, "itemsize": np.dtype(dtype).itemsize, "input": unit.display, "part": unit.part, **counts}
     atomic_write_json(paths["meta"], meta)
+    faults.point("tokenize.unit_done", unit.index)
     return meta
 
 
@@ -481,6 +483,8 @@ def tokenize_inputs(
     (out / MANIFEST).unlink(missing_ok=True)  # stale or partial: the old shards no longer describe the inputs
     work = out / WORK_DIR
     work.mkdir(exist_ok=True)
+    for stale in remove_partial_files(out):
+        _say(f"removed {stale.relative_to(out)}, left half-written by a killed run")
     metas: dict[int, dict[str, Any]] = {}
     for unit in units:
         if (meta := unit_done(work, unit, unit.key(tokenizer.fingerprint, options))) is not None:
@@ -497,6 +501,19 @@ def tokenize_inputs(
         _say(f"warning: --val-fraction {val_fraction} held out none of the documents (too few documents?); "
              "there is no val split")
     return manifest
+
+
+def remove_partial_files(out: Path) -> list[Path]:
+    """Delete what the writers of this stage leave when a run is killed mid-write, and only that:
+    shards under their temporary names (``.train-NNNNN.bin.tmp``), the temporary files of the
+    manifest and of the tokenizer copy in OUT, and of the unit sidecars in OUT/.work. (A unit's
+    token files need no sweep: a unit without its sidecar is redone from its start.)"""
+    patterns = [f".{split}-*.bin.tmp" for split in SPLITS] + [f".{MANIFEST}.*.tmp", ".tokenizer.*.json.tmp"]
+    found = [p for pattern in patterns for p in out.glob(pattern)]
+    found += list((out / WORK_DIR).glob(".unit-*.json.*.tmp"))
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
 
 
 def _say(msg: str) -> None:
@@ -562,9 +579,6 @@ def _assemble(units, metas, tokenizer, tokenizer_path, options, out, work, dtype
     total = sum(m["tokens"][split] for m in metas.values() for split in SPLITS)
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="write shards", file=sys.stderr,
                disable=not show, dynamic_ncols=True)
-    for pattern in (".train-*.bin.tmp", ".val-*.bin.tmp", f".{MANIFEST}.*.tmp"):
-        for stale in out.glob(pattern):  # half-written files of an assembly that was killed
-            stale.unlink()
     shards = []
     for split in SPLITS:
         writer = ShardWriter(out, split, dtype, shard_tokens)

@@ -28,7 +28,6 @@ import os
 import random
 import re
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from phibook import faults
 from phibook.errors import PhibookError
 from phibook.train.parallel import DistInfo, barrier, gather_objects
 
@@ -47,10 +47,12 @@ MODEL_FILE = "model.safetensors"
 LATEST_FILE = "latest"
 TMP_PREFIX = ".tmp-"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-# Test hook: "kill_during_checkpoint" or "kill_during_checkpoint@STEP" makes the
-# process SIGKILL itself after the model and optimizer files of that
-# checkpoint are written but before it is complete (no train_state.json, not renamed).
-FAULT_ENV = "PHIBOOK_FAULT_INJECT"
+JSON_TMP = re.compile(rf"^{re.escape(TMP_PREFIX)}.+\.\d+$")  # write_json_atomic's temporary names
+# Test hook (phibook.faults): "train.checkpoint_write@STEP", also spelled
+# "kill_during_checkpoint@STEP", makes the process SIGKILL itself after the model
+# and optimizer files of that checkpoint are written but before it is complete
+# (no train_state.json, not renamed).
+FAULT_ENV = faults.ENV
 
 
 def step_dir_name(step: int) -> str:
@@ -87,14 +89,23 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def remove_stale_tmp(run_dir: Path) -> list[Path]:
-    """Delete half-written checkpoint directories left by a killed run (rank 0 only)."""
-    root = Path(run_dir) / CHECKPOINTS
+def remove_stale_tmp(run_dir: Path, names: tuple[str, ...] = ()) -> list[Path]:
+    """Delete what a killed run's writers left half-written (rank 0 only): checkpoint
+    directories and files under ``.tmp-`` names in RUN_DIR/checkpoints, the temporary
+    files of ``write_json_atomic`` in RUN_DIR itself (``.tmp-NAME.PID``), and the
+    caller's own fixed temporary ``names`` in RUN_DIR. Returns what was removed."""
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINTS
     removed = []
     if root.is_dir():
         for child in root.iterdir():
             if child.name.startswith(TMP_PREFIX):
                 shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+                removed.append(child)
+    if run_dir.is_dir():
+        for child in run_dir.iterdir():
+            if (JSON_TMP.match(child.name) or child.name in names) and child.is_file():
+                child.unlink(missing_ok=True)
                 removed.append(child)
     return removed
 
@@ -136,14 +147,6 @@ def _to_tuple(x):
 # --------------------------------------------------------------------------- save / load
 
 
-def _fault_requested(step: int) -> bool:
-    value = os.environ.get(FAULT_ENV, "")
-    if not value.startswith("kill_during_checkpoint"):
-        return False
-    _, _, at = value.partition("@")
-    return not at or int(at) == step
-
-
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -182,8 +185,7 @@ def save_checkpoint(
         tmp.mkdir()
         export_model_fn(model_sd, tmp)
         torch.save(optim_sd, tmp / OPTIMIZER_FILE)
-        if _fault_requested(step):
-            os.kill(os.getpid(), signal.SIGKILL)
+        faults.point("train.checkpoint_write", step)
         torch.save({"world_size": info.world_size, "ranks": rng}, tmp / RNG_FILE)
         write_json_atomic(tmp / STATE_FILE, train_state)
         _fsync_dir(tmp)

@@ -9,7 +9,8 @@ Two passes, so the result never depends on the worker count or on a kill:
    ``OUT/.work/<name>/chunk-NNNNN.npy`` and then a JSON done-marker naming the
    input's size/mtime, the byte range, the classifier and the embedder. A rerun
    skips every chunk whose marker matches, so a killed run resumes at the last
-   finished chunk.
+   finished chunk; it first deletes the temporary files (``.*.tmp``) that a
+   kill in the middle of a write left behind.
 2. Write. The threshold is ``--threshold`` or, for ``--keep-fraction F``, the
    score of the ceil(F * N)-th best document over all inputs (ties at that score
    are all kept), which is why every document is scored before any is written.
@@ -23,6 +24,7 @@ only repeats pass 2.
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import json
 import math
@@ -35,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from phibook import faults
 from phibook.data.filter.classifier import QualityClassifier, file_fingerprint, load_classifier
 from phibook.data.filter.docs import atomic_output, open_text, parse_line, write_json
 from phibook.data.filter.embed import HASH_DIM, MINILM_INSTALL, HashEmbedder, MiniLMEmbedder, load_embedder
@@ -114,6 +117,17 @@ def chunk_files(work: Path, chunk: Chunk) -> tuple[Path, Path]:
     return d / f"chunk-{chunk.index:05d}.npy", d / f"chunk-{chunk.index:05d}.json"
 
 
+def remove_partial_files(out: Path, names: list[str]) -> list[Path]:
+    """Delete the temporary files that ``atomic_output`` leaves when a run is killed mid-write:
+    ``.chunk-NNNNN.{npy,json}.*.tmp`` under ``OUT/.work/<name>/``, ``.<name>.*.tmp`` and
+    ``.summary.json.*.tmp`` in ``OUT``. Only those names: nothing else in OUT is touched."""
+    found = [p for name in names for p in (out / WORK_DIR / name).glob(".chunk-*.*.tmp")]
+    found += [p for name in [*names, SUMMARY] for p in out.glob(f".{glob.escape(name)}.*.tmp")]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
+
+
 def chunk_done(work: Path, chunk: Chunk, key: dict[str, Any]) -> bool:
     npy, marker = chunk_files(work, chunk)
     try:
@@ -173,8 +187,10 @@ def _worker_init(classifier_path: str, embedder_spec: str, batch_size: int, text
     _WORKER.update(clf=clf, embedder=embedder, batch_size=batch_size, text_field=text_field, work=Path(work))
 
 
-def _score_chunk(chunk: Chunk, key: dict[str, Any]) -> tuple[int, int]:
-    """Score one chunk, write its scores and then its done-marker; returns (docs, bytes)."""
+def _score_chunk(chunk: Chunk, key: dict[str, Any], ordinal: int) -> tuple[int, int]:
+    """Score one chunk, write its scores and then its done-marker; returns (docs, bytes).
+
+    ``ordinal`` is the chunk's position in the plan, the count of its fault points."""
     from phibook.data.filter.embed import embed_texts
 
     w = _WORKER
@@ -186,24 +202,29 @@ def _score_chunk(chunk: Chunk, key: dict[str, Any]) -> tuple[int, int]:
     npy.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(npy, "wb") as f:
         np.save(f, scores)
+        if faults.armed("filter.chunk_write", ordinal):  # test hook: die with the temporary file on disk
+            f.flush()
+            faults.kill()
     write_json(marker, {"key": key, "docs": len(docs)})
+    faults.point("filter.chunk_done", ordinal)
     return len(docs), (chunk.size if chunk.end < 0 else chunk.end - chunk.start)
 
 
-def _score_all(todo, keys, classifier_path, embedder_spec, batch_size, text_field, work, workers, bar) -> None:
+def _score_all(todo, keys, ordinals, classifier_path, embedder_spec, batch_size, text_field, work, workers,
+               bar) -> None:
     threads = max(1, (os.cpu_count() or 1) // workers)
     init = (str(classifier_path), embedder_spec, batch_size, text_field, str(work), threads)
     if workers == 1:
         _worker_init(*init)
         for chunk in todo:
-            docs, nbytes = _score_chunk(chunk, keys[chunk])
+            docs, nbytes = _score_chunk(chunk, keys[chunk], ordinals[chunk])
             bar.update(nbytes)
         return
     import multiprocessing as mp
 
     # spawn, not fork: the parent may hold torch / tokenizer threads.
     with mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=init) as pool:
-        results = [pool.apply_async(_score_chunk, (c, keys[c])) for c in todo]
+        results = [pool.apply_async(_score_chunk, (c, keys[c], ordinals[c])) for c in todo]
         for r in results:
             docs, nbytes = r.get()  # re-raises a worker's PhibookError here
             bar.update(nbytes)
@@ -282,6 +303,8 @@ def apply_filter(
     work = out / WORK_DIR
     work.mkdir(parents=True, exist_ok=True)
     chunks = plan_chunks(paths, chunk_bytes)
+    if stale := remove_partial_files(out, output_names(paths)):
+        print(f"phibook filter apply: removed {len(stale)} partial file(s) left by a killed run", file=sys.stderr)
     keys = {c: c.key(clf_fp, clf.meta["embedder"], text_field) for c in chunks}
     todo = [c for c in chunks if not chunk_done(work, c, keys[c])]
     if len(todo) < len(chunks):
@@ -293,7 +316,8 @@ def apply_filter(
         bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, desc="filter score",
                    file=sys.stderr, disable=not progress, dynamic_ncols=True)
         try:
-            _score_all(todo, keys, classifier_path, embedder_spec, batch_size, text_field, work,
+            ordinals = {c: i for i, c in enumerate(chunks)}
+            _score_all(todo, keys, ordinals, classifier_path, embedder_spec, batch_size, text_field, work,
                        min(workers, len(todo)), bar)
         finally:
             bar.close()

@@ -4,11 +4,16 @@ Resumable by construction: document ``i`` always has the same spec and id, the
 output is append-only with one flushed line per document, and a rerun reads
 the ids already written (dropping a half-written last line left by a kill)
 and asks only for the rest. ``--shard i/N`` takes the indices congruent to i.
+A rerun also removes what a kill left of the side files: the stats file's
+temporary copy and a torn last line of the failures log. Tests kill a job at
+a chosen document with the fault points ``synth.record_done`` and
+``synth.record_write`` (phibook.faults).
 """
 
 from __future__ import annotations
 
 import asyncio
+import glob
 import json
 import os
 import sys
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phibook import faults
 from phibook.data.synth.prompts import DocSpec, Template, Topic, doc_id, plan, render_prompt
 from phibook.data.synth.teachers import Teacher, TeacherFailure
 from phibook.errors import PhibookError
@@ -53,23 +59,39 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def drop_torn_tail(path: Path) -> bytes:
+    """Cut a half-written last line (from a kill) off ``path``; returns the whole lines kept."""
+    with path.open("rb+") as f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            f.truncate(end)
+    return data[:end]
+
+
+def remove_partial_files(out: Path) -> list[Path]:
+    """Delete the stats file's temporary copies (``_write_stats``) a killed run left beside ``out``
+    and cut a torn line off the end of its failures log."""
+    stale = list(out.parent.glob(glob.escape(_stats_path(out).name) + ".tmp-*"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if _failures_path(out).exists():
+        drop_torn_tail(_failures_path(out))
+    return stale
+
+
 def existing_ids(path: Path) -> set[str]:
     """Ids already in the output; a torn last line (from a kill) is cut off."""
     if not path.exists():
         return set()
     ids = set()
-    with path.open("rb+") as f:
-        data = f.read()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            f.truncate(end)  # drop the half-written line; its document is redone
-        for lineno, line in enumerate(data[:end].splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                ids.add(json.loads(line)["id"])
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise PhibookError(f"{path}:{lineno}: existing output line is not a document ({exc})") from exc
+    for lineno, line in enumerate(drop_torn_tail(path).splitlines(), 1):  # a torn line's document is redone
+        if not line.strip():
+            continue
+        try:
+            ids.add(json.loads(line)["id"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise PhibookError(f"{path}:{lineno}: existing output line is not a document ({exc})") from exc
     return ids
 
 
@@ -114,9 +136,15 @@ async def _run(
                 "meta": {**spec.to_meta(), "template": template.name, **info, **reply.meta},
             }
             # One write + flush per document: a kill loses at most this line.
-            sink.write(json.dumps(doc, ensure_ascii=False) + "\n")
+            line = json.dumps(doc, ensure_ascii=False) + "\n"
+            if faults.armed("synth.record_write", stats.written + 1):  # test hook: leave a torn line
+                sink.write(line[: len(line) // 2])
+                sink.flush()
+                faults.kill()
+            sink.write(line)
             sink.flush()
             stats.written += 1
+            faults.point("synth.record_done", stats.written)
             elapsed = time.perf_counter() - start
             bar.set_postfix(
                 docs_s=f"{stats.written / elapsed:.1f}", tok_s=f"{stats.completion_tokens / elapsed:.0f}",
@@ -152,6 +180,7 @@ def run_synth(
         raise PhibookError("the topic list is empty")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_partial_files(out)
     done = existing_ids(out)
     stats = SynthStats()
     todo = []
@@ -169,16 +198,23 @@ def run_synth(
         asyncio.run(_run(todo, teacher, templates, out, concurrency, stats, progress))
     stats.seconds = time.perf_counter() - start
     if stats.failures:
-        log = out.with_suffix(out.suffix + ".failures.jsonl")
-        with log.open("a", encoding="utf-8") as f:
+        with _failures_path(out).open("a", encoding="utf-8") as f:
             for rec in stats.failures:
                 f.write(json.dumps(rec) + "\n")
     _write_stats(out, stats)
     return stats
 
 
+def _stats_path(out: Path) -> Path:
+    return out.with_suffix(out.suffix + ".stats.json")
+
+
+def _failures_path(out: Path) -> Path:
+    return out.with_suffix(out.suffix + ".failures.jsonl")
+
+
 def _write_stats(out: Path, stats: SynthStats) -> None:
-    path = out.with_suffix(out.suffix + ".stats.json")
+    path = _stats_path(out)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     data = {k: v for k, v in stats.__dict__.items() if k != "failures"}
     tmp.write_text(json.dumps(data, indent=2) + "\n")
