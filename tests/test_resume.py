@@ -4,9 +4,9 @@ run that was never interrupted (fp32, CPU, one thread per process)."""
 
 from __future__ import annotations
 
+import os
+import random
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 try:  # tests/ may or may not be a package (tests/__init__.py)
-    from tests.train_helpers import env, make_shards, metrics, run, train_cmd
+    from tests.train_helpers import make_shards, metrics, run, train_cmd
 except ImportError:
-    from train_helpers import env, make_shards, metrics, run, train_cmd
+    from train_helpers import make_shards, metrics, run, train_cmd
 
 SETS = ["global_batch=8", "micro_batch=4", "seq_len=32", "eval_every=0", "keep_last=0", "lr=1e-3"]
 
@@ -46,39 +46,55 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[name], wb[name]), f"tensor {name} differs after resume"
 
 
+def assert_resume_is_exact(cmd: list[str], out: Path, straight: Path, steps: int, from_step: int) -> str:
+    """Resume the killed run: same per-step losses (bitwise) and final weights as the straight run,
+    and nothing half-written left; returns the resumed run's log."""
+    res = run([*cmd, "--resume"])
+    assert res.returncode == 0, res.stderr
+    if from_step:
+        assert f"step_{from_step:08d} at step {from_step}" in res.stderr
+    else:
+        assert "no complete checkpoint" in res.stderr
+    got, want = metrics(out), metrics(straight)[:steps]
+    assert [m["step"] for m in got] == list(range(1, steps + 1)), "metrics.jsonl must hold each step exactly once"
+    assert [m["loss"] for m in got] == [m["loss"] for m in want]  # bitwise: JSON floats round-trip
+    assert [m["tokens"] for m in got] == [m["tokens"] for m in want]
+    name = f"step_{steps:08d}"
+    assert_same_weights(out / "checkpoints" / name, straight / "checkpoints" / name)
+    leftovers = [p.name for p in [*out.glob(".tmp-*"), *(out / "checkpoints").glob(".tmp-*")]]
+    assert leftovers == [], "partial files left behind"
+    return res.stderr
+
+
 def test_sigkill_between_checkpoints_then_resume_is_exact(data: Path, straight: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     cmd = train_cmd(data, out, *SETS, "save_every=4", steps=8)
-    # The delay hook spaces the steps out so the kill lands after checkpoint 4 but
-    # well before step 8; the process is killed from outside with SIGKILL.
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env=env(PHIBOOK_TEST_STEP_DELAY="0.4"),
-    )
-    ckpt4 = out / "checkpoints" / "step_00000004"
-    deadline = time.monotonic() + 240
-    while not ckpt4.is_dir():
-        assert proc.poll() is None, f"training exited early: {proc.stderr.read()}"
-        assert time.monotonic() < deadline, "checkpoint 4 never appeared"
-        time.sleep(0.02)
-    time.sleep(0.5)  # let it get into step 5 or 6, so the kill loses work in progress
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (out / "checkpoints" / "step_00000008").exists()
-    killed_steps = [m["step"] for m in metrics(out)]
-    assert max(killed_steps) >= 5, "the kill should land after step 4's checkpoint, mid-run"
+    # The hook SIGKILLs the process once step 6 is finished: after checkpoint 4, two steps of work lost.
+    res = run(cmd, PHIBOOK_FAULT_INJECT="train.step_done@6")
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    assert [m["step"] for m in metrics(out)] == list(range(1, 7))
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000004"]
+    assert_resume_is_exact(cmd, out, straight, steps=8, from_step=4)
 
-    res = run([*cmd, "--resume"])
-    assert res.returncode == 0, res.stderr
-    assert "resumed from" in res.stderr and "step_00000004" in res.stderr
-    got, want = metrics(out), metrics(straight)
-    assert [m["step"] for m in got] == list(range(1, 9)), "metrics.jsonl must hold each step exactly once"
-    assert [m["loss"] for m in got] == [m["loss"] for m in want]  # bitwise: JSON floats round-trip
-    assert [m["tokens"] for m in got] == [m["tokens"] for m in want]
-    assert_same_weights(out / "checkpoints" / "step_00000008", straight / "checkpoints" / "step_00000008")
+
+def test_sigkill_at_a_random_point_then_resume_is_exact(data: Path, straight: Path, tmp_path: Path) -> None:
+    """The extra: a kill at a seeded random point (the seed is in the message; PHIBOOK_FAULT_SEED repeats
+    one), after any step or inside any checkpoint write."""
+    seed = int(os.environ.get("PHIBOOK_FAULT_SEED") or random.SystemRandom().randrange(2**31))
+    rng = random.Random(seed)
+    out = tmp_path / "run"
+    cmd = train_cmd(data, out, *SETS, "save_every=2", steps=8)
+    if rng.random() < 0.5:
+        k = rng.randint(1, 7)
+        fault, from_step = f"train.step_done@{k}", k - k % 2
+    else:
+        k = rng.choice([2, 4, 6, 8])
+        fault, from_step = f"train.checkpoint_write@{k}", k - 2
+    print(f"PHIBOOK_FAULT_SEED={seed}: {fault}")  # shown with a failure
+    res = run(cmd, PHIBOOK_FAULT_INJECT=fault)
+    assert res.returncode == -signal.SIGKILL, f"seed {seed}: {fault}: {res.stderr}"
+    assert [m["step"] for m in metrics(out)] == list(range(1, k + 1)), f"seed {seed}: {fault}"
+    assert_resume_is_exact(cmd, out, straight, steps=8, from_step=from_step)
 
 
 def test_kill_during_checkpoint_keeps_previous_and_resume_uses_it(
@@ -100,14 +116,12 @@ def test_kill_during_checkpoint_keeps_previous_and_resume_uses_it(
     assert loaded.model.embed.weight.shape[0] == 384
     assert_same_weights(ckpts / "step_00000002", straight / "checkpoints" / "step_00000002")
 
-    res = run([*cmd, "--resume"])
-    assert res.returncode == 0, res.stderr
-    assert "step_00000002" in res.stderr and "unfinished checkpoint" in res.stderr
-    assert not (ckpts / ".tmp-step_00000004").exists()
-    got, want = metrics(out), metrics(straight)[:6]
-    assert [m["step"] for m in got] == list(range(1, 7))
-    assert [m["loss"] for m in got] == [m["loss"] for m in want]
-    assert_same_weights(ckpts / "step_00000006", straight / "checkpoints" / "step_00000006")
+    # What a kill inside the run directory's other atomic writes leaves (write_json_atomic, the tokenizer copy).
+    (out / ".tmp-config.resolved.json.999999").write_text("{")
+    (out / ".tokenizer.json.tmp").write_text("{")
+    log = assert_resume_is_exact(cmd, out, straight, steps=6, from_step=2)
+    assert "unfinished checkpoint .tmp-step_00000004" in log and "unfinished file .tokenizer.json.tmp" in log
+    assert not (out / ".tokenizer.json.tmp").exists()
 
 
 def test_keep_last_prunes_old_checkpoints(data: Path, tmp_path: Path) -> None:

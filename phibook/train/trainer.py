@@ -29,13 +29,13 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from phibook import faults
 from phibook.errors import PhibookError
 from phibook.model.config import PRESETS, PhiConfig, padded_vocab_size
 
 METRICS_FILE = "metrics.jsonl"
 RESOLVED_CONFIG = "config.resolved.json"
 TOKENIZER_FILE = "tokenizer.json"
-STEP_DELAY_ENV = "PHIBOOK_TEST_STEP_DELAY"
 
 
 def _f(default: Any, help: str, choices: tuple[str, ...] | None = None):
@@ -114,8 +114,20 @@ class TrainConfig:
     peak_tflops: float = _f(
         0.0,
         "peak TFLOP/s of one device at the training precision, for MFU; 0 = a table for known GPUs, "
-        "else a 1-second matmul measurement at startup",
+        "else on CPU the theoretical peak from its features: cores x FLOPs/cycle x max clock "
+        "(phibook/train/cpu_peak.py)",
     )
+    time_budget_s: float = _f(
+        0.0,
+        "stop at the first step where the training time (metrics' elapsed, continued across resumes) "
+        "reaches this many seconds, with validation and a checkpoint there; max_steps stays the upper "
+        "bound and the progress bar's total follows the measured rate; 0 = off",
+    )
+    min_steps: int = _f(0, "with time_budget_s: train at least this many steps, even past the budget")
+    save_every_s: float = _f(
+        0.0, "also checkpoint when this many seconds of training passed since the last checkpoint; 0 = off"
+    )
+    progress: bool = _f(True, "a tqdm progress bar on stderr (rank 0); false = log lines only")
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -225,7 +237,8 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("max_steps", "global_batch", "micro_batch"):
         if getattr(cfg, name) < 1:
             raise PhibookError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("seq_len", "warmup_steps", "eval_every", "eval_sequences", "save_every", "keep_last"):
+    for name in ("seq_len", "warmup_steps", "eval_every", "eval_sequences", "save_every", "keep_last",
+                 "min_steps", "time_budget_s", "save_every_s"):
         if getattr(cfg, name) < 0:
             raise PhibookError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.lr <= 0 or cfg.grad_clip < 0 or cfg.weight_decay < 0:
@@ -307,16 +320,39 @@ GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "
 
 def peak_flops(cfg: TrainConfig, device, dtype) -> float:
     """Peak FLOP/s of one device, for MFU (see the peak_tflops option)."""
+    return peak_info(cfg, device, dtype)[0]
+
+
+def peak_info(cfg: TrainConfig, device, dtype) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where it comes from): ``peak_tflops``, the GPU table, else
+    on CPU the theoretical peak from the CPU's features (never a timing: timed while other
+    processes share the machine, it comes out too low and MFU reads above 100%)."""
     import torch
 
     if cfg.peak_tflops > 0:
-        return cfg.peak_tflops * 1e12
+        return cfg.peak_tflops * 1e12, f"peak_tflops={cfg.peak_tflops:g}"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, tflops in GPU_PEAK_TFLOPS.items():
             if key in name:
-                return tflops * 1e12 * (0.5 if dtype == torch.float32 else 1.0)
-    return measure_matmul_flops(device, dtype)
+                half = dtype == torch.float32
+                return tflops * 1e12 * (0.5 if half else 1.0), f"{key} table, {tflops:g} TFLOP/s" + (
+                    " bf16, TF32 at half" if half else "")
+        # An unknown GPU: a sustained matmul (a GPU is not shared the way a CPU is).
+        return measure_matmul_flops(device, dtype), f"a matmul timed on {name}"
+    from phibook.train.cpu_peak import cpu_peak
+
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    peak = cpu_peak(names.get(dtype, "fp32"), cores=_cpu_cores())
+    return peak.flops, peak.describe()
+
+
+def _cpu_cores() -> int:
+    import torch
+
+    from phibook.train.cpu_peak import usable_cores
+
+    return usable_cores(torch.get_num_threads())
 
 
 def measure_matmul_flops(device, dtype, seconds: float = 1.0) -> float:
@@ -493,10 +529,11 @@ class _Trainer:
         self.tokenizer_src = self._tokenizer_file()
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            from phibook.train.state import remove_stale_tmp, write_json_atomic
+            from phibook.train.state import CHECKPOINTS, remove_stale_tmp, write_json_atomic
 
-            for p in remove_stale_tmp(self.out):
-                self.log(f"removed the unfinished checkpoint {p.name} left by a killed run")
+            for p in remove_stale_tmp(self.out, names=(f".{TOKENIZER_FILE}.tmp", f".{METRICS_FILE}.tmp")):
+                what = "checkpoint" if p.parent.name == CHECKPOINTS else "file"
+                self.log(f"removed the unfinished {what} {p.name} left by a killed run")
             write_json_atomic(self.out / RESOLVED_CONFIG, self.resolved())
             if self.tokenizer_src is not None and self.tokenizer_src != self.out / TOKENIZER_FILE:
                 shutil.copyfile(self.tokenizer_src, self.out / f".{TOKENIZER_FILE}.tmp")
@@ -504,7 +541,7 @@ class _Trainer:
             rewrite_metrics(self.out / METRICS_FILE, self.start_step)
         barrier(info)
         self.flops_token = flops_per_token(mcfg, self.seq_len)
-        self.peak = peak_flops(cfg, info.device, self.amp_dtype)
+        self.peak, self.peak_source = peak_info(cfg, info.device, self.amp_dtype)
 
     def _tokenizer_file(self) -> Path | None:
         src = find_tokenizer_file(self.data)
@@ -718,28 +755,38 @@ class _Trainer:
         if self.start_step >= cfg.max_steps:
             self.log(f"already at step {self.start_step} >= max_steps={cfg.max_steps}; nothing to do")
             return 0
+        if self._budget_spent(self.elapsed0, self.start_step):
+            self.log(f"already at step {self.start_step} with {self.elapsed0:.0f} s of the time_budget_s="
+                     f"{cfg.time_budget_s:g} spent; nothing to do")
+            return 0
         writer = self._tensorboard()
         metrics = open(self.out / METRICS_FILE, "a") if info.is_main else None  # noqa: SIM115
         from tqdm import tqdm
 
         bar = tqdm(
-            total=cfg.max_steps,
+            total=None if cfg.time_budget_s else cfg.max_steps,
             initial=self.start_step,
-            disable=not info.is_main,
+            disable=not (info.is_main and cfg.progress),
             dynamic_ncols=True,
             desc="train",
             unit="step",
+            file=sys.stderr,
         )
         start = time.perf_counter()
-        # Test hook: seconds to sleep after every step, so a test can SIGKILL the
-        # process at a point of its choosing (tests/test_resume.py).
-        delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
         tokens_per_step = cfg.global_batch * self.seq_len
         self.log(
             f"model {self.mcfg.num_params() / 1e6:.1f}M params, {info.world_size} process(es) on "
             f"{info.device.type}, {self.precision}, global batch {cfg.global_batch} x {self.seq_len} tokens "
             f"= micro {cfg.micro_batch} x accum {self.accum} x world {info.world_size}"
         )
+        self.log(f"MFU against a peak of {self.peak_source}")
+        if cfg.time_budget_s:
+            self.log(f"time budget: {cfg.time_budget_s:.0f} s of training ({self.elapsed0:.0f} s spent), "
+                     f"at least {cfg.min_steps} and at most {cfg.max_steps} steps")
+        pace = _Pace(self.start_step, self.elapsed0)
+        last_save = self.elapsed0
+        mfu_warned = overrun_warned = False
+        target = cfg.max_steps
         try:
             for step in range(self.start_step + 1, cfg.max_steps + 1):
                 t0 = time.perf_counter()
@@ -751,6 +798,15 @@ class _Trainer:
                 self.tokens += tokens_per_step
                 tps = tokens_per_step / dt
                 mfu = tps * self.flops_token / (self.peak * info.world_size)
+                if mfu > 1.0:
+                    # The peak is an upper bound by construction (cpu_peak.py); above it, the clock or
+                    # the peak_tflops given is wrong. Say so once, and never report more than 100%.
+                    if not mfu_warned:
+                        self.log(f"warning: measured {100 * mfu:.0f}% of the peak ({self.peak_source}); the peak "
+                                 "is too low (a clock reading under the real one?); MFU is clamped at 100%, "
+                                 "set peak_tflops to correct it")
+                        mfu_warned = True
+                    mfu = 1.0
                 record = {
                     "step": step,
                     "loss": loss,
@@ -762,6 +818,30 @@ class _Trainer:
                     "elapsed": self.elapsed0 + time.perf_counter() - start,
                 }
                 last = step == cfg.max_steps
+                save_due = bool(cfg.save_every_s) and record["elapsed"] - last_save >= cfg.save_every_s
+                if cfg.time_budget_s or cfg.save_every_s:
+                    stop = self._budget_spent(record["elapsed"], step)
+                    if info.distributed:  # every rank must stop and save at the same step: rank 0's clock decides
+                        from phibook.train.parallel import broadcast_object
+
+                        stop, save_due = broadcast_object((stop, save_due), info)
+                    last = last or stop
+                if cfg.time_budget_s:
+                    pace.add(step, record["elapsed"])
+                    target = pace.projected_end(step, record["elapsed"], cfg)
+                    if target != bar.total:
+                        bar.total = target
+                        bar.refresh()
+                    if target <= cfg.min_steps and not overrun_warned and pace.steps() >= 10:
+                        need = (cfg.min_steps - step) * pace.seconds_per_step()
+                        over = record["elapsed"] + need - cfg.time_budget_s
+                        if over > 0:
+                            from phibook.train.cpu_peak import busy_note
+
+                            why = busy_note() or "this machine is too slow for the budget"
+                            self.log(f"{why}: at {pace.seconds_per_step():.2f} s/step, min_steps={cfg.min_steps} "
+                                     f"ends about {over:.0f} s past the time budget")
+                            overrun_warned = True
                 if self.has_val and (step % cfg.eval_every == 0 or last):
                     record["val_loss"] = self.evaluate()
                 if metrics is not None:
@@ -775,14 +855,21 @@ class _Trainer:
                 bar.update(1)
                 if cfg.log_every and (step % cfg.log_every == 0 or last):
                     val = f" val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+                    of = str(cfg.max_steps) if not cfg.time_budget_s else str(step) if last else f"~{target}"
                     self.log(
-                        f"step {step}/{cfg.max_steps} loss {loss:.4f}{val} lr {record['lr']:.3g} "
+                        f"step {step}/{of} loss {loss:.4f}{val} lr {record['lr']:.3g} "
                         f"tok/s {tps:,.0f} mfu {100 * mfu:.1f}%"
                     )
-                if last or (cfg.save_every and step % cfg.save_every == 0):
+                if last and cfg.time_budget_s and step < cfg.max_steps:
+                    self.log(f"time budget spent: stopping at step {step} after {record['elapsed']:.0f} s "
+                             f"of training (time_budget_s={cfg.time_budget_s:g})")
+                if last or save_due or (cfg.save_every and step % cfg.save_every == 0):
                     self.save(step, record["elapsed"])
-                if delay:
-                    time.sleep(delay)
+                    last_save = record["elapsed"]
+                # Test hook: PHIBOOK_FAULT_INJECT=train.step_done@K kills the run here (tests/test_resume.py).
+                faults.point("train.step_done", step)
+                if last:
+                    break
         finally:
             bar.close()
             if metrics is not None:
@@ -790,6 +877,10 @@ class _Trainer:
             if writer is not None:
                 writer.close()
         return 0
+
+    def _budget_spent(self, elapsed: float, step: int) -> bool:
+        cfg = self.cfg
+        return bool(cfg.time_budget_s) and elapsed >= cfg.time_budget_s and step >= cfg.min_steps
 
     def _nonfinite_message(self, exc: NonFiniteLoss) -> str:
         from phibook.train.state import latest_checkpoint
@@ -811,6 +902,36 @@ class _Trainer:
             return None
         # purge_step drops events a killed run wrote past the step we resume from.
         return SummaryWriter(str(self.out / "tb"), purge_step=self.start_step + 1)
+
+
+class _Pace:
+    """The recent rate of training (all of it: steps, validation, checkpoints), for re-planning
+    how many steps fit the time budget: the last ``window`` steps, the first step of a process
+    (allocator and thread warm-up) left out once there are others."""
+
+    def __init__(self, step: int, elapsed: float, window: int = 50) -> None:
+        from collections import deque
+
+        self.points: deque[tuple[int, float]] = deque(maxlen=window + 1)
+        self.first = (step, elapsed)
+
+    def add(self, step: int, elapsed: float) -> None:
+        self.points.append((step, elapsed))
+
+    def steps(self) -> int:
+        return self.points[-1][0] - self.points[0][0] if len(self.points) > 1 else 0
+
+    def seconds_per_step(self) -> float:
+        if len(self.points) > 1:
+            (s0, e0), (s1, e1) = self.points[0], self.points[-1]
+        else:
+            (s0, e0), (s1, e1) = self.first, self.points[-1]
+        return max(1e-9, (e1 - e0) / max(1, s1 - s0))
+
+    def projected_end(self, step: int, elapsed: float, cfg: TrainConfig) -> int:
+        """The step at which the budget runs out at the recent rate, within [min_steps, max_steps]."""
+        more = max(0.0, cfg.time_budget_s - elapsed) / self.seconds_per_step()
+        return int(min(cfg.max_steps, max(cfg.min_steps, step + math.ceil(more), step)))
 
 
 class NonFiniteLoss(Exception):

@@ -1,0 +1,181 @@
+"""What this CPU can do at most, from what it is, not from a timing taken while it is busy.
+
+The peak FLOP/s that MFU divides by, and the demo's bf16-or-fp32 choice, are read from
+the CPU's features (``/proc/cpuinfo`` flags, the core count, the clock), never timed: a
+timing taken while other processes share the machine comes out too low (MFU then reads
+above 100%) and flips from run to run.
+
+    peak = cores x flops per cycle per core x max clock
+
+* flops per cycle per core, fp32: vector lanes x 2 (an FMA is a multiply and an add) x
+  FMA units. AVX-512 (``avx512f``) has 16 fp32 lanes, AVX2/AVX 8, SSE 4. Two FMA units
+  per core are assumed for AVX2/AVX-512 cores (Intel Haswell and later server cores,
+  AMD Zen 2 and later, which is what training machines have; cores with one unit make the
+  bound twice their real peak, so MFU reads low there, never high). Without FMA (AVX
+  only, SSE) one multiply and one add issue per cycle: lanes x 2.
+* bf16: AMX (``amx_bf16``) tiles do 1024 bf16 FLOPs per cycle per core; AVX512-BF16
+  (``avx512_bf16``: VDPBF16PS, two bf16 products per fp32 lane) twice the AVX-512 fp32
+  rate. Without either, bf16 is converted and multiplied in fp32, so its bound is fp32's.
+* fp16: AMX-FP16 1024, AVX512-FP16 (32 lanes) 128, else fp32's bound (emulated).
+* cores: the logical CPUs this process may run on (``os.sched_getaffinity``), at most
+  the threads torch computes with; SMT siblings count as cores, which only raises the bound.
+* clock: ``cpuinfo_max_freq`` (sysfs, the turbo ceiling), else the highest ``cpu MHz``
+  in /proc/cpuinfo (a virtual machine's nominal clock), else 5 GHz, above any shipping
+  server CPU's all-core clock.
+* no /proc/cpuinfo flags at all (not Linux): AVX-512-class 64 fp32 FLOPs per cycle, so
+  the bound stays an upper bound wherever the vector width is unknown.
+
+Each of these is an upper bound, so a measured MFU cannot exceed 100% unless the clock
+reading is below the real one (a VM reporting its base clock while the host turbos); the
+trainer clamps at 100% and warns if that ever happens.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+CPUINFO = Path("/proc/cpuinfo")
+MAX_FREQ = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+DEFAULT_CLOCK_HZ = 5.0e9
+AMX_FLOPS_PER_CYCLE = 1024
+
+
+@dataclass(frozen=True)
+class CpuPeak:
+    flops: float  # FLOP/s of all ``cores`` together at ``dtype``
+    dtype: str  # fp32 | bf16 | fp16
+    cores: int
+    clock_hz: float
+    clock_source: str
+    flops_per_cycle: int  # per core
+    isa: str  # which units the count assumes, in words
+
+    def describe(self) -> str:
+        return (f"{self.flops / 1e9:,.1f} GFLOP/s {self.dtype} = {self.cores} core(s) x {self.flops_per_cycle} "
+                f"FLOPs/cycle ({self.isa}) x {self.clock_hz / 1e9:.2f} GHz ({self.clock_source})")
+
+
+def read_cpuinfo() -> str:
+    try:
+        return CPUINFO.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def cpu_flags(cpuinfo: str) -> set[str] | None:
+    """The first processor's feature flags (x86 ``flags``, Arm ``Features``); None when absent."""
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return None
+
+
+def flops_per_cycle(flags: set[str] | None, dtype: str = "fp32") -> tuple[int, str]:
+    """(FLOPs per cycle per core at ``dtype``, what that assumes); see the module doc."""
+    if flags is None:
+        return 64, "CPU features unknown: AVX-512-class 16 lanes x 2 FMA units assumed"
+    if dtype == "bf16":
+        if "amx_bf16" in flags:
+            return AMX_FLOPS_PER_CYCLE, "AMX-BF16 tiles"
+        if "avx512_bf16" in flags:
+            return 128, "AVX512-BF16, 32 bf16 pairs x 2 FMA units"
+    if dtype == "fp16":
+        if "amx_fp16" in flags:
+            return AMX_FLOPS_PER_CYCLE, "AMX-FP16 tiles"
+        if "avx512_fp16" in flags:
+            return 128, "AVX512-FP16, 32 lanes x 2 FMA units"
+    emulated = f"; {dtype} emulated through fp32" if dtype != "fp32" else ""
+    if "avx512f" in flags:
+        return 64, "AVX-512 FMA, 16 lanes x 2 units" + emulated
+    if ("avx2" in flags or "avx" in flags) and "fma" in flags:
+        return 32, "AVX2 FMA, 8 lanes x 2 units" + emulated
+    if "avx" in flags:
+        return 16, "AVX, 8 lanes x (1 mul + 1 add)" + emulated
+    if "asimd" in flags:  # Arm NEON: 4 fp32 lanes, 2 FMA pipes on server cores (SVE widths vary)
+        width = "SVE up to 512-bit" if "sve" in flags else "NEON"
+        return (64 if "sve" in flags else 16), f"{width} FMA x 2 units" + emulated
+    return 8, "SSE, 4 lanes x (1 mul + 1 add)" + emulated
+
+
+def bf16_native(flags: set[str] | None) -> bool:
+    """Whether bf16 matmuls run on bf16 units (AVX512-BF16 or AMX) rather than being emulated."""
+    return bool(flags) and bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def precision_choice(cpuinfo: str | None = None) -> tuple[str, str]:
+    """(bf16 | fp32, why) for training on this CPU, from its features: no timing."""
+    flags = cpu_flags(read_cpuinfo() if cpuinfo is None else cpuinfo)
+    if flags is not None and "amx_bf16" in flags:
+        return "bf16", "this CPU has AMX-BF16"
+    if flags is not None and "avx512_bf16" in flags:
+        return "bf16", "this CPU has AVX512-BF16"
+    if flags is None:
+        return "fp32", "this CPU's features are unknown, so bf16 may be emulated"
+    return "fp32", "this CPU has no AVX512-BF16/AMX, so bf16 would be emulated"
+
+
+def cpu_clock_hz(cpuinfo: str, max_freq_khz: str | None = None) -> tuple[float, str]:
+    """(Hz, where it came from): sysfs max frequency, else the highest cpuinfo ``cpu MHz``, else 5 GHz."""
+    if max_freq_khz is None:
+        try:
+            max_freq_khz = MAX_FREQ.read_text()
+        except OSError:
+            max_freq_khz = ""
+    try:
+        khz = float(max_freq_khz.strip())
+        if khz > 0:
+            return khz * 1e3, "cpuinfo_max_freq"
+    except ValueError:
+        pass
+    mhz = []
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "cpu MHz":
+            try:
+                mhz.append(float(value))
+            except ValueError:
+                continue
+    if mhz and max(mhz) > 0:
+        return max(mhz) * 1e6, "/proc/cpuinfo cpu MHz"
+    return DEFAULT_CLOCK_HZ, "unknown; 5 GHz assumed"
+
+
+def usable_cores(threads: int | None = None) -> int:
+    """Logical CPUs this process may run on, at most ``threads`` (torch's compute threads)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    if threads:
+        cores = min(cores, threads)
+    return max(1, cores)
+
+
+def cpu_peak(dtype: str = "fp32", cpuinfo: str | None = None, cores: int | None = None,
+             max_freq_khz: str | None = None) -> CpuPeak:
+    """The theoretical peak of this CPU (or of the given cpuinfo text) at ``dtype``."""
+    text = read_cpuinfo() if cpuinfo is None else cpuinfo
+    per_cycle, isa = flops_per_cycle(cpu_flags(text), dtype)
+    clock, source = cpu_clock_hz(text, max_freq_khz)
+    n = cores if cores else usable_cores()
+    return CpuPeak(n * per_cycle * clock, dtype, n, clock, source, per_cycle, isa)
+
+
+def load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_note(cores: int | None = None, load: float | None = None) -> str | None:
+    """"the machine is busy (load N on C cores)" when the 1-minute load average is above the
+    core count (other processes are taking the CPU), else None."""
+    load = load_average() if load is None else load
+    cores = cores or (os.cpu_count() or 1)
+    if load is not None and load > cores:
+        return f"the machine is busy (load {load:.1f} on {cores} cores)"
+    return None
