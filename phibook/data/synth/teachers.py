@@ -58,12 +58,12 @@ class Teacher(Protocol):
 
 # Which exercise kinds suit a topic's subject; intersected with the genre's kinds.
 SUBJECT_KINDS = {
-    "math": ["fact", "arithmetic", "word_problem"],
-    "science": ["unit_conversion", "arithmetic"],
-    "daily": ["word_problem", "unit_conversion", "fact"],
-    "mind": ["theory_of_mind"],
+    "math": ["fact", "arithmetic", "word_problem", "compare", "pattern"],
+    "science": ["unit_conversion", "compare", "pattern"],
+    "daily": ["word_problem", "unit_conversion", "who_has", "theory_of_mind"],
+    "mind": ["theory_of_mind", "who_has"],
     "coding": ["python"],
-    "knowledge": ["fact", "word_problem", "theory_of_mind"],
+    "knowledge": ["fact", "word_problem", "theory_of_mind", "who_has", "pattern", "compare"],
 }
 KIND_TITLES = {
     "fact": "Addition and subtraction facts",
@@ -72,6 +72,9 @@ KIND_TITLES = {
     "unit_conversion": "Converting units",
     "theory_of_mind": "What do other people know?",
     "python": "Python functions",
+    "who_has": "Reading carefully: who has what?",
+    "pattern": "Repeating patterns",
+    "compare": "Comparing numbers",
 }
 KIND_INTROS = {
     "fact": "Adding and subtracting small numbers is the base of all arithmetic. "
@@ -85,7 +88,16 @@ KIND_INTROS = {
     "theory_of_mind": "People act on what they believe, and what they believe depends on what they have "
     "seen. Someone who did not see a change still believes the old situation.",
     "python": "A good function does one job, says what it does in its docstring, and is checked with tests.",
+    "who_has": "Good readers keep track of who has what. When a question asks about one person, "
+    "go back to the sentence that names that person and read what comes right after the name.",
+    "pattern": "A repeating pattern uses the same few things in the same order again and again. "
+    "To find what comes next, find the last thing shown and see what followed it before.",
+    "compare": "To compare two numbers, compare the tens first; only when the tens are equal do the "
+    "ones decide which number is larger.",
 }
+
+
+SHORT_KIND_ITEMS = 8
 
 
 class BuiltinTeacher:
@@ -102,10 +114,10 @@ class BuiltinTeacher:
         self.genre_kinds = {name: t.kinds for name, t in (templates or load_templates()).items()}
 
     def fingerprint(self) -> str:
-        return "builtin-v1"
+        return "builtin-v2"
 
     def describe(self) -> dict[str, Any]:
-        return {"teacher": "builtin", "version": 1}
+        return {"teacher": "builtin", "version": 2}
 
     async def start(self) -> None:
         return None
@@ -130,15 +142,18 @@ class BuiltinTeacher:
         rng = random.Random(f"builtin:{spec.seed}:{spec.index}")
         kinds = self.kinds_for(spec, self.genre_kinds.get(spec.genre, ("arithmetic",)))
         kind = rng.choice(kinds)
+        # The short kinds a tiny model can learn in minutes (ex.KINDS[kind].difficulty) get more
+        # examples a document: the demo's model learns them from repetition, and they are short.
+        want = SHORT_KIND_ITEMS if ex.KINDS[kind].difficulty == "minutes" else 5
         items: list[ex.Exercise] = []
-        for _ in range(20):  # distinct questions only; small kinds (facts) can repeat
+        for _ in range(4 * want):  # distinct questions only; small kinds (facts) can repeat
             e = ex.make_exercise(rng, kind)
             if all(e.question != o.question for o in items):
                 items.append(e)
-            if len(items) == 5:
+            if len(items) == want:
                 break
         layout = LAYOUTS.get(spec.genre, _layout_textbook)
-        shown = items[:3] if spec.genre in ("story", "python") else items
+        shown = items[: want - 2] if spec.genre in ("story", "python") else items
         shown = shown[:2] if spec.genre == "python" else shown
         return layout(kind, shown), shown
 
