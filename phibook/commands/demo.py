@@ -13,8 +13,9 @@ Run the whole phi-1.5 recipe at toy scale on a CPU, offline, in about --minutes:
   3. tokenizer  a small byte-level BPE (up to 4,096 tokens) trained on the corpus
   4. tokenize   token shards with a 5% validation split
   5. baseline   the untrained (step-0) model scored on held-out exercises and benchmarks
-  6. train      phi-tiny pretrained with the report's AdamW recipe (LR 1e-3 for the tiny model),
-                max_steps set from a short speed calibration so training fits the budget
+  6. train      phi-tiny pretrained with the report's AdamW recipe (LR 2e-3 for the tiny model)
+                until the budget's training seconds are spent (at least 200 steps); bf16 only
+                on CPUs with AVX512-BF16/AMX, else fp32
   7. evaluate   the trained model on the same held-out exercises and benchmark subsets
   8. samples    one generation per report prompt format (completion, step-by-step, qa, chat, code)
   9. report     DIR/report.html (self-contained) and DIR/report.md
@@ -54,7 +55,8 @@ def register(subparsers) -> None:
                    help="benchmark folder laid out like shared/benchmarks (default: $PHIBOOK_DATA_DIR, "
                         "else ../shared/benchmarks if found)")
     p.add_argument("--seed", type=int, default=0, help="seed for the corpus, the init and the data order (default: 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (stage lines still print)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars, the trainer's included (stage and log lines still print)")
     p.set_defaults(func=run)
 
 

@@ -269,6 +269,11 @@ def throughput_plot(d: ReportData) -> bytes | None:
     return _png(fig)
 
 
+def bar_label(percent: float) -> str:
+    """A bar's label, with the table's precision: 2.5 is "2.5%", never a rounded "2%"."""
+    return _pct(percent / 100)
+
+
 def accuracy_plot(before: dict[str, Any], after: dict[str, Any]) -> bytes | None:
     import matplotlib
 
@@ -288,7 +293,7 @@ def accuracy_plot(before: dict[str, Any], after: dict[str, Any]) -> bytes | None
     ax.bar([x - 0.2 for x in xs], b, width=0.4, color="#bdbdbd", label="before training (step 0)")
     ax.bar([x + 0.2 for x in xs], a, width=0.4, color="#3182bd", label="after training")
     for x, v in zip(xs, a, strict=True):
-        ax.text(x + 0.2, v + 1, f"{v:.0f}%", ha="center", fontsize=8)
+        ax.text(x + 0.2, v + 1, bar_label(v), ha="center", fontsize=8)
     ax.set_xticks(list(xs), [k.replace("_", " ") for k in kinds])
     ax.set_ylabel("exact-answer accuracy (%)")
     ax.set_ylim(0, max(10, max(a + b) * 1.2))
@@ -391,13 +396,32 @@ def config_section(d: ReportData) -> Section:
                 f"{cfg.get('global_batch')} x {cfg.get('seq_len')}-token batches: a model this small, given minutes "
                 "of CPU, learns far more from many small steps at a higher rate.")
     if d.demo and d.demo.get("train_plan"):
-        p = d.demo["train_plan"]
-        s.blocks.append(f"Time plan: the calibration steps measured {p['calibrated_step_seconds']} s/step; "
-                        f"{p['train_budget_seconds']:.0f} s were left for training, so the run was planned at "
-                        f"{p['max_steps']:,} steps (never fewer than the demo's minimum that shows learning).")
+        train_stats = (d.demo.get("stages", {}).get("train") or {}).get("stats") or {}
+        s.blocks.append(time_plan_sentence(d.demo["train_plan"], train_stats))
     s.blocks.append(f"Machine: {_machine()}.")
     return s
 
+
+
+def time_plan_sentence(plan: dict[str, Any], stats: dict[str, Any]) -> str:
+    """What the budget planned and what training did: the calibration gives only an estimate, the
+    trainer re-plans from its measured rate and stops when the time budget is spent."""
+    budget = plan.get("time_budget_s", plan.get("train_budget_seconds"))
+    text = (f"Time plan: {budget:.0f} s of the budget were left for training; the calibration steps measured "
+            f"{plan['calibrated_step_seconds']} s/step")
+    if plan.get("estimated_steps") is not None:
+        text += f" (about {plan['estimated_steps']:,} steps)"
+    text += ", and the trainer re-planned from its measured rate as it went"
+    if stats.get("steps"):
+        text += f": it trained {stats['steps']:,} steps"
+        if stats.get("train_elapsed") is not None:
+            text += f" in {stats['train_elapsed']:.0f} s"
+        if stats.get("stopped_by"):
+            text += f", stopped by {stats['stopped_by']}"
+    if plan.get("min_steps"):
+        text += (f". It never trains fewer than {plan['min_steps']:,} steps, the fewest at which this model "
+                 "shows learning, even when a busy machine makes that overrun the budget")
+    return text + "."
 
 
 def _params(model: dict[str, Any]) -> int | None:
@@ -483,6 +507,79 @@ def training_section(d: ReportData, images: list[Image]) -> Section:
     return s
 
 
+# A kind is "learned" when its held-out accuracy beats both the step-0 model and chance by at least this
+# much, and by two standard errors of the after-training accuracy (a 40-question kind: about 10-16 points).
+LEARNED_MARGIN = 0.10
+
+
+def _kind_info(kind: str) -> tuple[float, str]:
+    """(chance, why_hard) from the kind's definition next to its generator; unknown kinds get (0, "")."""
+    from phibook.data.synth.exercises import KINDS
+
+    info = KINDS.get(kind)
+    return (info.chance, info.why_hard) if info else (0.0, "")
+
+
+def kind_verdicts(before: dict[str, Any], after: dict[str, Any],
+                  notes: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Per kind: before, after, chance and whether the model learned it, from the eval JSON.
+
+    "learned": after >= max(before, chance) + max(LEARNED_MARGIN, 2 standard errors);
+    "format only": above the step-0 model by that margin but not above chance (it answers in the
+    right shape, picking an option, without the skill); "not learned": neither. Kinds in ``notes``
+    with no held-out questions get "no held-out questions".
+    """
+    bk, ak = before["exercises"]["per_kind"], after["exercises"]["per_kind"]
+    out: dict[str, dict[str, Any]] = {}
+    for kind, a in ak.items():
+        chance, why = _kind_info(kind)
+        b = bk.get(kind, {}).get("accuracy", 0.0)
+        p, n = a["accuracy"], max(1, a["n"])
+        margin = max(LEARNED_MARGIN, 2 * math.sqrt(max(p * (1 - p), 1 / n) / n))
+        if p >= max(b, chance) + margin:
+            verdict = "learned"
+        elif p >= b + margin:
+            verdict = "format only"
+        else:
+            verdict = "not learned"
+        out[kind] = {"before": b, "after": p, "n": a["n"], "chance": chance, "margin": margin,
+                     "verdict": verdict, "why_hard": why}
+    for kind in notes or {}:
+        if kind not in out:
+            chance, why = _kind_info(kind)
+            out[kind] = {"before": None, "after": None, "n": 0, "chance": chance, "margin": None,
+                         "verdict": "no held-out questions", "why_hard": why, "note": notes[kind]}
+    return out
+
+
+def learned_paragraphs(verdicts: dict[str, dict[str, Any]]) -> list[Any]:
+    """The sentence naming what the model learned and the "not learned at this scale, and why" paragraph."""
+    def name(k: str) -> str:
+        return k.replace("_", " ")
+
+    learned = [k for k, v in verdicts.items() if v["verdict"] == "learned"]
+    rest = [k for k, v in verdicts.items() if v["verdict"] != "learned"]
+    blocks: list[Any] = []
+    if learned:
+        blocks.append("Learned (a clear gain on questions it never saw): " + ", ".join(
+            f"{name(k)} ({_pct(verdicts[k]['before'])} → {_pct(verdicts[k]['after'])})" for k in learned) + ".")
+    else:
+        blocks.append("Learned: no kind gained clearly over the step-0 model and chance in this run.")
+    if rest:
+        blocks.append(("h3", "Not learned at this scale, and why"))
+        for k in rest:
+            v = verdicts[k]
+            if v["verdict"] == "no held-out questions":
+                what = f"not scored ({v['note']})"
+            elif v["verdict"] == "format only":
+                what = (f"{_pct(v['before'])} → {_pct(v['after'])}, no better than chance ({_pct(v['chance'])}): "
+                        "it learned the answer's shape, not the skill")
+            else:
+                what = f"{_pct(v['before'])} → {_pct(v['after'])}"
+            blocks.append(f"{name(k)}: {what}. " + (f"Why: {v['why_hard']}." if v["why_hard"] else ""))
+    return blocks
+
+
 def exercises_section(d: ReportData, images: list[Image]) -> Section | None:
     if not (d.before and d.after):
         return None
@@ -500,15 +597,26 @@ def exercises_section(d: ReportData, images: list[Image]) -> Section | None:
         s.blocks.append(img)
     rows = []
     bk, ak = d.before["exercises"]["per_kind"], d.after["exercises"]["per_kind"]
+    verdicts = kind_verdicts(d.before, d.after, notes)
     for kind, a in ak.items():
         b = bk.get(kind, {})
-        rows.append([kind.replace("_", " "), _f(a["n"]), f"{_pct(b.get('accuracy'))}",
-                     f"{_pct(a['accuracy'])} ({a['correct']}/{a['n']})"])
+        v = verdicts[kind]
+        gain = a["accuracy"] - b.get("accuracy", 0.0)
+        rows.append([kind.replace("_", " "), _f(a["n"]), _pct(v["chance"]), f"{_pct(b.get('accuracy'))}",
+                     f"{_pct(a['accuracy'])} ({a['correct']}/{a['n']})", f"{100 * gain:+.1f}", v["verdict"]])
     bo, ao = d.before["exercises"]["overall"], d.after["exercises"]["overall"]
-    rows.append(["overall", _f(ao["n"]), _pct(bo["accuracy"]), f"{_pct(ao['accuracy'])} ({ao['correct']}/{ao['n']})"])
-    s.blocks.append(Table(["kind", "questions", "before (step 0)", "after training"], rows, numeric={1, 2, 3}))
+    rows.append(["overall", _f(ao["n"]), "", _pct(bo["accuracy"]), f"{_pct(ao['accuracy'])} ({ao['correct']}/{ao['n']})",
+                 f"{100 * (ao['accuracy'] - bo['accuracy']):+.1f}", ""])
+    s.blocks.append(Table(["kind", "questions", "chance", "before (step 0)", "after training", "change (points)",
+                           "verdict"], rows, numeric={1, 2, 3, 4, 5}))
+    s.blocks.append("Chance is what answering in the right format without the skill would score (picking one of "
+                    "the options the question names); a kind counts as learned when it gains at least "
+                    f"{100 * LEARNED_MARGIN:.0f} points (and two standard errors) over both the step-0 model and "
+                    "chance.")
+    s.blocks.extend(learned_paragraphs(verdicts))
     for kind, note in notes.items():
-        s.blocks.append(f"{kind.replace('_', ' ')}: {note}.")
+        if kind in ak:  # (kinds with no held-out question are explained with the not-learned ones)
+            s.blocks.append(f"{kind.replace('_', ' ')}: {note}.")
     # One right and one wrong answer of each kind, where there are any.
     shown = []
     for kind in ak:
@@ -537,6 +645,12 @@ def benchmarks_section(d: ReportData) -> Section | None:
             f"{mc_after.get('limit')} items of each benchmark in {mc_after.get('data_dir')}. Our model is a "
             "toy: expect chance level. phi-1.5's column is the report's (Tables 2-3: 1.3B parameters, "
             "150B training tokens), shown only for scale: it is not the same model or the same item subset.")
+        before_limit = mc_before.get("limit")
+        if before_limit is not None and mc_after.get("limit") is not None and before_limit < mc_after["limit"]:
+            s.blocks.append(
+                f"The step-0 column is on the first {before_limit} items of each benchmark only (the untrained "
+                "model's scoring is capped to bound the baseline stage's time), so it and the trained column are "
+                "comparable in expectation, not item for item.")
         rows = []
         for task, entry in mc_after["results"].items():
             metric = entry.get("report_metric") or "acc"

@@ -18,11 +18,14 @@ skips ("reusing") every recorded stage whose outputs still exist; the stage
 that was interrupted resumes through its module's own resumability (synth
 appends, tokenize keeps finished units, train continues its newest checkpoint).
 
-The time budget is split by measurement, not guesswork: training first runs
-a few calibration steps, then the remaining budget (minus what the stages
-after training will need, estimated from the baseline stage, which does the
-same work on the untrained model) sets max_steps. The plan is recorded, so a
-killed run resumes to the same step count.
+The time budget is the contract, kept by measurement: training first runs a
+few calibration steps to size validation intervals and announce an estimate,
+then trains with the trainer's ``time_budget_s`` (the remaining budget, minus
+what the stages after training will need, estimated from the baseline stage):
+the trainer stops at the step where its training time runs out, re-projecting
+the final step from the recent rate as it goes, so a busy start does not shrink
+the run. The plan and the trainer's checkpoints (which carry the training
+seconds spent) are recorded, so a killed run resumes into the same budget.
 """
 
 from __future__ import annotations
@@ -62,8 +65,20 @@ TRAIN_SETTINGS = {
 CALIBRATION_STEPS = 6
 # The fewest steps the demo trains, whatever the budget: about 400K tokens, where phi-tiny has
 # learned the exercises' answer format and beats the untrained model on held-out questions.
-# A machine too slow (or too loaded) for the budget overruns it rather than show nothing.
+# Below it the report would show nothing learned, so a machine too slow (or too busy) for the
+# budget overruns it, and says which of the two it is, rather than show nothing.
 MIN_TRAIN_STEPS = 200
+# The trainer's max_steps: this many times the calibration's estimate, room for a machine that
+# was busy during calibration and quiet afterwards (the time budget, not this, ends training).
+STEP_CAP_FACTOR = 10
+# A checkpoint every this many seconds of training, so a kill loses little.
+SAVE_EVERY_S = 20.0
+# The untrained model is scored on at most this many items of each benchmark (it scores about
+# chance, and this bounds the baseline stage's time); the trained model on mc_limit(minutes).
+BASELINE_MC_LIMIT = 20
+# Held-out answers are generated up to these stops: answer_span keeps only the text before the
+# first newline and the first ". ", so nothing after them can change the score.
+ANSWER_STOPS = ["\n", ". "]
 VAL_FRACTION = 0.05
 TOKENIZER_VOCAB = 4096
 EVAL_SEQUENCES = 32
@@ -78,7 +93,7 @@ class DemoOptions:
     texts: list[Path] = field(default_factory=list)
     data_dir: Path | None = None  # benchmark files; None = look in the usual places
     seed: int = 0
-    progress: bool = True
+    progress: bool = True  # progress bars on stderr, every stage's and the trainer's
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same run (a rerun must match it to reuse stages)."""
@@ -178,21 +193,11 @@ def say(msg: str) -> None:
 
 
 def find_benchmarks(data_dir: str | Path | None) -> Path | None:
-    """--data-dir, else $PHIBOOK_DATA_DIR, else ../shared/benchmarks beside the cwd or the repo."""
-    if data_dir:
-        path = Path(data_dir)
-        if not path.is_dir():
-            raise PhibookError(f"--data-dir {path} is not a directory")
-        return path
-    if os.environ.get("PHIBOOK_DATA_DIR"):
-        path = Path(os.environ["PHIBOOK_DATA_DIR"])
-        return path if path.is_dir() else None
-    repo = Path(__file__).resolve().parents[2]
-    for base in (Path.cwd(), repo):
-        path = base.parent / "shared" / "benchmarks"
-        if path.is_dir():
-            return path
-    return None
+    """--data-dir, else $PHIBOOK_DATA_DIR, else ../shared/benchmarks beside the cwd or the repo:
+    phibook eval's rule (phibook.eval.data_dir.find_data_dir); None when nothing is found."""
+    from phibook.eval.data_dir import find_data_dir
+
+    return find_data_dir(data_dir)
 
 
 # --------------------------------------------------------------------------- stages 1-4: data
@@ -313,28 +318,32 @@ def heldout_exercises(seen: set[str], per_kind: int, seed: int) -> tuple[list[di
 
     Kinds whose whole question space is covered by training (one-digit facts, the ten Python
     functions) yield none; the note says so instead of scoring memorization as generalization.
+    Every kind, the ones a model of the demo's size can learn in minutes
+    (``KindInfo.difficulty == "minutes"``) and the ones out of its reach alike, gets ``per_kind``
+    questions: enough for a per-kind accuracy the report can call learned or not.
     """
-    from phibook.data.synth.exercises import GENERATORS
+    from phibook.data.synth.exercises import KINDS
 
     items, notes = [], {}
-    for kind in GENERATORS:
+    for kind, info in KINDS.items():
+        want = per_kind
         rng = random.Random(f"phibook-demo-heldout:{seed}:{kind}")
         chosen: dict[str, Any] = {}
         draws = 0
-        while len(chosen) < per_kind and draws < per_kind * 40:
+        while len(chosen) < want and draws < want * 40:
             draws += 1
-            e = GENERATORS[kind](rng)
+            e = info.make(rng)
             if e.question not in seen and e.question not in chosen:
                 chosen[e.question] = e
         if not chosen:
             notes[kind] = f"no unseen question in {draws} draws: training covers this kind's question space"
-        elif len(chosen) < per_kind:
+        elif len(chosen) < want:
             notes[kind] = f"only {len(chosen)} unseen questions in {draws} draws"
         items += [{"kind": e.kind, "question": e.question, "answer": e.answer} for e in chosen.values()]
     return items, notes
 
 
-NUMERIC_KINDS = ("fact", "arithmetic", "word_problem")
+NUMERIC_KINDS = ("fact", "arithmetic", "word_problem", "compare")
 
 
 def answer_span(text: str, kind: str) -> str:
@@ -350,21 +359,34 @@ def answer_span(text: str, kind: str) -> str:
     return extract_answer(first, kind)
 
 
+def answer_tokens(tokenizer, items: list[dict[str, Any]]) -> int:
+    """New tokens enough for the longest expected answer in ``items``: " {answer}." as the
+    training layout writes it, plus 2 for a differently split answer."""
+    return max((len(tokenizer.encode(f" {it['answer']}.")) for it in items), default=0) + 2
+
+
 def score_exercises(gen, items: list[dict[str, Any]], progress: bool, batch: int = 32) -> dict[str, Any]:
-    """Greedy answers to "Question: {q}\\nAnswer:", exact match after ``answer_span``."""
+    """Greedy answers to "Question: {q}\\nAnswer:", exact match after ``answer_span``.
+
+    Generation is bounded (an untrained model never stops by itself): each batch gets the new
+    tokens its longest expected answer needs (``answer_tokens``) and every row stops at
+    ``ANSWER_STOPS``, past which ``answer_span`` reads nothing."""
     from tqdm import tqdm
 
     from phibook.inference.generate import SamplingParams
 
-    params = SamplingParams(max_new_tokens=20, temperature=0.0, stop=["\n"])
     rows = []
+    caps, generated = [], 0
     bar = tqdm(total=len(items), desc="exercises", unit="q", disable=not progress, file=sys.stderr)
     for i in range(0, len(items), batch):
         chunk = items[i : i + batch]
+        caps.append(answer_tokens(gen.tokenizer, chunk))
+        params = SamplingParams(max_new_tokens=caps[-1], temperature=0.0, stop=list(ANSWER_STOPS))
         outs = gen.generate([f"Question: {it['question']}\nAnswer:" for it in chunk], params)
         for it, out in zip(chunk, outs, strict=True):
             got = answer_span(out.text, it["kind"])
             rows.append({**it, "output": out.text, "got": got, "correct": got == it["answer"]})
+            generated += out.completion_tokens
         bar.update(len(chunk))
     bar.close()
     per_kind: dict[str, dict[str, Any]] = {}
@@ -375,7 +397,10 @@ def score_exercises(gen, items: list[dict[str, Any]], progress: bool, batch: int
     for k in per_kind.values():
         k["accuracy"] = k["correct"] / k["n"]
     n, c = len(rows), sum(r["correct"] for r in rows)
-    return {"per_kind": per_kind, "overall": {"n": n, "correct": c, "accuracy": c / n if n else 0.0}, "items": rows}
+    generation = {"max_new_tokens": max(caps, default=0), "max_new_tokens_per_batch": caps,
+                  "stop": list(ANSWER_STOPS), "generated_tokens": generated}
+    return {"per_kind": per_kind, "overall": {"n": n, "correct": c, "accuracy": c / n if n else 0.0},
+            "generation": generation, "items": rows}
 
 
 def score_benchmarks(model, tokenizer, data_dir: Path | None, limit: int, progress: bool) -> dict[str, Any]:
@@ -417,8 +442,9 @@ def validation_loss(model, manifest: Path, seq_len: int, sequences: int) -> floa
     return total / count if count else None
 
 
-def evaluate_model(ctx: Demo, model_dir: Path, name: str) -> dict[str, Any]:
-    """Held-out exercises + benchmark subsets for one checkpoint -> eval/{name}.json."""
+def evaluate_model(ctx: Demo, model_dir: Path, name: str, mc_cap: int | None = None) -> dict[str, Any]:
+    """Held-out exercises + benchmark subsets for one checkpoint -> eval/{name}.json; ``mc_cap``
+    bounds the items scored per benchmark (the baseline's cost), recorded beside the limit."""
     from phibook.inference.generate import Generator
     from phibook.weights.checkpoint import load_model
 
@@ -429,11 +455,14 @@ def evaluate_model(ctx: Demo, model_dir: Path, name: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     ex = score_exercises(gen, items, ctx.opts.progress)
     ex_secs = time.perf_counter() - t0
-    limit = mc_limit(ctx.opts.minutes)
-    say(f"  benchmarks (zero-shot, first {limit} items each): "
+    full = mc_limit(ctx.opts.minutes)
+    limit = min(full, mc_cap) if mc_cap else full
+    capped = f" (capped from {full} for the untrained model)" if limit < full else ""
+    say(f"  benchmarks (zero-shot, first {limit} items each{capped}): "
         + (str(ctx.benchmarks) if ctx.benchmarks else "none found, skipped"))
     t0 = time.perf_counter()
     mc = score_benchmarks(loaded.model, loaded.tokenizer, ctx.benchmarks, limit, ctx.opts.progress)
+    mc["limit_uncapped"] = full
     mc_secs = time.perf_counter() - t0
     val = validation_loss(loaded.model, ctx.out / "shards/manifest.json", TRAIN_SETTINGS["seq_len"], EVAL_SEQUENCES)
     result = {"model": str(model_dir), "exercises": ex, "benchmarks": mc, "val_loss": val,
@@ -469,10 +498,16 @@ def stage_baseline(ctx: Demo) -> tuple[list[str], dict[str, Any]]:
     model.reset_rope()
     save_checkpoint(ctx.out / "init", model, tok)
     say(f"  step-0 model: {PRESET}, {mcfg.num_params() / 1e6:.1f}M parameters -> init/")
-    res = evaluate_model(ctx, ctx.out / "init", "before")
+    res = evaluate_model(ctx, ctx.out / "init", "before", mc_cap=BASELINE_MC_LIMIT)
+    gen = res["exercises"]["generation"]
     return ["init/model.safetensors", "eval/heldout.json", "eval/before.json"], {
         "heldout": len(items), "training_questions": len(seen), "accuracy": res["exercises"]["overall"]["accuracy"],
         "val_loss": res["val_loss"], "params": mcfg.num_params(), "eval_seconds": res["seconds"],
+        # what bounds this stage's cost (the untrained model never stops generating by itself)
+        "caps": {"max_new_tokens": gen["max_new_tokens"], "stop": gen["stop"],
+                 "generated_tokens": gen["generated_tokens"],
+                 "benchmark_items": res["benchmarks"].get("limit"),
+                 "benchmark_items_uncapped": res["benchmarks"].get("limit_uncapped")},
     }
 
 
@@ -492,32 +527,41 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def pick_precision() -> str:
-    """bf16 autocast where this CPU multiplies bf16 much faster than fp32 (AVX512-BF16 / AMX:
-    about 4x on the 2-core reference machine), else fp32 (bf16 is emulated and slower there)."""
-    import torch
+def pick_precision(cpuinfo: str | None = None) -> tuple[str, str]:
+    """(bf16 | fp32, why) from the CPU's features, not from a timing (under load a timing flips):
+    bf16 autocast where bf16 matmuls run on bf16 units (AVX512-BF16 or AMX), else fp32, since
+    bf16 would be converted to fp32 and back around every multiply."""
+    from phibook.train.cpu_peak import precision_choice
 
-    from phibook.train.trainer import measure_matmul_flops
-
-    cpu = torch.device("cpu")
-    fp32 = measure_matmul_flops(cpu, torch.float32, seconds=0.4)
-    bf16 = measure_matmul_flops(cpu, torch.bfloat16, seconds=0.4)
-    return "bf16" if bf16 > 1.5 * fp32 else "fp32"
+    return precision_choice(cpuinfo)
 
 
-def plan_steps(step_seconds: float, budget_s: float, done_steps: int) -> dict[str, int]:
-    """max_steps, eval_every and save_every for the seconds left, with 15% for validation and saves."""
-    more = max(0, int(budget_s / (step_seconds * 1.15)))
-    max_steps = max(MIN_TRAIN_STEPS, done_steps + more)
+def plan_steps(step_seconds: float, time_budget_s: float, elapsed: float, done_steps: int) -> dict[str, Any]:
+    """The training plan from the calibration's rate: the trainer's time budget (the contract:
+    training stops when it is spent, however many steps that is), the step estimate it implies
+    (for validation intervals and the announcement), the floor and the cap of the step count."""
+    estimate = done_steps + max(0, int((time_budget_s - elapsed) / step_seconds))
+    planned = max(MIN_TRAIN_STEPS, estimate)
     return {
-        "max_steps": max_steps,
-        "eval_every": max(1, max_steps // 15),
-        # A checkpoint about every 20 seconds of training, so a kill loses little.
-        "save_every": max(1, round(20 / step_seconds)),
+        "max_steps": planned,  # the estimate at calibration (time_budget_s decides the real count)
+        "estimated_steps": estimate,
+        "min_steps": MIN_TRAIN_STEPS,
+        "step_cap": planned * STEP_CAP_FACTOR,
+        "time_budget_s": round(time_budget_s, 1),
+        "eval_every": max(1, planned // 15),
+        "save_every_s": SAVE_EVERY_S,
     }
 
 
+def main_train_config(ctx: Demo, plan: dict[str, Any]):
+    """The trainer's settings for the planned run: stop when the time budget is spent."""
+    return ctx.train_config(max_steps=plan["step_cap"], time_budget_s=plan["time_budget_s"],
+                            min_steps=plan["min_steps"], eval_every=plan["eval_every"], save_every=0,
+                            save_every_s=plan["save_every_s"])
+
+
 def stage_train(ctx: Demo) -> tuple[list[str], dict[str, Any]]:
+    from phibook.train.cpu_peak import busy_note
     from phibook.train.trainer import train
 
     run_dir = ctx.out / "run"
@@ -531,39 +575,58 @@ def stage_train(ctx: Demo) -> tuple[list[str], dict[str, Any]]:
             raise PhibookError(f"training stopped with exit code {rc}; see {run_dir}")
 
     t0 = time.perf_counter()
+    budget = ctx.train_budget()
     if "precision" not in ctx.state.data:
-        ctx.state.data["precision"] = pick_precision()
+        ctx.state.data["precision"], ctx.state.data["precision_reason"] = pick_precision()
         ctx.state.save()
-        say(f"  precision: {ctx.state.data['precision']} (the faster of fp32 and bf16 matmuls on this CPU)")
+    say(f"  precision: {ctx.state.data['precision']} ({ctx.state.data.get('precision_reason', 'recorded')})")
+    tokens_per_step = TRAIN_SETTINGS["global_batch"] * TRAIN_SETTINGS["seq_len"]
     if plan is None:
         say(f"  calibration: {CALIBRATION_STEPS} steps to measure this machine's speed")
         go(ctx.train_config(max_steps=CALIBRATION_STEPS, eval_every=0, save_every=CALIBRATION_STEPS))
         recs = read_metrics(run_dir)
-        tokens_per_step = TRAIN_SETTINGS["global_batch"] * TRAIN_SETTINGS["seq_len"]
         # Skip the first steps (allocator and thread warm-up); take the median of the rest.
         tps = sorted(r["tokens_per_s"] for r in recs[2:] or recs)
         step_s = tokens_per_step / tps[len(tps) // 2]
-        budget = ctx.train_budget() - (time.perf_counter() - t0)
-        plan = {**plan_steps(step_s, budget, len(recs)), "calibrated_step_seconds": round(step_s, 4),
-                "train_budget_seconds": round(budget, 1)}
+        # The trainer's budget counts its loop's seconds (its metrics' elapsed, continued across
+        # runs); what this stage spends outside the loop (a trainer's setup: the calibration's,
+        # and one more for the run) comes off it.
+        elapsed = float(recs[-1].get("elapsed", 0.0))
+        outside = max(0.0, time.perf_counter() - t0 - elapsed)
+        plan = {**plan_steps(step_s, budget - 2 * outside, elapsed, len(recs)),
+                "calibrated_step_seconds": round(step_s, 4), "train_budget_seconds": round(budget, 1)}
         ctx.state.data["train_plan"] = plan
         ctx.state.save()
-        say(f"  plan: {step_s:.3f} s/step measured -> {plan['max_steps']} steps "
-            f"({plan['max_steps'] * tokens_per_step:,} tokens) in the {budget:.0f} s left for training")
-        if plan["max_steps"] * step_s * 1.15 > budget * 1.1:
-            say(f"  note: this machine is too slow for the budget; training the minimum of {MIN_TRAIN_STEPS} "
-                f"steps (about {MIN_TRAIN_STEPS * step_s * 1.15 / 60:.1f} minutes) instead")
+        say(f"  plan: {step_s:.3f} s/step measured -> about {plan['estimated_steps']} steps "
+            f"({plan['estimated_steps'] * tokens_per_step:,} tokens) in the {plan['time_budget_s']:.0f} s of "
+            "training the budget leaves; training stops when those seconds are spent, re-measuring its rate "
+            "as it goes")
+        if plan["estimated_steps"] < MIN_TRAIN_STEPS:
+            why = busy_note() or "this machine is too slow for the budget"
+            say(f"  note: {why}: training at least the minimum of {MIN_TRAIN_STEPS} steps (about "
+                f"{MIN_TRAIN_STEPS * step_s / 60:.1f} minutes at the calibration's rate), past the budget if "
+                "the rate does not improve")
     else:
-        say(f"  continuing the recorded plan: {plan['max_steps']} steps")
-    go(ctx.train_config(max_steps=plan["max_steps"], eval_every=plan["eval_every"], save_every=plan["save_every"]))
+        say(f"  continuing the recorded plan: {plan['time_budget_s']:.0f} s of training, at least "
+            f"{plan['min_steps']} steps")
+    go(main_train_config(ctx, plan))
     recs = read_metrics(run_dir)
     last = recs[-1]
     vals = [r for r in recs if r.get("val_loss") is not None]
     tps = [r["tokens_per_s"] for r in recs]
+    spent = float(last.get("elapsed", 0.0))
+    stopped = ("the step cap" if last["step"] >= plan["step_cap"] else
+               "the minimum step count, past the time budget" if last["step"] == plan["min_steps"]
+               else "the time budget")
+    say(f"  trained {last['step']} steps in {spent:.0f} s of training (estimated {plan['estimated_steps']} at "
+        f"calibration; stopped by {stopped})")
     stats = {
         "steps": last["step"], "tokens": last["tokens"], "final_loss": last["loss"],
         "final_val_loss": vals[-1]["val_loss"] if vals else None,
         "tokens_per_s_median": sorted(tps)[len(tps) // 2], "train_elapsed": last.get("elapsed"),
+        "time_budget_s": plan["time_budget_s"], "estimated_steps": plan["estimated_steps"], "stopped_by": stopped,
+        "mfu_median": sorted(r.get("mfu", 0.0) for r in recs)[len(recs) // 2],
+        "precision": ctx.state.data["precision"], "precision_reason": ctx.state.data.get("precision_reason"),
         "preset": PRESET, **{k: TRAIN_SETTINGS[k] for k in ("lr", "global_batch", "seq_len")},
     }
     return ["run/metrics.jsonl", "run/config.resolved.json"], stats
@@ -637,15 +700,23 @@ class Demo:
         from phibook.train.trainer import resolve_config
 
         sets = {**TRAIN_SETTINGS, "seed": self.opts.seed, "eval_sequences": EVAL_SEQUENCES,
-                "precision": self.state.data.get("precision", "fp32"), **overrides}
+                "precision": self.state.data.get("precision", "fp32"), "progress": self.opts.progress,
+                **overrides}
         return resolve_config(preset=PRESET, sets={k: str(v) for k, v in sets.items()})
 
     def train_budget(self) -> float:
         """Seconds left for training: the budget minus the stages done, minus what the stages
-        after training need (the baseline stage did the same evaluation work on the same model
-        shape, so its time is the estimate), with a floor of 30 seconds."""
-        base = self.state.stages.get("baseline", {}).get("seconds", 30.0)
-        after = 1.1 * base + 15.0  # evaluate ~ baseline; samples + report ~ 15 s
+        after training need, with a floor of 30 seconds. The evaluate stage does the baseline's
+        work on the same model shape, except that it scores every benchmark item the baseline's
+        cap left out, so its estimate is the baseline's seconds with the benchmark part scaled up."""
+        rec = self.state.stages.get("baseline", {})
+        base = float(rec.get("seconds", 30.0))
+        stats = rec.get("stats", {})
+        caps = stats.get("caps") or {}
+        mc_secs = float((stats.get("eval_seconds") or {}).get("benchmarks", 0.0))
+        if caps.get("benchmark_items") and caps.get("benchmark_items_uncapped"):
+            base += mc_secs * (caps["benchmark_items_uncapped"] / caps["benchmark_items"] - 1)
+        after = 1.1 * base + 15.0  # evaluate ~ the uncapped baseline; samples + report ~ 15 s
         return max(30.0, self.opts.minutes * 60 - self.state.spent() - after)
 
     def run(self) -> Path:

@@ -7,8 +7,8 @@ rendering a report never imports the code that runs the stages.
 STAGES = ["synth", "clean", "tokenizer", "tokenize", "baseline", "train", "evaluate", "samples", "report"]
 PRESET = "phi-tiny"
 STAGE_TITLES = {
-    "synth": "synthesize a textbook-and-exercises corpus", "clean": "clean: dedup and decontaminate",
-    "tokenizer": "train a BPE tokenizer", "tokenize": "tokenize into shards",
+    "synth": "synthesize a textbook-and-exercises corpus", "clean": "filter, deduplicate and decontaminate",
+    "tokenizer": "train a BPE tokenizer", "tokenize": "encode the documents into token shards",
     "baseline": "score the untrained (step-0) model", "train": f"pretrain {PRESET}",
-    "evaluate": "evaluate the trained model", "samples": "sample generations", "report": "write the report",
+    "evaluate": "score the trained model on the same items", "samples": "sample generations", "report": "write the report",
 }
