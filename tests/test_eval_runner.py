@@ -123,6 +123,46 @@ def test_greedy_flag_true_for_argmax_continuation(tiny) -> None:
     assert ll == pytest.approx(naive_loglikelihood(model, pair)[0], abs=1e-4)
 
 
+def test_group_by_prefix_shares_contexts_and_sentence_starts() -> None:
+    from phibook.eval.scoring import _Row, group_by_prefix
+
+    rows = [
+        _Row(0, [5, 6, 7, 8, 1, 2], 4),  # four choices of one question: one group, prefix = context
+        _Row(1, [5, 6, 7, 8, 3], 4),
+        _Row(2, [5, 6, 7, 8, 4, 4], 4),
+        _Row(3, [9, 9, 9, 9, 9, 10, 20, 21], 6),  # WinoGrande: the option differs, the start is shared
+        _Row(4, [9, 9, 9, 9, 9, 11, 20, 21], 6),
+        _Row(5, [30, 31, 32], 2),  # shares nothing: alone
+    ]
+    groups = {tuple(r.index for r in g.rows): g.prefix for g in group_by_prefix(rows)}
+    assert groups == {(0, 1, 2): [5, 6, 7, 8], (3, 4): [9, 9, 9, 9, 9], (5,): [30, 31]}
+    # a third sentence sharing one token with a long shared prefix would cost more than it saves
+    rows.append(_Row(6, [9, 40, 41, 42], 3))
+    groups = {tuple(r.index for r in g.rows) for g in group_by_prefix(rows)}
+    assert (3, 4) in groups and (6,) in groups
+
+
+@pytest.mark.parametrize("batch_size", [2, 7])
+def test_shared_prefixes_across_contexts_equal_naive(tiny, batch_size: int) -> None:
+    """WinoGrande-style pairs (contexts differ after a shared start), choices of one context, a
+    one-token continuation and an unrelated row in the same batch: every score equals the naive one."""
+    enc = tiny.tokenizer.encode
+    texts = [
+        ("The trophy does not fit into the suitcase because the trophy", " is too large."),
+        ("The trophy does not fit into the suitcase because the suitcase", " is too large."),
+        ("def add(a, b):", " return a + b"),
+        ("def add(a, b):", " return a - b\n"),
+        ("def add(a, b):", " pass"),
+        ("Alice and Bob", " are learning"),
+    ]
+    pairs = [TokenPair(enc(c), enc(c + x)[len(enc(c)) :]) for c, x in texts]
+    got = LoglikelihoodScorer(tiny.model, batch_size=batch_size, progress=False).score(pairs)
+    for pair, (ll, greedy) in zip(pairs, got, strict=True):
+        ref_ll, ref_greedy = naive_loglikelihood(tiny.model, pair)
+        assert ll == pytest.approx(ref_ll, abs=1e-4)
+        assert greedy == ref_greedy
+
+
 # --------------------------------------------------------------------------- rolling
 
 
