@@ -18,6 +18,7 @@ COMMANDS = [
     "clean",
     "tokenizer",
     "tokenize",
+    "pipeline",
     "train",
     "eval",
     "generate",

@@ -51,6 +51,15 @@ bare ``kill_during_checkpoint`` for the first checkpoint)
     its temporary name ``.train-0000K.bin.tmp``, not yet renamed.
 ``shards.train_done@K``, ``shards.val_done@K``
     the same shard right after its rename to ``train-0000K.bin``.
+``pipeline.doc_written@K``
+    phibook.pipeline.blocks.PhibookWriter: a task has written (and flushed) its
+    K-th document (1-based) to its temporary output file; the task is unfinished.
+``pipeline.task_done@R``
+    phibook.pipeline: task R of a datatrove step has all its files in place but
+    no completion marker yet. Both pipeline points kill the whole `phibook
+    pipeline run` process tree (``kill_tree``), since datatrove's worker pools
+    come from the ``multiprocess`` package (and a forkserver), not from
+    ``multiprocessing``.
 """
 
 from __future__ import annotations
@@ -118,6 +127,25 @@ def kill() -> None:
             except OSError:
                 pass
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILL ``root`` and every process below it (Linux: found in /proc), then this process."""
+    me = os.getpid()
+    # List the whole tree first: once ``root`` dies its children are re-parented and no longer found under it.
+    tree, frontier = [], [root]
+    while frontier:
+        for pid in _children_of(frontier.pop()):
+            if pid not in tree:
+                tree.append(pid)
+                frontier.append(pid)
+    for pid in [root, *tree]:  # root first, so it cannot start replacements for its workers
+        if pid != me:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    os.kill(me, signal.SIGKILL)
 
 
 def _children_of(ppid: int) -> list[int]:

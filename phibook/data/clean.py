@@ -11,8 +11,10 @@ expensive checks see fewer documents):
    cluster is kept.
 
 State lives in memory (one hash per kept document plus the LSH index), which
-is fine to tens of millions of documents on one machine; past that, run the
-same MinHash stages with datatrove's executors (see docs/clean.md).
+is fine to tens of millions of documents on one machine; past that,
+`phibook pipeline run` runs these same checks as datatrove blocks, with exact
+and MinHash near-dup removal global across shards (phibook.pipeline,
+docs/scale.md). The per-document checks are separate functions for that reason.
 """
 
 from __future__ import annotations
@@ -195,6 +197,51 @@ def benchmark_ngrams(root: str | Path, n: int = 13) -> np.ndarray:
     return np.unique(np.concatenate(chunks))
 
 
+# --------------------------------------------------------------------------- per-document checks
+# Each check looks at one document alone, so the same function serves this
+# single pass and the datatrove blocks of `phibook pipeline` (phibook.pipeline).
+
+
+def length_reason(text: str, cfg: CleanConfig) -> tuple[str, str] | None:
+    """("too_short" | "too_long", detail) when the length filter drops ``text``, else None."""
+    if len(text) < cfg.min_chars:
+        return "too_short", f"{len(text)} chars < {cfg.min_chars}"
+    if len(text) > cfg.max_chars:
+        return "too_long", f"{len(text)} chars > {cfg.max_chars}"
+    return None
+
+
+def repetition_reason(text: str, cfg: CleanConfig) -> tuple[str, str] | None:
+    """("repetitive", detail) when repeated lines hold too much of ``text``, else None."""
+    frac = dup_line_fraction(text)
+    if frac > cfg.max_dup_line_frac:
+        return "repetitive", f"{frac:.2f} of characters in repeated lines"
+    return None
+
+
+def filter_reason(text: str, cfg: CleanConfig) -> tuple[str, str] | None:
+    """The first length/repetition filter that drops ``text`` (cheapest first), else None."""
+    return length_reason(text, cfg) or repetition_reason(text, cfg)
+
+
+def contamination(tokens: list[str], contaminated: np.ndarray, n: int) -> str | None:
+    """The first word n-gram of ``tokens`` found in the sorted benchmark hashes, else None."""
+    grams = _ngram_hashes(tokens, n)
+    if not len(grams) or not len(contaminated):
+        return None
+    pos = np.searchsorted(contaminated, grams)
+    hit = (pos < len(contaminated)) & (contaminated[np.minimum(pos, len(contaminated) - 1)] == grams)
+    if not hit.any():
+        return None
+    i = int(np.argmax(hit))
+    return " ".join(tokens[i : i + n])
+
+
+def shingle_set(tokens: list[str], k: int) -> set[str]:
+    """Word k-gram shingles for MinHash (a document shorter than k words is one shingle)."""
+    return {" ".join(tokens[i : i + k]) for i in range(max(1, len(tokens) - k + 1))}
+
+
 # --------------------------------------------------------------------------- documents
 
 
@@ -259,37 +306,24 @@ def clean(
             report.read += 1
             bar.update(1)
             text, did = doc["text"], str(doc["id"])
-            if len(text) < cfg.min_chars:
-                report.note("too_short", did, f"{len(text)} chars < {cfg.min_chars}")
-                continue
-            if len(text) > cfg.max_chars:
-                report.note("too_long", did, f"{len(text)} chars > {cfg.max_chars}")
-                continue
-            frac = dup_line_fraction(text)
-            if frac > cfg.max_dup_line_frac:
-                report.note("repetitive", did, f"{frac:.2f} of characters in repeated lines")
+            if (why := filter_reason(text, cfg)) is not None:
+                report.note(why[0], did, why[1])
                 continue
             h = normalized_hash(text)
             if h in seen:
                 report.note("exact_duplicate", did, f"same text as {seen[h]}")
                 continue
             tokens = words(text)
-            if contaminated is not None:
-                grams = _ngram_hashes(tokens, cfg.ngram)
-                pos = np.searchsorted(contaminated, grams)
-                hit = (pos < len(contaminated)) & (contaminated[np.minimum(pos, len(contaminated) - 1)] == grams)
-                if hit.any():
-                    i = int(np.argmax(hit))
-                    report.note("benchmark_contamination", did, " ".join(tokens[i : i + cfg.ngram]))
-                    continue
+            if contaminated is not None and (gram := contamination(tokens, contaminated, cfg.ngram)) is not None:
+                report.note("benchmark_contamination", did, gram)
+                continue
             if not cfg.near_dup:
                 seen[h] = did
                 sink.write(json.dumps(doc, ensure_ascii=False) + "\n")
                 report.kept += 1
                 continue
             m = MinHash(num_perm=cfg.num_perm)
-            shingles = {" ".join(tokens[i : i + cfg.shingle]) for i in range(max(1, len(tokens) - cfg.shingle + 1))}
-            m.update_batch([s.encode() for s in shingles])
+            m.update_batch([s.encode() for s in shingle_set(tokens, cfg.shingle)])
             sig = m.hashvalues.astype(np.uint32)  # datasketch hashes live in 32 bits
             # LSH candidates are probabilistic; confirm with the estimated Jaccard
             # so the threshold means what it says.
