@@ -1,7 +1,11 @@
-"""Decode ms/token and prefill tokens/s: phibook (eager and fast path) vs transformers, same weights.
+"""Decode ms/token and prefill tokens/s: phibook (eager, fast path, int8/int4) vs transformers
+and llama.cpp, same weights.
 
     flock /tmp/phibook-bigmem.lock python bench/bench_decode.py --dtype bf16
     flock /tmp/phibook-bigmem.lock python bench/bench_decode.py --dtype fp32 --mode prefill
+    flock /tmp/phibook-bigmem.lock python bench/bench_decode.py --dtype fp32 \
+        --systems transformers phibook-fast phibook-int8 phibook-int4 llama.cpp llama.cpp-q8_0 \
+        --llama-bench ~/llama.cpp/build/bin/llama-bench
 
 Random weights in the chosen preset (default phi-1.5), batch 1, greedy. The
 systems run in ALTERNATING rounds within one process (memory bandwidth drifts
@@ -12,14 +16,32 @@ and a streamer that timestamps each token; phibook through its own forward
 with a preallocated ``KVCache`` and argmax. The models share one copy of the
 weights; the fast path holds its own prepacked copy.
 
+llama.cpp runs the SAME random weights, written by phibook's own GGUF exporter
+(phibook.weights.gguf) in the run's dtype (f32 or bf16) and as q8_0, either in
+process through llama-cpp-python (systems llama.cpp, llama.cpp-q8_0: greedy
+``generate``, timed per token like transformers) or, with --llama-bench PATH,
+as a built llama-bench binary (systems llama-bench, llama-bench-q8_0: its own
+tg timing at depth --prompt-len, no Python at all). phibook-int8 / phibook-int4
+load a checkpoint of the same weights through
+``Generator.from_path(path, quant=...)``. The tokenizer written into the GGUF is
+codegen-mono from ../shared when it fits the preset, else a byte-level BPE.
+
+Beside the table: the CPU's SIMD flags, copy and read bandwidth measured before
+and after the rounds (STREAM-like, on --threads threads), and each system's
+fraction of its bandwidth floor = bytes of weights its decode step reads (its
+own format: f32, bf16, q8_0, int8, int4 with scales) / read bandwidth.
+
 Prints a markdown table and (with --json) writes the raw numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,17 +49,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    BANDWIDTH_GBS,
     DTYPES,
+    bench_tokenizer,
     build_ours,
+    cpu_flags,
+    gguf_bytes_per_token,
     git_rev,
     hf_sharing,
     load_average,
     machine,
     median,
+    memory_bandwidth_gbs,
+    module_bytes_per_token,
     now,
+    read_bandwidth_gbs,
     weight_bytes_per_token,
 )
+
+BASE_SYSTEMS = ("transformers", "phibook", "phibook-fast")
+QUANT_SYSTEMS = {"phibook-int8": "int8", "phibook-int4": "int4"}
+LLAMA_SYSTEMS = ("llama.cpp", "llama.cpp-q8_0")
+GGUF_TYPE = {"fp32": "f32", "bf16": "bf16"}
 
 
 class _Stamps:
@@ -99,6 +131,44 @@ def prefill_ours(forward, cfg, dtype, prompt: torch.Tensor, **kw) -> float:
     return prompt.shape[1] / (time.perf_counter() - t)
 
 
+def decode_llama(llm, prompt: list[int], n: int) -> tuple[float, list[int]]:
+    """llama-cpp-python greedy decoding (its own sampler, temperature 0), timed per token."""
+    llm.reset()
+    times, tokens = [], []
+    for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        times.append(time.perf_counter())
+        tokens.append(int(token))
+        if len(tokens) == n:
+            break
+    return (times[-1] - times[0]) / (n - 1), tokens
+
+
+def decode_llama_bench(binary: Path, gguf_path: Path, threads: int, depth: int, n: int) -> float:
+    """Seconds per token of llama-bench's text-generation test at ``depth`` tokens of context."""
+    cmd = [str(binary), "-m", str(gguf_path), "-t", str(threads), "-p", "0", "-n", str(n),
+           "-d", str(depth), "-r", "1", "-o", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"llama-bench failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+    rows = [r for r in json.loads(proc.stdout) if r.get("n_gen") == n]
+    if not rows:
+        raise SystemExit(f"llama-bench printed no tg{n} result: {proc.stdout[:500]}")
+    return 1.0 / float(rows[0]["avg_ts"])
+
+
+def load_quantized(path: Path, quant: str, dtype: torch.dtype):
+    """(generator, None) or (None, why it cannot run): the quant= argument comes with issue 13 part 1."""
+    from phibook.errors import PhibookError
+    from phibook.inference.generate import Generator
+
+    if "quant" not in inspect.signature(Generator.from_path).parameters:
+        return None, "Generator.from_path has no quant= argument in this checkout"
+    try:
+        return Generator.from_path(path, dtype=dtype, quant=quant), None
+    except (PhibookError, NotImplementedError, RuntimeError) as exc:
+        return None, f"Generator.from_path(quant={quant!r}) failed: {exc}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="phi-1.5", help="model preset (random weights)")
@@ -109,10 +179,22 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32, help="decode: tokens generated per round")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds per system")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    ap.add_argument("--systems", nargs="+", default=["transformers", "phibook", "phibook-fast"],
-                    help="systems to compare (transformers, phibook, phibook-fast)")
+    ap.add_argument("--systems", nargs="+", default=list(BASE_SYSTEMS),
+                    choices=[*BASE_SYSTEMS, *QUANT_SYSTEMS, *LLAMA_SYSTEMS],
+                    help="systems to compare (default: %(default)s); phibook-int8/int4 and the llama.cpp "
+                         "ones are decode-only; llama.cpp* need llama-cpp-python (pip install -e .[llamacpp])")
+    ap.add_argument("--llama-bench", type=Path, metavar="PATH",
+                    help="a built llama-bench binary: adds systems llama-bench (run dtype) and llama-bench-q8_0 "
+                         "on the same GGUF files")
+    ap.add_argument("--workdir", type=Path,
+                    help="where the GGUF files and the quantization checkpoint go (default: a temp dir, removed)")
     ap.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = ap.parse_args()
+    extra = [s for s in args.systems if s not in BASE_SYSTEMS] + (["llama-bench"] if args.llama_bench else [])
+    if args.mode == "prefill" and extra:
+        ap.error(f"--mode prefill compares {', '.join(BASE_SYSTEMS)} only; drop {', '.join(extra)}")
+    if args.llama_bench and not args.llama_bench.is_file():
+        ap.error(f"--llama-bench {args.llama_bench}: no such file")
 
     from phibook.inference.fast_decode import FastForward
 
@@ -123,47 +205,114 @@ def main() -> int:
     cfg = model.config
     hf = hf_sharing(model, dtype) if "transformers" in args.systems else None
     fast = FastForward(model) if "phibook-fast" in args.systems else None
+    systems = list(args.systems)
+    bytes_per_token = {s: weight_bytes_per_token(cfg, dtype) for s in BASE_SYSTEMS}
+    skipped: dict[str, str] = {}
+    llamas: dict[str, object] = {}
+    ggufs: dict[str, Path] = {}
+    quantized: dict[str, object] = {}
+    tmp = None
+    if extra:
+        if args.workdir:
+            work = args.workdir
+            work.mkdir(parents=True, exist_ok=True)
+        else:
+            tmp = tempfile.TemporaryDirectory(prefix="bench_decode-")
+            work = Path(tmp.name)
+        tok = bench_tokenizer(cfg.vocab_size)
+        wanted_llama = [s for s in LLAMA_SYSTEMS if s in systems]
+        if args.llama_bench:
+            wanted_llama += ["llama-bench", "llama-bench-q8_0"]
+        if wanted_llama:
+            ggufs = export_ggufs(model, tok, work, args.dtype, wanted_llama)
+        for s in [x for x in systems if x in LLAMA_SYSTEMS]:
+            try:
+                import llama_cpp
+            except ImportError:
+                skipped[s] = "llama-cpp-python is not installed (pip install -e .[llamacpp])"
+                continue
+            llamas[s] = llama_cpp.Llama(
+                model_path=str(ggufs[s]), n_ctx=args.prompt_len + args.new_tokens + 8, n_batch=512,
+                n_threads=args.threads, n_threads_batch=args.threads, verbose=False,
+            )
+        if args.llama_bench:
+            systems += ["llama-bench", "llama-bench-q8_0"]
+        for s, path in ggufs.items():
+            bytes_per_token[s] = gguf_bytes_per_token(path)
+        if any(s in QUANT_SYSTEMS for s in systems):
+            from phibook.weights.checkpoint import save_checkpoint
+
+            ckpt = save_checkpoint(work / "ckpt", model, tok)
+            for s in [x for x in systems if x in QUANT_SYSTEMS]:
+                gen_q, why = load_quantized(ckpt, QUANT_SYSTEMS[s], dtype)
+                if gen_q is None:
+                    skipped[s] = why
+                    continue
+                quantized[s] = gen_q
+                bytes_per_token[s] = module_bytes_per_token(gen_q.model)
+        systems = [s for s in systems if s not in skipped]
+        for s, why in skipped.items():
+            print(f"skipping {s}: {why}", file=sys.stderr)
     print(f"built models in {time.perf_counter() - t0:.0f}s; load {load_average()}", file=sys.stderr)
+    bw_before = (memory_bandwidth_gbs(), read_bandwidth_gbs(threads=args.threads))
 
     gen = torch.Generator().manual_seed(1)
-    results: dict[str, list[float]] = {s: [] for s in args.systems}
+    results: dict[str, list[float]] = {s: [] for s in systems}
     tokens: dict[str, list[int]] = {}
-    systems = list(args.systems)
     if args.mode == "decode":
-        prompt = torch.randint(0, 50000, (1, args.prompt_len), generator=gen)
+        prompt = torch.randint(0, min(50000, cfg.vocab_size), (1, args.prompt_len), generator=gen)
         runners = {
             "transformers": lambda: decode_hf(hf, prompt, args.new_tokens),
             "phibook": lambda: decode_ours(model, cfg, dtype, prompt, args.new_tokens),
             "phibook-fast": lambda: decode_ours(fast, cfg, dtype, prompt, args.new_tokens),
         }
+        for s, g in quantized.items():
+            runners[s] = lambda g=g: decode_ours(g.forward, cfg, dtype, prompt, args.new_tokens)
+        for s, llm in llamas.items():
+            runners[s] = lambda llm=llm: decode_llama(llm, prompt[0].tolist(), args.new_tokens)
+        for s in ("llama-bench", "llama-bench-q8_0"):
+            if s in systems:
+                runners[s] = lambda s=s: (decode_llama_bench(args.llama_bench, ggufs[s], args.threads,
+                                                             args.prompt_len, args.new_tokens), None)
         for s in systems:  # warm-up (allocator, oneDNN primitive caches)
             runners[s]()
         for r in range(args.rounds):
             for s in systems[r % len(systems):] + systems[: r % len(systems)]:
                 sec, toks = runners[s]()
                 results[s].append(sec * 1e3)
-                tokens[s] = toks
-                print(f"round {r} {s}: {sec * 1e3:.1f} ms/token", file=sys.stderr)
-        floor_ms = weight_bytes_per_token(cfg, dtype) / (BANDWIDTH_GBS * 1e9) * 1e3
+                if toks is not None:
+                    tokens[s] = toks
+                print(f"round {r} {s}: {sec * 1e3:.1f} ms/token; load {load_average()}", file=sys.stderr)
+        bw_after = (memory_bandwidth_gbs(), read_bandwidth_gbs(threads=args.threads))
+        # The floor uses the better of the two read measurements: the fastest the weights could stream.
+        read_gbs = max(bw_before[1], bw_after[1])
         ref = median(results["transformers"]) if "transformers" in results else None
         lines = [
             f"decode, {args.preset} {args.dtype}, batch 1, {args.prompt_len}-token prompt, "
-            f"{args.new_tokens} new tokens x {args.rounds} alternating rounds, {args.threads} threads; "
-            f"bandwidth floor {floor_ms:.0f} ms/token at {BANDWIDTH_GBS:.0f} GB/s",
+            f"{args.new_tokens} new tokens x {args.rounds} alternating rounds, {args.threads} threads",
+            f"CPU flags: {cpu_flags()}; bandwidth on {args.threads} threads, before / after the rounds: "
+            f"copy {bw_before[0]:.1f} / {bw_after[0]:.1f} GB/s, read {bw_before[1]:.1f} / {bw_after[1]:.1f} GB/s; "
+            f"floor = weight bytes read per token / {read_gbs:.1f} GB/s",
             "",
-            "| system | median ms/token | min | max | speed vs transformers | fraction of floor |",
-            "|---|---|---|---|---|---|",
+            "| system | median ms/token | min | max | speed vs transformers | weight MB/token | floor ms | "
+            "fraction of floor |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for s in systems:
             m = median(results[s])
             ratio = f"{ref / m:.2f}x" if ref else "-"
+            floor_ms = bytes_per_token[s] / (read_gbs * 1e9) * 1e3
             lines.append(
-                f"| {s} | {m:.1f} | {min(results[s]):.1f} | {max(results[s]):.1f} | {ratio} | {floor_ms / m:.2f} |"
+                f"| {s} | {m:.1f} | {min(results[s]):.1f} | {max(results[s]):.1f} | {ratio} | "
+                f"{bytes_per_token[s] / 1e6:.1f} | {floor_ms:.1f} | {floor_ms / m:.2f} |"
             )
-        if "transformers" in tokens:
-            for s in systems:
-                same = sum(a == b for a, b in zip(tokens[s], tokens["transformers"]))
-                lines.append(f"\n{s}: {same}/{len(tokens[s])} greedy tokens equal to transformers'")
+        for s, why in skipped.items():
+            lines.append(f"\n{s}: not run ({why})")
+        ref_tokens = "transformers" if "transformers" in tokens else "phibook" if "phibook" in tokens else None
+        if ref_tokens:
+            for s in [x for x in systems if x in tokens and x != ref_tokens]:
+                same = sum(a == b for a, b in zip(tokens[s], tokens[ref_tokens]))
+                lines.append(f"\n{s}: {same}/{len(tokens[s])} greedy tokens equal to {ref_tokens}'s")
     else:
         prompts = {n: torch.randint(0, 50000, (1, n), generator=gen) for n in args.prompt_lens}
         runners = {
@@ -198,8 +347,29 @@ def main() -> int:
     )
     print("\n".join(lines))
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results}, indent=1))
+        raw = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+               "results": results, "bytes_per_token": bytes_per_token if args.mode == "decode" else None,
+               "bandwidth_gbs": {"copy_before": bw_before[0], "read_before": bw_before[1]}, "skipped": skipped}
+        args.json.write_text(json.dumps(raw, indent=1))
+    if tmp is not None:
+        tmp.cleanup()
     return 0
+
+
+def export_ggufs(model, tok, work: Path, dtype_name: str, systems: list[str]) -> dict[str, Path]:
+    """One GGUF per format the llama.cpp systems need, written by phibook's exporter."""
+    from phibook.weights.gguf import write_gguf
+
+    out: dict[str, Path] = {}
+    for s in systems:
+        fmt = "q8_0" if s.endswith("q8_0") else GGUF_TYPE[dtype_name]
+        path = work / f"bench-{fmt}.gguf"
+        if not path.exists():
+            t = time.perf_counter()
+            write_gguf(model, tok, path, fmt, name="bench-random")
+            print(f"wrote {path} in {time.perf_counter() - t:.0f}s", file=sys.stderr)
+        out[s] = path
+    return out
 
 
 if __name__ == "__main__":

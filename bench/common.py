@@ -129,3 +129,82 @@ def memory_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
         np.copyto(dst, src)
         best = min(best, time.perf_counter() - t)
     return 2 * src.nbytes / best / 1e9
+
+
+def read_bandwidth_gbs(mb: int = 512, threads: int | None = None, repeats: int = 5) -> float:
+    """Read bandwidth (STREAM-like, read only) of a ``mb`` MB fp32 buffer summed by torch on
+    ``threads`` threads, best of ``repeats``, in GB/s. Decode reads weights and writes almost
+    nothing, so this, not copy bandwidth, sets its floor."""
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        buf = torch.ones(mb << 18, dtype=torch.float32)  # mb MiB
+        buf.sum()  # fault the pages in before timing
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            buf.sum()
+            best = min(best, time.perf_counter() - t)
+        return buf.numel() * 4 / best / 1e9
+    finally:
+        torch.set_num_threads(old)
+
+
+def bench_tokenizer(vocab_rows: int, shared: Path | None = None):
+    """A real byte-level BPE for a random-weight model: codegen-mono (phi-1.5's) from ../shared
+    when it fits ``vocab_rows``, else <|endoftext|>, the 256 byte symbols and one merge ("Ġ t"; a
+    GGUF vocabulary needs at least one)."""
+    from phibook.model.tokenizer import EOS_TOKEN, Tokenizer
+
+    shared = shared or Path(__file__).resolve().parents[2] / "shared"
+    codegen = shared / "tokenizer" / "codegen-mono"
+    if (codegen / "tokenizer.json").is_file():
+        tok = Tokenizer.from_file(codegen)
+        if tok.vocab_size <= vocab_rows:
+            return tok
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as RustTokenizer
+
+    vocab = {EOS_TOKEN: 0}
+    for ch in pre_tokenizers.ByteLevel.alphabet():
+        vocab.setdefault(ch, len(vocab))
+    vocab["Ġt"] = len(vocab)
+    backend = RustTokenizer(models.BPE(vocab, [("Ġ", "t")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(EOS_TOKEN, special=True, normalized=False)])
+    return Tokenizer(backend)
+
+
+def gguf_bytes_per_token(path: Path) -> int:
+    """Bytes a llama.cpp decode step reads from a GGUF: every tensor but the embedding table,
+    of which it reads one row."""
+    import gguf
+
+    total = 0
+    for t in gguf.GGUFReader(path).tensors:
+        if t.name == "token_embd.weight":
+            total += int(t.n_bytes) // int(t.shape[-1])  # shape is (n_embd, n_vocab): one of n_vocab rows
+        else:
+            total += int(t.n_bytes)
+    return total
+
+
+def module_bytes_per_token(module) -> int:
+    """Bytes of every parameter and buffer of ``module`` a decode step reads: all but the rotary
+    tables and the embedding (one row of it). Counts each storage once (views share one)."""
+    seen: set[int] = set()
+    total = 0
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if "rope_" in name or not isinstance(t, torch.Tensor):
+            continue
+        try:
+            key, nbytes = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without one storage
+            key, nbytes = id(t), t.numel() * t.element_size()
+        if key in seen:
+            continue
+        seen.add(key)
+        total += nbytes // t.shape[0] if name.startswith("embed.") else nbytes
+    return total
