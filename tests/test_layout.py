@@ -27,7 +27,7 @@ LAYERS: list[list[str]] = [
     ["phibook.weights"],
     ["phibook.inference"],
     ["phibook.data"],
-    ["phibook.train", "phibook.eval", "phibook.serve"],
+    ["phibook.train", "phibook.eval", "phibook.serve", "phibook.pipeline"],
     ["phibook.demo"],
     ["phibook.commands", "phibook.cli"],
     ["phibook"],  # the facade (phibook/__init__.py): nothing imports it

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -26,22 +25,11 @@ def _add_teacher_args(p: argparse.ArgumentParser) -> None:
 
 
 def make_teacher(args: argparse.Namespace, templates=None):
-    from phibook.data.synth.teachers import BuiltinTeacher, LocalTeacher, OpenAITeacher
-    from phibook.errors import PhibookError
+    """The teacher these options describe (phibook.data.synth.teachers.teacher_from_options, which the
+    pipeline's synth block calls too); imported lazily so `phibook --help` stays light."""
+    from phibook.data.synth.teachers import teacher_from_options
 
-    if args.teacher == "builtin":
-        return BuiltinTeacher(templates)
-    if args.teacher == "openai":
-        if not args.base_url:
-            raise PhibookError("--teacher openai needs --base-url URL (repeat it for several endpoints)")
-        return OpenAITeacher(
-            args.base_url, args.teacher_model, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
-            temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-            timeout_s=args.timeout, max_retries=args.max_retries, api=args.api,
-        )
-    if not args.checkpoint:
-        raise PhibookError("--teacher local needs --checkpoint PATH")
-    return LocalTeacher(args.checkpoint, args.temperature, args.top_p, args.max_tokens)
+    return teacher_from_options(args, templates)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -542,9 +542,9 @@ class SynthBlock(PipelineStep):
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         import argparse
 
-        from phibook.commands.synth import make_teacher
         from phibook.data.synth.prompts import load_templates, load_topics, load_web_samples
         from phibook.data.synth.run import run_synth
+        from phibook.data.synth.teachers import teacher_from_options
 
         o = self.opts
         topics = load_topics(o["topics"])
@@ -552,7 +552,7 @@ class SynthBlock(PipelineStep):
         web = load_web_samples(o["web_samples"]) if o["web_samples"] else None
         urls = o["base_url"] if isinstance(o["base_url"], list) else ([o["base_url"]] if o["base_url"] else [])
         args = argparse.Namespace(**{**o, "base_url": urls, "api_key": None})
-        teacher = make_teacher(args, templates)
+        teacher = teacher_from_options(args, templates)
         path = Path(self.work) / f"{rank:05d}.jsonl"
         stats = run_synth(path, o["num_docs"], teacher, topics, templates, web, o["seed"], (rank, world_size),
                           o["concurrency"], progress=False)

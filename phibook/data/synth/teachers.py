@@ -399,3 +399,25 @@ class LocalTeacher:
             out.text.strip() + "\n", out.prompt_tokens, out.completion_tokens,
             meta={"seconds": round(time.perf_counter() - start, 3)},
         )
+
+
+def teacher_from_options(args: Any, templates: Any = None) -> Any:
+    """The teacher that `phibook synth run`'s teacher options (an argparse namespace or any object with
+    those attributes: teacher, base_url, teacher_model, api_key, ...) describe."""
+    import os
+
+    from phibook.errors import PhibookError
+
+    if args.teacher == "builtin":
+        return BuiltinTeacher(templates)
+    if args.teacher == "openai":
+        if not args.base_url:
+            raise PhibookError("--teacher openai needs --base-url URL (repeat it for several endpoints)")
+        return OpenAITeacher(
+            args.base_url, args.teacher_model, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
+            temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+            timeout_s=args.timeout, max_retries=args.max_retries, api=args.api,
+        )
+    if not args.checkpoint:
+        raise PhibookError("--teacher local needs --checkpoint PATH")
+    return LocalTeacher(args.checkpoint, args.temperature, args.top_p, args.max_tokens)
