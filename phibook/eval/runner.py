@@ -19,23 +19,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from phibook.errors import PhibookError
-from phibook.eval.scoring import LoglikelihoodScorer, logits_at, token_scores  # noqa: F401 (re-exported)
+from phibook.eval.scoring import LoglikelihoodScorer, TokenPair, logits_at, token_scores  # noqa: F401 (re-exported)
 from phibook.eval.task import GenerationRequest, LoglikelihoodRequest, RollingLoglikelihoodRequest
 from phibook.model.model import PhiModel
-
-
-@dataclass
-class TokenPair:
-    """One scoring request in token ids: P(continuation | context)."""
-
-    context: list[int]
-    continuation: list[int]
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> TokenPair:

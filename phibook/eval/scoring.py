@@ -23,7 +23,6 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -31,8 +30,13 @@ from tqdm import tqdm
 from phibook.errors import PhibookError
 from phibook.model.model import KVCache, PhiModel
 
-if TYPE_CHECKING:
-    from phibook.eval.runner import TokenPair
+
+@dataclass
+class TokenPair:
+    """One scoring request in token ids: P(continuation | context)."""
+
+    context: list[int]
+    continuation: list[int]
 
 
 @contextmanager
@@ -133,6 +137,10 @@ def group_by_prefix(rows: list[_Row]) -> list[_Group]:
                 continue
         groups.append(_Group(list(share), [row]))
     return groups
+
+
+# A tail chunk takes rows at least this fraction of its longest: less padding, more (smaller) passes.
+TAIL_FILL = 0.75
 
 
 class LoglikelihoodScorer:
@@ -286,7 +294,7 @@ class LoglikelihoodScorer:
                       key=lambda gr: -tail_len(gr))
         while todo:
             T = tail_len(todo[0])
-            chunk = [gr for gr in todo if 2 * tail_len(gr) >= T]
+            chunk = [gr for gr in todo if tail_len(gr) >= TAIL_FILL * T]
             todo = todo[len(chunk) :]
             for i, picked in enumerate(self._tails(cache, p_mask if padded else None, p_lens, chunk, T, hidden)):
                 at[id(chunk[i][1])].extend(range(n_hidden, n_hidden + picked))
