@@ -53,7 +53,7 @@ def _gguf():
         import gguf
     except ImportError as exc:  # pragma: no cover - gguf is a test/extra dependency
         raise PhibookError(
-            "GGUF export needs the 'gguf' package (pip install gguf==0.19.0, or phibook[test])"
+            "GGUF export needs the 'gguf' package (a phibook dependency: pip install gguf==0.19.0)"
         ) from exc
     return gguf
 
