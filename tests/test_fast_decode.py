@@ -83,14 +83,18 @@ def test_logits_match_model_left_padded_batch(pack: bool) -> None:
         assert (a - b).abs().max().item() <= 1e-4, f"step {i}"
 
 
-def test_last_only_is_the_last_row_of_the_full_logits() -> None:
+@pytest.mark.parametrize("pack", PACKS)
+def test_last_only_is_the_last_row_of_the_full_logits(pack: bool) -> None:
     model = _model()
-    fast = FastForward(model)
+    fast = FastForward(model, pack=pack)
     prompt = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(5))
     full = fast(prompt)
     last = fast(prompt, last_only=True)
     assert last.shape == (2, 1, 320)
-    assert torch.equal(full[:, -1:], last)
+    if fast.packed:  # oneDNN's packed kernel gives each row the same bits whatever the row count
+        assert torch.equal(full[:, -1:], last)
+    else:  # MKL picks its blocking by row count: the same sums in another order
+        assert (full[:, -1:] - last).abs().max().item() <= 1e-5
 
 
 def _generator(tiny_checkpoint, fast: bool) -> Generator:
@@ -184,3 +188,4 @@ def test_gpu_bench_imports_on_cpu_and_its_static_step_is_exact() -> None:
     _, tokens = StaticDecoder(model, 9 + 33, compile_mode=None).decode(prompt, 33)
     ref = [int(t.argmax()) for t in _step_logits(model, model, prompt, None, 33)]
     assert tokens == ref
+

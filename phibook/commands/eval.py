@@ -79,6 +79,9 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weight dtype (default: float32; log-probabilities are always computed in float32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    from phibook.commands.generate import add_quant_args
+
+    add_quant_args(p)
     p.set_defaults(func=run)
 
 
@@ -190,7 +193,14 @@ def run(args: argparse.Namespace) -> int:
     from phibook.weights.checkpoint import load_model
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    loaded = load_model(args.model, device=args.device, dtype=dtype)
+    if args.quant:
+        from phibook.inference.load import load_inference_model
+
+        # The model's linears become int8/int4 modules; the runner uses the model unchanged.
+        loaded = load_inference_model(args.model, device=args.device, dtype=dtype, quant=args.quant,
+                                      save_quant=args.save_quant)
+    else:
+        loaded = load_model(args.model, device=args.device, dtype=dtype)
     if loaded.tokenizer is None:
         raise PhibookError(f"{args.model}: no tokenizer.json found beside the model; evaluation needs one")
     runner = Runner(loaded.model, loaded.tokenizer, batch_size=args.batch_size, progress=not args.no_progress)
@@ -213,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         data_dir=str(Path(data_dir).resolve()),
         device=args.device,
-        dtype=args.dtype,
+        dtype=args.dtype + (f"+{args.quant}" if args.quant else ""),
         samples=samples if args.log_samples else None,
         sandbox=sandbox,
     )

@@ -6,7 +6,8 @@ import argparse
 import sys
 import textwrap
 
-DTYPE_CHOICES = ("fp32", "bf16")
+DTYPE_CHOICES = ("auto", "fp32", "bf16")
+QUANT_CHOICES = ("int8", "int4", "int4-g128")
 
 
 def unescape(text: str) -> str:
@@ -29,11 +30,38 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "(config.json + safetensors or pytorch_model.bin + tokenizer.json)",
     )
     parser.add_argument(
-        "--dtype", choices=DTYPE_CHOICES, default="fp32",
-        help="weights and compute precision (default: fp32; bf16 halves memory and is faster on CPUs with AVX-512 BF16)",
+        "--dtype", choices=DTYPE_CHOICES, default="auto",
+        help="weights and compute precision. auto (default): bf16 where the CPU runs it natively (AVX512-BF16 or "
+        "AMX), else fp32; the choice is printed once on stderr",
     )
     parser.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda (default: cpu)")
     add_fast_arg(parser)
+    add_quant_args(parser)
+    add_compile_arg(parser)
+
+
+def add_quant_args(parser: argparse.ArgumentParser) -> None:
+    """--quant and --save-quant (generate, chat, eval, serve)."""
+    parser.add_argument(
+        "--quant", choices=QUANT_CHOICES, default=None,
+        help="weight-only quantized linears on the CPU: int8 (per output channel) or int4 (groups of 32 input "
+        "channels; int4-g128: groups of 128). Read from quant-MODE.safetensors beside the checkpoint when it "
+        "matches the weights, else quantized at load (default: off)",
+    )
+    parser.add_argument(
+        "--save-quant", action=argparse.BooleanOptionalAction, default=True,
+        help="with --quant: write quant-MODE.safetensors (+ .json) beside the checkpoint after quantizing, so the "
+        "next load reads it instead of quantizing again (default: on; --no-save-quant for read-only directories)",
+    )
+
+
+def add_compile_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=False,
+        help="compile the one-token decode step with torch.compile (inductor) over a fixed-size KV cache: "
+        "same tokens, one compile per cache size (tens of seconds). Default: off (see docs/performance.md for "
+        "when it pays)",
+    )
 
 
 def add_fast_arg(parser: argparse.ArgumentParser) -> None:
@@ -119,6 +147,11 @@ def register(subparsers) -> None:
         help="print a single prompt's continuation only when it is complete",
     )
     parser.add_argument(
+        "--stats", action="store_true",
+        help="print timings to stderr at the end, as llama.cpp does: load time, prefill tokens and tokens/s, "
+        "decode ms/token and tokens/s",
+    )
+    parser.add_argument(
         "prompts", nargs="+", metavar="PROMPT",
         help=r"prompt text, where \n and \t are a newline and a tab and \\ is a backslash, as in --stop "
         "(so 'Alice: hi\nBob:' is two lines); '-' reads one prompt from stdin as it is, escapes not "
@@ -144,7 +177,11 @@ def sampling_params_from(args: argparse.Namespace, stop: list[str]):
 def load_generator(args: argparse.Namespace):
     from phibook.inference.generate import Generator
 
-    return Generator.from_path(args.model, device=args.device, dtype=args.dtype, fast=use_fast(args, args.device))
+    return Generator.from_path(
+        args.model, device=args.device, dtype=args.dtype, fast=use_fast(args, args.device),
+        quant=getattr(args, "quant", None), save_quant=getattr(args, "save_quant", True),
+        compile=getattr(args, "compile", False),
+    )
 
 
 def read_prompts(prompts: list[str]) -> list[str]:
@@ -176,13 +213,16 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
-        return 0
-
-    results = generator.generate(prompts, params)
-    for i, r in enumerate(results):
+    else:
+        results = generator.generate(prompts, params)
+        for i, r in enumerate(results):
+            sys.stdout.flush()
+            print(f"=== prompt {i} ({r.completion_tokens} tokens, {r.finish_reason}) ===", file=sys.stderr, flush=True)
+            sys.stdout.write(r.text + "\n")
+            sys.stdout.flush()
+    if args.stats and generator.last_stats is not None:
         sys.stdout.flush()
-        print(f"=== prompt {i} ({r.completion_tokens} tokens, {r.finish_reason}) ===", file=sys.stderr, flush=True)
-        sys.stdout.write(r.text + "\n")
-        sys.stdout.flush()
+        for line in generator.last_stats.lines(generator.load_seconds):
+            print(f"phibook generate: {line}", file=sys.stderr)
     return 0
 

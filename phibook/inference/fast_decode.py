@@ -28,13 +28,13 @@ or ``pack=False``), the same fused weights run through plain ``F.linear``.
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from phibook.inference.pages import dontneed, drop_file_pages, file_page_range, malloc_trim
 from phibook.model.model import KVCache, PhiModel
 
 
@@ -71,15 +71,29 @@ class _Linear:
 
 
 class _FusedBlock:
-    """One phi block's weights, fused into an input and an output projection."""
+    """One phi block's weights, fused into an input and an output projection.
+
+    For a quantized block (phibook.inference.quant) the input projection stacks the int8/int4
+    rows of qkv and fc1 (exact: every row keeps its own scales) and the output projection stays
+    two quantized matmuls, out(y) + fc2(g): stacking along the input dimension would need one
+    scale per row for both, i.e. re-quantizing.
+    """
 
     def __init__(self, block: torch.nn.Module, pack: bool) -> None:
+        from phibook.inference.quant import QuantLinear, cat_rows
+
         attn, mlp = block.attn, block.mlp
         self.ln_weight = block.ln.weight.detach().clone()
         self.ln_bias = block.ln.bias.detach().clone()
         self.eps = block.ln.eps
-        self.d = attn.out.weight.shape[0]
+        self.d = attn.out.in_features
         self.n_head, self.head_dim, self.layer = attn.n_head, attn.head_dim, attn.layer
+        self.quantized = isinstance(attn.qkv, QuantLinear)
+        if self.quantized:
+            fused = cat_rows(attn.qkv, mlp.fc1)
+            self.proj_in = fused if fused is not None else _Stacked(attn.qkv, mlp.fc1)
+            self.out, self.fc2 = attn.out, mlp.fc2
+            return
         w_in = torch.cat([attn.qkv.weight, mlp.fc1.weight], dim=0)
         b_in = torch.cat([attn.qkv.bias, mlp.fc1.bias], dim=0)
         self.proj_in = _Linear(w_in, b_in, pack)
@@ -98,7 +112,20 @@ class _FusedBlock:
             k, v = cache.update(self.layer, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         g = F.gelu(u[..., 3 * d :], approximate="tanh")
-        return x + self.proj_out(torch.cat([y.transpose(1, 2).reshape(B, T, d), g], dim=-1))
+        y = y.transpose(1, 2).reshape(B, T, d)
+        if self.quantized:
+            return x + self.out(y) + self.fc2(g)
+        return x + self.proj_out(torch.cat([y, g], dim=-1))
+
+
+class _Stacked:
+    """[a(x) | b(x)] for two quantized linears that cannot share one weight."""
+
+    def __init__(self, a: torch.nn.Module, b: torch.nn.Module) -> None:
+        self.a, self.b = a, b
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.cat([self.a(x), self.b(x)], dim=-1)
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -115,7 +142,10 @@ class FastForward:
     """PhiModel.forward over packed, fused weights (see the module docstring)."""
 
     def __init__(self, model: PhiModel, pack: bool | None = None, release_model: bool = False) -> None:
+        from phibook.inference.quant import QuantLinear, quant_mode_of
+
         self.config = model.config
+        self.quant_mode = quant_mode_of(model)
         self.dtype = model.embed.weight.dtype
         self.device = model.embed.weight.device
         if pack is None:
@@ -134,7 +164,7 @@ class FastForward:
         # 64 KiB each) into the process; a long prompt of scattered ids would make
         # most of the 0.2 GiB table resident. When it is a file mapping we own
         # (release_model), hand those pages back after each lookup.
-        self._embed_pages = _file_page_range(self.embed) if release_model else None
+        self._embed_pages = file_page_range(self.embed) if release_model else None
         self.rope_cos, self.rope_sin = model.rope_cos, model.rope_sin
         self.blocks: list[_FusedBlock] = []
         with torch.no_grad():
@@ -143,12 +173,15 @@ class FastForward:
                 if release_model:
                     _release(block)
             self.ln_f = (model.ln_f.weight.detach().clone(), model.ln_f.bias.detach().clone(), model.ln_f.eps)
-            self.lm_head = _Linear(model.lm_head.weight, model.lm_head.bias, pack)
-            if release_model:
-                _release(model.lm_head)
+            if isinstance(model.lm_head, QuantLinear):
+                self.lm_head = model.lm_head  # shared, not copied: quantized weights are already compact
+            else:
+                self.lm_head = _Linear(model.lm_head.weight, model.lm_head.bias, pack)
+                if release_model:
+                    _release(model.lm_head)
         self.released = release_model
         if release_model:
-            _malloc_trim()  # the concatenation temporaries: give glibc's freed heap back
+            malloc_trim()  # the concatenation temporaries: give glibc's freed heap back
 
     @classmethod
     def from_path(cls, path, dtype: torch.dtype | str = torch.float32, pack: bool | None = None):
@@ -192,7 +225,7 @@ class FastForward:
         mask = PhiModel._mask(T, start, attention_mask, idx.device)
         x = F.embedding(idx, self.embed)
         if self._embed_pages is not None:
-            _dontneed(self._embed_pages)
+            dontneed(self._embed_pages)
         for block in self.blocks:
             x = block(x, cos, sin, cache, mask)
         if cache is not None:
@@ -210,70 +243,15 @@ def _release(module: torch.nn.Module) -> None:
     stays mapped until its last tensor dies; the pages they touched would stay
     resident (and count in RSS) meanwhile, so drop those pages explicitly.
     """
+    from phibook.inference.quant import QuantLinear
+
     for name, p in list(module.named_parameters(recurse=True)):
-        _drop_file_pages(p)
+        drop_file_pages(p)
         owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
         setattr(owner, name.rpartition(".")[2], torch.nn.Parameter(p.new_empty(0), requires_grad=False))
-
-
-_MADV_DONTNEED = 4
-
-
-def _file_mappings() -> list[tuple[int, int]]:
-    """(start, end) of this process's private mappings of files (safetensors maps rw-p)."""
-    out = []
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 6 and parts[1] in ("r--p", "rw-p") and parts[5].startswith("/"):
-                    lo, hi = parts[0].split("-")
-                    out.append((int(lo, 16), int(hi, 16)))
-    except OSError:
-        pass
-    return out
-
-
-def _file_page_range(t: Tensor) -> tuple[int, int] | None:
-    """The whole pages of ``t`` when they lie in a private file mapping, else None."""
-    if t.device.type != "cpu" or t.numel() == 0 or not hasattr(os, "sysconf"):
-        return None
-    page = os.sysconf("SC_PAGE_SIZE")
-    lo = t.data_ptr()
-    hi = lo + t.numel() * t.element_size()
-    lo_page, hi_page = -(-lo // page) * page, hi // page * page
-    if hi_page <= lo_page or not any(a <= lo_page and hi_page <= b for a, b in _file_mappings()):
-        return None
-    return lo_page, hi_page
-
-
-def _malloc_trim() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-def _dontneed(pages: tuple[int, int]) -> None:
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(pages[0]), ctypes.c_size_t(pages[1] - pages[0]), _MADV_DONTNEED)
-    except (OSError, AttributeError):
-        pass
-
-
-def _drop_file_pages(t: Tensor) -> None:
-    """madvise(DONTNEED) the whole pages of ``t`` when they lie in a private file mapping.
-
-    For a page never written, the call only evicts it from this process (a
-    later read faults it back in from the file, unchanged), so neighbouring
-    tensors sharing an edge page keep their values; loaded weights are never
-    written in place. Anonymous memory is never touched.
-    """
-    pages = _file_page_range(t)
-    if pages is not None:
-        _dontneed(pages)
+    # Quantized linears hold buffers: unhook them from the model. Those FastForward still uses
+    # (out, fc2, the head) stay alive through its own references; stacked ones (qkv, fc1) are freed.
+    for name, sub in list(module.named_modules()):
+        if isinstance(sub, QuantLinear) and name:
+            owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+            setattr(owner, name.rpartition(".")[2], torch.nn.Identity())

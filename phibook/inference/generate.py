@@ -28,6 +28,7 @@ import functools
 import math
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,6 +250,12 @@ class _Batch:
         B, S = len(prompt_ids), max(lengths)
         # The last sampled token is never fed back, hence max budget - 1 slots.
         total = S + max(max(budgets) - 1, 0)
+        self.static = gen.static_step
+        if self.static is not None:
+            from phibook.inference.compiled import bucket_length
+
+            total = bucket_length(total, gen.context)  # fixed shapes: one compiled graph per bucket
+        self.keep: Tensor | None = None
         self.pad_to = S
         self.cache_len = total
         self.prompt_ids, self.lengths = prompt_ids, lengths
@@ -276,6 +283,8 @@ class _Batch:
             self.seen = torch.zeros((B, self.model.config.vocab_size), dtype=torch.bool, device=dev)
             # Padding slots point at the row's last (real) token, so only real ids are marked.
             self.seen.scatter_(1, torch.where(prompt_mask.bool(), idx, idx[:, -1:]), True)
+        if self.static is not None:
+            self.keep = self.mask.bool()  # the static step masks padding and unwritten slots itself
         # Without padding the model's own causal path (no explicit mask) is
         # exact and faster; with padding the mask hides the pad slots.
         if all(n == S for n in self.lengths):
@@ -295,6 +304,8 @@ class _Batch:
         # A finished row keeps riding along; clamp so its positions stay inside
         # the rotary table (active rows never get there: budgets are clamped).
         self.positions = (self.positions + 1).clamp(max=self.model.config.max_seq_len - 1)
+        if self.static is not None:
+            return self._pick(self.static(tokens.unsqueeze(1), self.positions, self.cache, self.keep))
         logits = self.forward(tokens.unsqueeze(1), positions=self.positions, cache=self.cache, attention_mask=self.mask)
         return self._pick(logits[:, -1])
 
@@ -311,6 +322,35 @@ class _Batch:
 # --------------------------------------------------------------------------- generator
 
 
+@dataclass
+class RunStats:
+    """Wall times of one batch: prefill (prompt forward + first token) and decode steps after it."""
+
+    rows: int
+    prompt_tokens: int  # real prompt tokens over all rows (padding not counted)
+    prefill_seconds: float | None = None
+    decode_steps: int = 0  # one step = one new token per active row
+    decode_seconds: float = 0.0
+
+    def lines(self, load_seconds: float | None = None) -> list[str]:
+        """llama.cpp-style timing lines."""
+        out = []
+        if load_seconds is not None:
+            out.append(f"load time = {load_seconds * 1e3:10.2f} ms")
+        if self.prefill_seconds is not None:
+            ms = self.prefill_seconds * 1e3
+            out.append(f"prefill   = {ms:10.2f} ms / {self.prompt_tokens:5d} tokens "
+                       f"({ms / max(self.prompt_tokens, 1):8.2f} ms per token, "
+                       f"{self.prompt_tokens / max(self.prefill_seconds, 1e-9):8.2f} tokens per second)")
+        if self.decode_steps:
+            ms = self.decode_seconds * 1e3
+            rows = f", batch {self.rows}" if self.rows > 1 else ""
+            out.append(f"decode    = {ms:10.2f} ms / {self.decode_steps:5d} tokens{rows} "
+                       f"({ms / self.decode_steps:8.2f} ms per token, "
+                       f"{self.decode_steps / max(self.decode_seconds, 1e-9):8.2f} tokens per second)")
+        return out
+
+
 class Generator:
     """Runs a PhiModel and its tokenizer over batches of prompts."""
 
@@ -320,11 +360,20 @@ class Generator:
         tokenizer: Tokenizer,
         device: torch.device | str | None = None,
         fast: bool | FastForward = False,
+        compile: bool = False,
     ) -> None:
         """fast=True runs prefill and decode through phibook.inference.fast_decode.FastForward
         (prepacked, fused weights: a second copy of them unless a FastForward built
-        with release_model=True is passed instead of True)."""
+        with release_model=True is passed instead of True).
+        compile=True runs each decode step through phibook.inference.compiled.StaticStep
+        (torch.compile over a fixed-size cache) on the model's own modules; prefill stays on
+        ``fast`` or the model."""
         self.model = model.eval()
+        self.static_step = None
+        if compile:
+            from phibook.inference.compiled import StaticStep
+
+            self.static_step = StaticStep(model, compile=True)
         self.forward: Callable[..., Tensor] = model
         if fast is True:
             from phibook.inference.fast_decode import FastForward
@@ -343,6 +392,10 @@ class Generator:
             )
         self.n_real_vocab = tokenizer.vocab_size
         self.context = model.config.max_seq_len
+        self.load_seconds: float | None = None
+        self.quant: str | None = getattr(model, "quant_mode", None)
+        # Timings of the last batch (see RunStats), for `phibook generate --stats`.
+        self.last_stats: RunStats | None = None
         # Prompts are prefilled this many tokens at a time (memory bound for long prompts).
         self.prefill_chunk = 512
 
@@ -351,24 +404,42 @@ class Generator:
         cls,
         path: str | Path,
         device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str | None = torch.float32,
         fast: bool = False,
+        quant: str | None = None,
+        save_quant: bool = True,
+        log: Callable[[str], None] | None = None,
+        compile: bool = False,
     ) -> Generator:
         """Load a phibook checkpoint or HF directory (see phibook.weights.checkpoint.load_model).
 
+        dtype: a torch.dtype, a name (fp32, bf16, ...) or "auto" (bf16 only where the CPU has
+        AVX512-BF16 or AMX, else fp32; see phibook.inference.load.choose_dtype).
+        quant: None, "int8", "int4" or "int4-g128": weight-only quantized linears
+        (phibook.inference.quant), read from quant-<mode>.safetensors beside the checkpoint when
+        it matches, else quantized now and saved there when ``save_quant``.
         fast=True packs the weights for phibook.inference.fast_decode and frees the
         model's own copies as it goes (one copy in memory, not two).
+        log: where the one-line dtype/quantization notes go (default: stderr when dtype is
+        "auto" or quant is set).
+        compile=True: a compiled fixed-shape decode step (phibook.inference.compiled); it needs
+        the model's own weights, so it replaces ``fast`` (which frees them).
         """
-        from phibook.weights.checkpoint import load_model
+        from phibook.inference.load import load_inference_model, stderr_log
 
-        loaded = load_model(path, device=device, dtype=dtype)
+        loaded = load_inference_model(path, device=device, dtype=dtype, quant=quant, save_quant=save_quant,
+                                      log=log or stderr_log)
         if loaded.tokenizer is None:
             raise PhibookError(f"{path}: no tokenizer.json found beside the model; generation needs one")
-        if fast:
+        if fast and not compile:
             from phibook.inference.fast_decode import FastForward
 
-            return cls(loaded.model, loaded.tokenizer, device=device, fast=FastForward(loaded.model, release_model=True))
-        return cls(loaded.model, loaded.tokenizer, device=device)
+            gen = cls(loaded.model, loaded.tokenizer, device=device, fast=FastForward(loaded.model, release_model=True))
+        else:
+            gen = cls(loaded.model, loaded.tokenizer, device=device, compile=compile)
+        gen.load_seconds = loaded.load_seconds
+        gen.quant = quant
+        return gen
 
     # ------------------------------------------------------------------ public
 
@@ -465,10 +536,20 @@ class Generator:
 
         batch = _Batch(self, prompt_ids, budgets, _build_sampling(params, self.n_real_vocab, self.device))
         active = [i for i in range(len(prompts)) if finish[i] is None]
+        stats = RunStats(rows=len(prompts), prompt_tokens=sum(len(r) for r in prompt_ids))
+        self.last_stats = stats
+        t_start = time.perf_counter()
         if active:
             tokens = batch.prefill()
         while active:
             picked = tokens.tolist()  # the one host sync per step: text needs the ids
+            now = time.perf_counter()
+            if stats.prefill_seconds is None:
+                stats.prefill_seconds = now - t_start
+                t_decode = now
+            else:
+                stats.decode_steps += 1
+                stats.decode_seconds = now - t_decode
             still = []
             for i in active:
                 t = picked[i]

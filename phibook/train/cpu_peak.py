@@ -36,7 +36,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-CPUINFO = Path("/proc/cpuinfo")
+# The CPU's features are read in the base layer (inference chooses its dtype from them too).
+from phibook.cpu_features import bf16_native, cpu_flags, precision_choice, read_cpuinfo  # noqa: F401
+
 MAX_FREQ = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
 DEFAULT_CLOCK_HZ = 5.0e9
 AMX_FLOPS_PER_CYCLE = 1024
@@ -55,22 +57,6 @@ class CpuPeak:
     def describe(self) -> str:
         return (f"{self.flops / 1e9:,.1f} GFLOP/s {self.dtype} = {self.cores} core(s) x {self.flops_per_cycle} "
                 f"FLOPs/cycle ({self.isa}) x {self.clock_hz / 1e9:.2f} GHz ({self.clock_source})")
-
-
-def read_cpuinfo() -> str:
-    try:
-        return CPUINFO.read_text(errors="replace")
-    except OSError:
-        return ""
-
-
-def cpu_flags(cpuinfo: str) -> set[str] | None:
-    """The first processor's feature flags (x86 ``flags``, Arm ``Features``); None when absent."""
-    for line in cpuinfo.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return None
 
 
 def flops_per_cycle(flags: set[str] | None, dtype: str = "fp32") -> tuple[int, str]:
@@ -98,23 +84,6 @@ def flops_per_cycle(flags: set[str] | None, dtype: str = "fp32") -> tuple[int, s
         width = "SVE up to 512-bit" if "sve" in flags else "NEON"
         return (64 if "sve" in flags else 16), f"{width} FMA x 2 units" + emulated
     return 8, "SSE, 4 lanes x (1 mul + 1 add)" + emulated
-
-
-def bf16_native(flags: set[str] | None) -> bool:
-    """Whether bf16 matmuls run on bf16 units (AVX512-BF16 or AMX) rather than being emulated."""
-    return bool(flags) and bool({"avx512_bf16", "amx_bf16"} & flags)
-
-
-def precision_choice(cpuinfo: str | None = None) -> tuple[str, str]:
-    """(bf16 | fp32, why) for training on this CPU, from its features: no timing."""
-    flags = cpu_flags(read_cpuinfo() if cpuinfo is None else cpuinfo)
-    if flags is not None and "amx_bf16" in flags:
-        return "bf16", "this CPU has AMX-BF16"
-    if flags is not None and "avx512_bf16" in flags:
-        return "bf16", "this CPU has AVX512-BF16"
-    if flags is None:
-        return "fp32", "this CPU's features are unknown, so bf16 may be emulated"
-    return "fp32", "this CPU has no AVX512-BF16/AMX, so bf16 would be emulated"
 
 
 def cpu_clock_hz(cpuinfo: str, max_freq_khz: str | None = None) -> tuple[float, str]:

@@ -1,0 +1,80 @@
+"""A fixed-shape one-token decode step, compiled with torch.compile (inductor) or run eagerly.
+
+The eager decode step slices the KV cache to the filled length, so its shapes change every
+token and a compiled graph would recompile every step. ``StaticStep`` keeps every shape fixed:
+
+* the KV cache has a bucketed length (prompt + budget rounded up to ``BUCKET`` slots, at most the
+  context), so one compiled graph serves every step of a batch and of later batches of the same
+  bucket and batch size;
+* the new token's K/V are written with ``index_copy_`` at a slot given as a tensor;
+* attention runs over the whole cache with a mask ``slot <= pos`` (and the batch's padding mask):
+  masked slots add exactly zero to the softmax, so the result is the eager step's up to the
+  order of floating-point sums.
+
+The step calls the model's own modules (LayerNorm, the linears, quantized or not), so it works
+for fp32, bf16 and ``--quant`` models alike. Prefill stays eager (one call per batch).
+
+When it pays: the step removes per-op Python overhead (about a dozen ops x 24 blocks) and fuses
+the elementwise ops around the matmuls; the matmuls themselves, which read every weight once
+per token, are unchanged. So it pays where that overhead is a visible share of a step: small
+models, and fast (quantized, bf16-native) large ones. Measured numbers are in
+docs/performance.md; ``Generator`` uses it only when asked (``compile=True``, ``--compile``),
+never decided by a timing at start-up.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from phibook.model.model import KVCache, PhiModel, apply_rotary
+
+BUCKET = 256
+
+
+def bucket_length(needed: int, context: int) -> int:
+    """Cache slots for ``needed`` positions: rounded up to a multiple of BUCKET, at most the context."""
+    return min(context, -(-needed // BUCKET) * BUCKET)
+
+
+class StaticStep:
+    """step(token, slot, positions, keep, cache) -> logits (B, vocab) for one new token per row.
+
+    token (B, 1) long; slot (1,) long: the cache slot to write (same for every row, as in the
+    eager cache); positions (B, 1): rotary positions; keep (B, L) bool: cache slots a row may
+    attend to besides the causal limit (its padding is False); cache: a KVCache of length L.
+    """
+
+    def __init__(self, model: PhiModel, compile: bool = True) -> None:
+        self.model = model
+        self.compiled = compile
+        self._fn = torch.compile(self._step, dynamic=False, fullgraph=False) if compile else self._step
+
+    def _step(self, token: Tensor, slot: Tensor, positions: Tensor, keep: Tensor, cache_k: Tensor,
+              cache_v: Tensor) -> Tensor:
+        m = self.model
+        B = token.shape[0]
+        L = cache_k.shape[3]
+        cos = m.rope_cos[positions].unsqueeze(1)  # (B, 1, 1, R)
+        sin = m.rope_sin[positions].unsqueeze(1)
+        slots = torch.arange(L, device=token.device)
+        mask = (keep & (slots <= slot)).view(B, 1, 1, L)
+        x = m.embed(token)
+        for i, block in enumerate(m.blocks):
+            h = block.ln(x)
+            a = block.attn
+            q, k, v = a.qkv(h).view(B, 1, 3, a.n_head, a.head_dim).permute(2, 0, 3, 1, 4)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            cache_k[i].index_copy_(2, slot, k)
+            cache_v[i].index_copy_(2, slot, v)
+            y = F.scaled_dot_product_attention(q, cache_k[i], cache_v[i], attn_mask=mask)
+            x = x + a.out(y.transpose(1, 2).reshape(B, 1, -1)) + block.mlp(h)
+        return m.lm_head(m.ln_f(x))[:, -1]
+
+    def __call__(self, token: Tensor, positions: Tensor, cache: KVCache, keep: Tensor) -> Tensor:
+        """One step at slot ``cache.pos``; advances it like the eager forward does."""
+        slot = torch.tensor([cache.pos], device=token.device)
+        logits = self._fn(token, slot, positions, keep, cache.k, cache.v)
+        cache.pos += 1
+        return logits

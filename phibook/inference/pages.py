@@ -1,0 +1,70 @@
+"""Giving memory back: the pages of memory-mapped weights a process no longer needs, and malloc's
+free lists (used by fast_decode and quant after they copy weights into their own layouts)."""
+
+from __future__ import annotations
+
+import os
+
+from torch import Tensor
+
+_MADV_DONTNEED = 4
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's private mappings of files (safetensors maps rw-p)."""
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[1] in ("r--p", "rw-p") and parts[5].startswith("/"):
+                    lo, hi = parts[0].split("-")
+                    out.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        pass
+    return out
+
+
+def file_page_range(t: Tensor) -> tuple[int, int] | None:
+    """The whole pages of ``t`` when they lie in a private file mapping, else None."""
+    if t.device.type != "cpu" or t.numel() == 0 or not hasattr(os, "sysconf"):
+        return None
+    page = os.sysconf("SC_PAGE_SIZE")
+    lo = t.data_ptr()
+    hi = lo + t.numel() * t.element_size()
+    lo_page, hi_page = -(-lo // page) * page, hi // page * page
+    if hi_page <= lo_page or not any(a <= lo_page and hi_page <= b for a, b in _file_mappings()):
+        return None
+    return lo_page, hi_page
+
+
+def malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def dontneed(pages: tuple[int, int]) -> None:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(pages[0]), ctypes.c_size_t(pages[1] - pages[0]), _MADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass
+
+
+def drop_file_pages(t: Tensor) -> None:
+    """madvise(DONTNEED) the whole pages of ``t`` when they lie in a private file mapping.
+
+    For a page never written, the call only evicts it from this process (a
+    later read faults it back in from the file, unchanged), so neighbouring
+    tensors sharing an edge page keep their values; loaded weights are never
+    written in place. Anonymous memory is never touched.
+    """
+    pages = file_page_range(t)
+    if pages is not None:
+        dontneed(pages)

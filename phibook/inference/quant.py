@@ -1,0 +1,480 @@
+"""Weight-only int8 / int4 quantization for CPU inference, as a module swap.
+
+``quantize_(model, "int8" | "int4" | "int4-g128")`` replaces every ``nn.Linear`` of a
+PhiModel (attention qkv/out, MLP fc1/fc2 and, by default, the LM head) with an
+``Int8Linear`` or ``Int4Linear``. The model keeps its class and its forward, so every
+caller (Generator, the eval runner, the server, FastForward) runs it unchanged.
+The embedding, LayerNorms, attention and KV cache stay in the model's dtype.
+
+Kernels: PyTorch's own, nothing extra to install (torchao 0.18 was measured: on the CPU
+it routes int4 to the same ``_weight_int4pack_mm_for_cpu`` and int8 to a dequantize +
+matmul or an int32 matmul fallback, both slower; it ships no CPU kernels of its own).
+
+* int8: symmetric, one scale per output channel, ``torch.ops.aten._weight_int8pack_mm``.
+* int4: asymmetric, one (scale, zero) per group of 32 (or 128) input channels,
+  ``torch.ops.aten._weight_int4pack_mm_for_cpu`` on ``_convert_weight_to_int4pack_for_cpu``'s
+  packed layout (w = (q - 8) * scale + zero, q in 0..15).
+
+Both kernels are fed bf16 activations on every CPU: on an AVX2 machine (no AVX-512) their
+fp32-activation path is scalar, 7-12x slower than the bf16 one (measured, 8192 x 2048
+matvec: int8 27 ms fp32 vs 2.9 ms bf16; int4 38 vs 2.9 ms), while the bf16 path is
+vectorized on AVX2 and AVX-512 alike. Scales and zeros are rounded to bf16-representable
+values when quantizing, so the kernel's bf16 copy of them is exact and the dequantized
+weight (``Int8Linear.dequantize``) is exactly what the kernel multiplies by.
+
+Many rows at once (prefill, eval batches) are faster as dequantize-then-GEMM: the
+weight-only kernels are matrix-vector kernels, about 2x slower than fp32 GEMM at 128-512
+rows on this machine. ``DEQUANT_ROWS`` is the crossover used (by shape, never by a
+timing): at that many rows or more a linear dequantizes its weight, 64 MiB of it at a time
+into a reused buffer, and runs ``F.linear`` on each piece.
+
+Saved form (``save_quantized``): ``quant-<mode>.safetensors`` beside the checkpoint, plus
+``quant-<mode>.json`` with the mode, group size, the source checkpoint's fingerprint and
+the torch version; ``load_quantized`` uses it when the fingerprint matches and
+re-quantizes (saying why) otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from phibook.errors import PhibookError
+
+MODES = ("int8", "int4", "int4-g128")
+KERNEL_DTYPE = torch.bfloat16
+# At this many input rows or more, a quantized linear dequantizes and runs F.linear (see module
+# doc). Measured crossovers, one 8192 x 2048 linear, one thread (bench_quant.py gemm): int8 kernel
+# 62 ms vs dequantize + GEMM 51 ms at 64 rows (30 vs 32 at 32 rows); int4 122 vs 138 ms at 128
+# rows, 526 vs 268 at 512 (unpacking nibbles costs ~60 ms a call, int8's conversion ~10 ms).
+DEQUANT_ROWS = {"int8": 64, "int4": 256}
+QUANT_FORMAT = 1  # bump when the saved layout changes
+
+
+def parse_mode(mode: str | None) -> tuple[str, int] | None:
+    """(kind, group size) for a --quant value; None for None/"none"; PhibookError for anything else."""
+    if mode is None or mode == "none":
+        return None
+    if mode == "int8":
+        return "int8", 0
+    if mode == "int4":
+        return "int4", 32
+    if mode == "int4-g128":
+        return "int4", 128
+    raise PhibookError(f"unknown quantization {mode!r}; use one of: {', '.join(MODES)} (or none)")
+
+
+def _bf16_exact(t: Tensor, round_up: bool = False) -> Tensor:
+    """fp32 values bf16 represents exactly: t rounded to nearest bf16, or (round_up, t > 0) to the
+    nearest bf16 at or above t, so a scale never shrinks below what the range needs."""
+    b = t.to(torch.bfloat16)
+    if round_up:
+        bits = b.view(torch.int16)
+        b = torch.where(b.float() < t, bits + 1, bits).view(torch.bfloat16)  # next bf16 up (t > 0)
+    return b.float()
+
+
+# Dequantizing for many rows goes through a reused per-thread buffer, in chunks of output rows:
+# a fresh weight-sized allocation page-faults on every call (measured on this VM: a fresh
+# 8192 x 2048 int8 -> fp32 conversion 230 ms, the same into a warm buffer 21 ms), and chunks
+# bound the buffer (64 MiB in fp32) whatever the weight (the LM head is 51200 rows).
+_SCRATCH = threading.local()
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _scratch(numel: int, dtype: torch.dtype) -> Tensor:
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    # A buffer made under inference_mode cannot be written outside it (torch.no_grad callers,
+    # the eval runner): one buffer per mode.
+    key = (dtype, torch.is_inference_mode_enabled())
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[key] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+def _chunked_linear(x2: Tensor, n: int, k: int, fill: Callable[[Tensor, int, int], None], step: int) -> Tensor:
+    """x2 @ W^T with W built chunk by chunk: fill(buf (r, k), start, r) writes rows start..start+r."""
+    rows = max(step, CHUNK_ELEMENTS // k // step * step)
+    y = torch.empty(x2.shape[0], n, dtype=x2.dtype)
+    for start in range(0, n, rows):
+        r = min(rows, n - start)
+        w = _scratch(r * k, x2.dtype).view(r, k)
+        fill(w, start, r)
+        y[:, start : start + r] = F.linear(x2, w)
+    return y
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale)^T + b with q int8 (out, in) and one scale per output channel."""
+
+    def __init__(self, weight_int8: Tensor, scales: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight_int8.shape
+        self.register_buffer("weight_int8", weight_int8.contiguous())
+        self.register_buffer("scales", scales.float().contiguous())  # bf16-exact fp32
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+        self.register_buffer("_scales_k", self.scales.to(KERNEL_DTYPE), persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        w = linear.weight.detach().float()
+        amax = w.abs().amax(dim=1)
+        scales = _bf16_exact(torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)), round_up=True)
+        q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+        return cls(q, scales, linear.bias)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return (self.weight_int8.to(torch.float32) * self.scales[:, None]).to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if x.device.type != "cpu":
+            y = F.linear(x2, self.dequantize(x.dtype), bias)
+        elif x2.shape[0] >= DEQUANT_ROWS["int8"]:
+            # Per-row scales factor out of the dot product: the int8 values converted to float
+            # (chunk by chunk, into a reused buffer), the scales applied to the result.
+            q = self.weight_int8
+            y = _chunked_linear(x2.contiguous(), self.out_features, self.in_features,
+                                lambda w, i, r: w.copy_(q[i : i + r]), 1)
+            y.mul_(self.scales.to(x.dtype))
+            if bias is not None:
+                y.add_(bias)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE).contiguous(), self.weight_int8, self._scales_k)
+            y = y.to(x.dtype)
+            if bias is not None:
+                y = y + bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+# --------------------------------------------------------------------------- int4
+
+# _convert_weight_to_int4pack_for_cpu's layout (torch 2.13, read off the op and checked by
+# int4_layout_ok() before it is relied on): rows in blocks of 32 output channels; inside a
+# block, byte (k // 4, (k % 4) * 16 + n % 16) holds channel n's value at input k, in the
+# low nibble for n % 32 < 16 and the high one otherwise. Only the dequantize path for many
+# rows and the row-wise concatenation in FastForward need it; the kernel never does.
+_LAYOUT_OK: bool | None = None
+
+
+def _unpack_int4(packed: Tensor, n: int, k: int) -> Tensor:
+    """The (n, k) uint8 values 0..15 from the CPU int4 packed layout (see above)."""
+    b = packed.reshape(n // 32, k // 4, 4, 16)  # (block, k // 4, k % 4, n % 16)
+    lo, hi = b & 0xF, b >> 4  # n % 32 < 16, >= 16
+    both = torch.stack([lo, hi], dim=1)  # (block, half, k // 4, k % 4, n % 16)
+    return both.permute(0, 1, 4, 2, 3).reshape(n, k)
+
+
+def int4_layout_ok() -> bool:
+    """Whether this torch packs int4 as _unpack_int4 reads it (checked once on a small probe)."""
+    global _LAYOUT_OK
+    if _LAYOUT_OK is None:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randint(0, 16, (64, 256), generator=g, dtype=torch.int32)
+        try:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            _LAYOUT_OK = torch.equal(_unpack_int4(packed, 64, 256).to(torch.int32), q)
+        except (RuntimeError, AttributeError):
+            _LAYOUT_OK = False
+    return _LAYOUT_OK
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W^T + b with W = (q - 8) * scale + zero per group of ``group_size`` input channels."""
+
+    def __init__(self, packed: Tensor, scales_zeros: Tensor, bias: Tensor | None, group_size: int,
+                 in_features: int) -> None:
+        super().__init__()
+        self.out_features, self.in_features = packed.shape[0], in_features
+        self.group_size = group_size
+        self.register_buffer("weight_int4", packed.contiguous())  # the kernel's packed layout
+        self.register_buffer("scales_zeros", scales_zeros.float().contiguous())  # (in/group, out, 2)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+        self.register_buffer("_sz_k", self.scales_zeros.to(KERNEL_DTYPE), persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
+        w = linear.weight.detach().float()
+        n, k = w.shape
+        if k % group_size or n % 32 or k % 64:
+            raise PhibookError(
+                f"int4 needs in_features divisible by {max(group_size, 64)} and out_features by 32; "
+                f"this linear is {n} x {k} (use --quant int8)"
+            )
+        g = w.reshape(n, k // group_size, group_size)
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+        span = hi - lo
+        scale = _bf16_exact(torch.where(span > 0, span / 15.0, torch.ones_like(span)), round_up=True)
+        zero = _bf16_exact(lo + 8 * scale)
+        q = (torch.round((g - zero[..., None]) / scale[..., None]) + 8).clamp_(0, 15).to(torch.int32).reshape(n, k)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (k/group, n, 2)
+        return cls(packed, scales_zeros, linear.bias, group_size, k)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        w = torch.empty(self.out_features, self.in_features, dtype=dtype)
+        self._fill(w, 0, self.out_features)
+        return w
+
+    def _fill(self, w: Tensor, start: int, r: int) -> None:
+        """Write rows start..start+r of the dequantized weight into w (r, in); start, r multiples of 32."""
+        k, gs = self.in_features, self.group_size
+        # Whole blocks of 32 rows are contiguous in the packed layout, so a row slice unpacks alone.
+        w.copy_(_unpack_int4(self.weight_int4[start : start + r], r, k))
+        g = w.view(r, k // gs, gs)
+        sz = self.scales_zeros[:, start : start + r].to(w.dtype)  # (k/group, r, 2)
+        g.sub_(8).mul_(sz[..., 0].t()[..., None]).add_(sz[..., 1].t()[..., None])
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if x2.shape[0] >= DEQUANT_ROWS["int4"] and int4_layout_ok():
+            y = _chunked_linear(x2.contiguous(), self.out_features, self.in_features, self._fill, 32)
+            if bias is not None:
+                y.add_(bias)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.to(KERNEL_DTYPE).contiguous(), self.weight_int4, self.group_size, self._sz_k
+            ).to(x.dtype)
+            if bias is not None:
+                y = y + bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int4 group {self.group_size}")
+
+
+QuantLinear = (Int8Linear, Int4Linear)
+
+
+def cat_rows(a: nn.Module, b: nn.Module) -> nn.Module | None:
+    """One quantized linear computing [a(x) | b(x)] (rows stacked), or None when they cannot be
+    stacked exactly. Per-row quantization makes stacking exact: no value is re-quantized."""
+    if isinstance(a, Int8Linear) and isinstance(b, Int8Linear) and a.in_features == b.in_features:
+        bias = None if a.bias is None or b.bias is None else torch.cat([a.bias, b.bias])
+        return Int8Linear(torch.cat([a.weight_int8, b.weight_int8]), torch.cat([a.scales, b.scales]), bias)
+    if (isinstance(a, Int4Linear) and isinstance(b, Int4Linear) and a.in_features == b.in_features
+            and a.group_size == b.group_size and a.out_features % 32 == 0 and int4_layout_ok()):
+        bias = None if a.bias is None or b.bias is None else torch.cat([a.bias, b.bias])
+        # The packed layout keeps each block of 32 rows contiguous, so whole blocks stack.
+        return Int4Linear(torch.cat([a.weight_int4, b.weight_int4]),
+                          torch.cat([a.scales_zeros, b.scales_zeros], dim=1), bias, a.group_size, a.in_features)
+    return None
+
+
+# --------------------------------------------------------------------------- model swap
+
+
+def _quant_targets(model: nn.Module, include_head: bool) -> list[tuple[str, nn.Module, str, nn.Linear]]:
+    """(name, parent module, attribute, linear) for every nn.Linear to quantize."""
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            if name == "lm_head" and not include_head:
+                continue
+            parent_name, _, attr = name.rpartition(".")
+            out.append((name, model.get_submodule(parent_name) if parent_name else model, attr, module))
+    return out
+
+
+@torch.no_grad()
+def quantize_(model: nn.Module, mode: str, include_head: bool = True) -> nn.Module:
+    """Replace the model's nn.Linear modules in place with Int8Linear / Int4Linear; return the model.
+
+    The LM head (include_head, default on) is int8 in every mode, int4 ones included (as
+    llama.cpp keeps its output matrix at higher precision than q4): on a trained model the
+    head's int4 error is a third of the whole model's KL (bench/bench_quant.py accuracy), while
+    int4 reads no faster than int8 on an AVX2 CPU (both kernels are compute-bound there).
+    One linear at a time, so the peak is the model plus one linear's temporaries.
+    """
+    parsed = parse_mode(mode)
+    if parsed is None:
+        return model
+    from phibook.inference.pages import drop_file_pages
+
+    kind, group = parsed
+    for name, parent, attr, linear in _quant_targets(model, include_head):
+        if linear.weight.device.type != "cpu":
+            raise PhibookError(f"--quant {mode} runs on the CPU only; the model is on {linear.weight.device}")
+        if kind == "int8" or name == "lm_head":
+            new: nn.Module = Int8Linear.from_linear(linear)
+        else:
+            new = Int4Linear.from_linear(linear, group)
+        setattr(parent, attr, new)
+        # A weight memory-mapped from safetensors stays mapped (and its pages, read while
+        # quantizing, resident) while the embedding still uses the file: hand them back now.
+        drop_file_pages(linear.weight)
+    model.quant_mode = mode  # type: ignore[attr-defined]
+    return model
+
+
+def quant_mode_of(model: nn.Module) -> str | None:
+    return getattr(model, "quant_mode", None)
+
+
+# --------------------------------------------------------------------------- saving / loading
+
+
+def quant_paths(checkpoint_dir: Path, mode: str) -> tuple[Path, Path]:
+    return checkpoint_dir / f"quant-{mode}.safetensors", checkpoint_dir / f"quant-{mode}.json"
+
+
+def _quant_state(model: nn.Module) -> dict[str, Tensor]:
+    """The persistent tensors of every quantized linear, by module name."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            for key, t in module.state_dict().items():
+                out[f"{name}.{key}"] = t.contiguous()
+    return out
+
+
+def save_quantized(model: nn.Module, checkpoint_dir: str | os.PathLike, mode: str | None = None,
+                   fingerprint: str | None = None) -> Path:
+    """Write quant-<mode>.safetensors + quant-<mode>.json beside a checkpoint (temp files, then rename).
+
+    ``fingerprint`` is the source checkpoint's (phibook.weights.checkpoint.model_fingerprint),
+    computed from ``checkpoint_dir`` when not given; a load checks it before using the file.
+    """
+    from safetensors.torch import save_file
+
+    from phibook.weights.checkpoint import find_checkpoint, model_fingerprint
+
+    mode = mode or quant_mode_of(model)
+    parsed = parse_mode(mode)
+    if parsed is None:
+        raise PhibookError("save_quantized: the model is not quantized; call quantize_(model, mode) first")
+    directory = find_checkpoint(checkpoint_dir)
+    state = _quant_state(model)
+    if not state:
+        raise PhibookError("save_quantized: the model has no quantized linears")
+    meta = {
+        "format": QUANT_FORMAT,
+        "mode": mode,
+        "group_size": parsed[1],
+        "source_fingerprint": fingerprint or model_fingerprint(directory),
+        "torch": torch.__version__,
+        "int4_layout": "cpu-int4pack" if parsed[0] == "int4" else None,
+        "modules": sorted({k.rpartition(".")[0] for k in state}),
+    }
+    weights, info = quant_paths(directory, mode)
+    tmp_w = weights.with_name(f".{weights.name}.tmp-{os.getpid()}")
+    tmp_i = info.with_name(f".{info.name}.tmp-{os.getpid()}")
+    try:
+        save_file(state, str(tmp_w), metadata={"format": "phibook-quant", "mode": mode})
+        tmp_i.write_text(json.dumps(meta, indent=2) + "\n")
+        # Weights first: a reader trusts the json only when the weights beside it are complete.
+        os.replace(tmp_w, weights)
+        os.replace(tmp_i, info)
+    finally:
+        for t in (tmp_w, tmp_i):
+            if t.exists():
+                t.unlink()
+    return weights
+
+
+@dataclass
+class QuantLoad:
+    """How load_quantized got its weights: "saved" file or "quantized" now (and why)."""
+
+    source: str
+    reason: str
+
+
+def _stale_reason(info: Path, weights: Path, mode: str, fingerprint: str, source_files: list[Path]) -> str | None:
+    """Why the saved quantized weights cannot be used (None when they can)."""
+    if not weights.is_file() or not info.is_file():
+        return f"no {weights.name} beside the checkpoint"
+    try:
+        meta = json.loads(info.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"{info} is unreadable ({exc})"
+    if meta.get("format") != QUANT_FORMAT or meta.get("mode") != mode:
+        return f"{info} is format {meta.get('format')} mode {meta.get('mode')}, not {QUANT_FORMAT} {mode}"
+    if meta.get("source_fingerprint") != fingerprint:
+        return f"{weights.name} was made from other weights than the checkpoint's current ones (fingerprint differs)"
+    if meta.get("int4_layout") and not int4_layout_ok():
+        return f"{weights.name} holds int4 weights in a packed layout this torch ({torch.__version__}) no longer uses"
+    # The fingerprint samples the weight files; a source file written after the quantized one
+    # (an edit the samples missed, or a re-save) is caught by its time.
+    newest = max(os.path.getmtime(p) for p in source_files)
+    if newest > os.path.getmtime(weights):
+        return f"the checkpoint's weights are newer than {weights.name}"
+    return None
+
+
+def _apply_saved(model: nn.Module, weights: Path, mode: str) -> None:
+    """Swap in quantized linears built from the saved tensors (shapes checked against the model)."""
+    from safetensors import safe_open
+
+    kind, group = parse_mode(mode)  # type: ignore[misc]
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            for name, parent, attr, linear in _quant_targets(model, include_head=True):
+                bias = f.get_tensor(f"{name}.bias") if f"{name}.bias" in keys else None
+                n, k = linear.weight.shape
+                if f"{name}.weight_int8" in keys:
+                    q = f.get_tensor(f"{name}.weight_int8")
+                    if tuple(q.shape) != (n, k):
+                        raise PhibookError(f"{weights}: {name}.weight_int8 has shape {list(q.shape)}, the model "
+                                           f"expects {[n, k]}")
+                    new: nn.Module = Int8Linear(q, f.get_tensor(f"{name}.scales"), bias)
+                elif f"{name}.weight_int4" in keys and kind == "int4":
+                    packed, sz = f.get_tensor(f"{name}.weight_int4"), f.get_tensor(f"{name}.scales_zeros")
+                    if tuple(packed.shape) != (n, k // 2) or tuple(sz.shape) != (k // group, n, 2):
+                        raise PhibookError(f"{weights}: {name}.weight_int4 does not fit a {n} x {k} linear "
+                                           f"with group {group}")
+                    new = Int4Linear(packed, sz, bias, group, k)
+                else:
+                    continue  # saved in full precision (quantize_(include_head=False))
+                setattr(parent, attr, new)
+    except PhibookError:
+        raise
+    except Exception as exc:  # SafetensorError, missing keys
+        raise PhibookError(f"cannot read quantized weights {weights}: {exc}") from exc
+    model.quant_mode = mode  # type: ignore[attr-defined]
+
+
+def load_quantized(loaded, mode: str, save: bool = True, log=None) -> QuantLoad:
+    """Quantize a LoadedModel's model in place: from quant-<mode>.safetensors beside it when that
+    file matches the checkpoint's fingerprint, else by quantizing now (and saving the result
+    when ``save`` and the directory is writable). ``log`` gets one line saying which."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    parse_mode(mode)
+    weights, info = quant_paths(loaded.path, mode)
+    from phibook.weights.checkpoint import weight_files
+
+    reason = _stale_reason(info, weights, mode, loaded.fingerprint, weight_files(loaded.path))
+    if reason is None:
+        _apply_saved(loaded.model, weights, mode)
+        return QuantLoad("saved", f"loaded {weights}")
+    quantize_(loaded.model, mode)
+    what = f"quantized to {mode} now ({reason})"
+    if save:
+        try:
+            save_quantized(loaded.model, loaded.path, mode, fingerprint=loaded.fingerprint)
+            what += f"; saved {weights.name} for next time"
+        except OSError as exc:
+            what += f"; could not save it ({exc})"
+    log(f"quant: {what}")
+    return QuantLoad("quantized", what)
