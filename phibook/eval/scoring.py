@@ -140,7 +140,7 @@ def group_by_prefix(rows: list[_Row]) -> list[_Group]:
 
 
 # A tail chunk takes rows at least this fraction of its longest: less padding, more (smaller) passes.
-TAIL_FILL = 0.75
+TAIL_FILL = 0.5
 
 
 class LoglikelihoodScorer:
