@@ -6,28 +6,35 @@ import argparse
 import sys
 from pathlib import Path
 
-from phibook.commands.generate import add_fast_arg, use_fast
+from phibook.commands.generate import DTYPE_CHOICES, add_fast_arg, add_quant_args, use_fast
 
 DESCRIPTION = """\
 Serve a model over HTTP with the OpenAI API: POST /v1/completions and
-/v1/chat/completions (both with SSE streaming, stream=true), GET /v1/models and
-GET /health (status and batching counters). Any OpenAI client works, e.g.
-openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused").
+/v1/chat/completions (both with SSE streaming, stream=true, and logprobs),
+GET /v1/models, GET /health (status and counters) and GET /metrics (Prometheus).
+Any OpenAI client works, e.g.
+openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused"), and so does
+lm-evaluation-harness's local-completions model (echo + logprobs scoring).
 
 Chat messages are rendered in the report's chat format ("Alice: ..." for the
 user, "Bob: ..." for the assistant, system text as leading lines, ending with
 "Bob:"); a reply ends when the model starts Alice's next line. Extensions:
-top_k and repetition_penalty. Unsupported OpenAI parameters (n > 1, logprobs,
-presence/frequency penalties, logit_bias) are answered with HTTP 400.
+top_k and repetition_penalty. Unsupported OpenAI parameters (presence/frequency
+penalties, logit_bias, suffix, best_of > 1) are answered with HTTP 400.
 
-Concurrent requests are batched: one worker thread owns the model and runs
-everything waiting (up to --max-batch-size prompts) as one batch.
+Continuous batching: one worker thread owns the model and a pool of
+--max-batch-size KV-cache slots. A new request joins the running batch at the
+next decode step after its prompt is read (--prefill-chunk tokens per step), and a
+finished or cancelled one frees its slot at once. Past --max-queue waiting
+sequences, requests get 503 with Retry-After. SIGTERM or Ctrl-C drains the
+requests in flight (up to --drain-timeout seconds), then exits 0.
 """
 
 EPILOG = """\
 examples:
   phibook serve --model runs/phi-tiny/final
   phibook serve --model ~/models/phi-1_5 --dtype bf16 --port 8080 --served-model-name phi-1.5
+  phibook serve --model ~/models/phi-1_5 --quant int8 --parallel 16
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"model": "phi-1.5", "prompt": "def fib(n):", "max_tokens": 32, "temperature": 0}'
 """
@@ -36,7 +43,7 @@ examples:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "serve",
-        help="OpenAI-compatible HTTP server (completions, chat, streaming, batching)",
+        help="OpenAI-compatible HTTP server (completions, chat, streaming, logprobs, continuous batching)",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -47,24 +54,35 @@ def register(subparsers) -> None:
                    help="address to listen on (default: 127.0.0.1; use 0.0.0.0 to accept other machines)")
     p.add_argument("--port", type=int, default=8000,
                    help="TCP port (default: 8000; 0 picks a free port, printed at startup)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="weight and compute dtype (default: fp32; bf16 halves memory and is faster on CPUs with BF16)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="weights and compute precision. auto (default): bf16 where the CPU runs it natively "
+                        "(AVX512-BF16 or AMX), else fp32; the choice is printed once on stderr")
     p.add_argument("--device", default=None,
                    help="torch device, e.g. cpu or cuda (default: cuda when available, else cpu)")
     add_fast_arg(p)
-    p.add_argument("--max-batch-size", type=int, default=8, metavar="N",
-                   help="most prompts decoded together in one batch (default: 8; 1 turns batching off)")
-    p.add_argument("--batch-window-ms", type=float, default=5.0, metavar="MS",
-                   help="how long the first waiting request waits for others to join its batch (default: 5)")
+    add_quant_args(p)
+    p.add_argument("--max-batch-size", "--parallel", dest="max_batch_size", type=int, default=8, metavar="N",
+                   help="KV-cache slots: the most sequences decoded together (default: 8; 1 turns batching off)")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="sequences that may wait for a free slot; past that, requests get 503 + Retry-After "
+                        "(default: 64)")
+    p.add_argument("--prefill-chunk", type=int, default=256, metavar="TOKENS",
+                   help="prompt tokens read per scheduler step, so a long prompt delays the running rows by "
+                        "one chunk at a time (default: 256)")
+    p.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
+                   help="seconds after which an unfinished request is dropped and answered 504 (default: 600)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM/Ctrl-C, seconds to let requests in flight finish before exiting (default: 30)")
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="model id that clients send and /v1/models lists (default: the model directory's name)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                   help="server log level (default: info; info logs each batch's size)")
+                   help="server log level (default: info)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import logging
+    import signal
     import socket
 
     import torch
@@ -75,19 +93,30 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_batch_size < 1:
         raise PhibookError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    if args.max_queue < 0:
+        raise PhibookError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.prefill_chunk < 1:
+        raise PhibookError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
+    if not args.request_timeout > 0:
+        raise PhibookError(f"--request-timeout must be > 0, got {args.request_timeout}")
+    if not args.drain_timeout >= 0:
+        raise PhibookError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
     if not 0 <= args.port <= 65535:
         raise PhibookError(f"--port must be in 0..65535, got {args.port}")
     path = Path(args.model).expanduser()
     if not path.exists():
         raise PhibookError(f"--model {path}: no such file or directory")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     name = args.served_model_name or path.resolve().name
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    generator = Generator.from_path(path, device=device, dtype=dtype, fast=use_fast(args, device))
-    app = create_app(generator, model_name=name, max_batch_size=args.max_batch_size,
-                     batch_window_ms=args.batch_window_ms)
+    # --quant swaps the model's linears in place (phibook.inference.quant): the engine runs it unchanged.
+    generator = Generator.from_path(path, device=device, dtype=args.dtype, fast=use_fast(args, device),
+                                    quant=args.quant, save_quant=args.save_quant)
+    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        next(generator.forward.parameters()).dtype, "?")
+    app = create_app(generator, model_name=name, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                     prefill_chunk=args.prefill_chunk, request_timeout=args.request_timeout)
 
     # Bind here, not in uvicorn, so a busy port is a clean error and --port 0
     # can report the port it got before serving starts.
@@ -102,10 +131,15 @@ def run(args: argparse.Namespace) -> int:
     sock.listen(128)
     host, port = sock.getsockname()[:2]
     host = f"[{host}]" if family == socket.AF_INET6 else host
-    print(f"phibook serve: model {name!r} from {path} ({args.dtype}, {device}) "
+    print(f"phibook serve: model {name!r} from {path} ({dtype_name}{', ' + args.quant if args.quant else ''}, "
+          f"{device}) "
           f"listening on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    # uvicorn drains on SIGINT and SIGTERM alike, then re-raises the signal to the handler that was
+    # there before it; for SIGTERM that would be the default (death by signal, exit status -15).
+    # A drained stop is a normal stop: make SIGTERM end like Ctrl-C, with exit code 0.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        run_server(app, sock, log_level=args.log_level)
+        run_server(app, sock, log_level=args.log_level, drain_timeout=args.drain_timeout)
     except KeyboardInterrupt:
         # uvicorn shuts down gracefully on Ctrl-C and then re-raises it; that is a normal stop.
         pass

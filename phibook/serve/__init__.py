@@ -1,2 +1,3 @@
-"""The OpenAI-compatible HTTP server (server.py) behind ``phibook serve``.
+"""The OpenAI-compatible HTTP server behind ``phibook serve``: the routes (server.py) and the
+continuous-batching engine that owns the model (engine.py).
 """
