@@ -324,11 +324,23 @@ def test_serve_bad_model_exits_2_before_serving(tmp_path: Path):
 
 
 def test_serve_cli_subprocess_end_to_end(tiny_checkpoint, generator):
+    with phibook_serve(tiny_checkpoint, "--max-batch-size", "4", name="cli-model") as (url, proc):
+        c = client(url)
+        assert [m.id for m in c.models.list().data] == ["cli-model"]
+        r = c.completions.create(model="cli-model", prompt="def f(x):", max_tokens=8, temperature=0)
+        assert r.choices[0].text == greedy(generator, "def f(x):", 8)
+        with pytest.raises(openai.NotFoundError):
+            c.completions.create(model=MODEL, prompt="x")
+    assert proc.returncode == 0
+
+
+@contextlib.contextmanager
+def phibook_serve(checkpoint: Path, *flags: str, name: str = "tiny") -> Iterator[tuple[str, subprocess.Popen]]:
+    """`phibook serve --port 0 ...` in a subprocess; yield its base URL and the process (stopped after)."""
     proc = subprocess.Popen(
-        [*PHIBOOK, "serve", "--model", str(tiny_checkpoint), "--port", "0",
-         "--served-model-name", "cli-model", "--max-batch-size", "4", "--dtype", "fp32"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [*PHIBOOK, "serve", "--model", str(checkpoint), "--port", "0", "--served-model-name", name,
+         "--dtype", "fp32", *flags],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
@@ -341,22 +353,16 @@ def test_serve_cli_subprocess_end_to_end(tiny_checkpoint, generator):
             with contextlib.suppress(queue.Empty):
                 m = re.search(r"listening on (http://\S+)/v1", lines.get(timeout=1))
                 url = m.group(1) if m else None
-        # uvicorn accepts connections once its startup (the lifespan) completes.
         wait_for(lambda: _health_ok(url), "the server's /health")
-        c = client(url)
-        assert [m.id for m in c.models.list().data] == ["cli-model"]
-        r = c.completions.create(model="cli-model", prompt="def f(x):", max_tokens=8, temperature=0)
-        assert r.choices[0].text == greedy(generator, "def f(x):", 8)
-        with pytest.raises(openai.NotFoundError):
-            c.completions.create(model=MODEL, prompt="x")
+        yield url, proc
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(TIMEOUT)
-    assert proc.returncode == 0
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(TIMEOUT)
 
 
 def _health_ok(url: str) -> bool:

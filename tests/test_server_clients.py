@@ -10,14 +10,9 @@ files of test_eval_lmeval_parity). About 25 s, most of it importing lm-eval.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import queue
-import re
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,42 +24,11 @@ from phibook.eval.runner import Runner
 from phibook.eval.task import get_task
 from phibook.inference.generate import Generator
 from tests.test_eval_lmeval_parity import TASKS, UTILS, write_task
-from tests.test_server import PHIBOOK, TIMEOUT, _health_ok, greedy, wait_for
+from tests.test_server import TIMEOUT, greedy, phibook_serve, wait_for
 
 NAME = "tiny"
 LMEVAL_TASKS = ("arc_easy", "piqa", "hellaswag")
 LIMIT = 6
-
-
-@contextlib.contextmanager
-def phibook_serve(checkpoint: Path, *flags: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`phibook serve --port 0 ...` in a subprocess; yield its base URL and the process (stopped after)."""
-    proc = subprocess.Popen(
-        [*PHIBOOK, "serve", "--model", str(checkpoint), "--port", "0", "--served-model-name", NAME,
-         "--dtype", "fp32", *flags],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
-    try:
-        url = None
-        deadline = time.monotonic() + 2 * TIMEOUT
-        while url is None:
-            assert proc.poll() is None, f"phibook serve exited with {proc.returncode}"
-            assert time.monotonic() < deadline, "phibook serve never printed its address"
-            with contextlib.suppress(queue.Empty):
-                m = re.search(r"listening on (http://\S+)/v1", lines.get(timeout=1))
-                url = m.group(1) if m else None
-        wait_for(lambda: _health_ok(url), "the server's /health")
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(TIMEOUT)
 
 
 @pytest.fixture(scope="module")
