@@ -7,7 +7,9 @@ Two passes, so the result never depends on the worker count or on a kill:
    go to a pool of worker processes, each holding the embedder and classifier
    once. A chunk's scores (float32, one per document, in order) are written to
    ``OUT/.work/<name>/chunk-NNNNN.npy`` and then a JSON done-marker naming the
-   input's size/mtime, the byte range, the classifier and the embedder. A rerun
+   input's size/mtime, the byte range, the classifier and the embedder. A document's
+   score does not depend on its chunk or batch (phibook.data.filter.classifier), so
+   the chunk size and --batch-size change only speed and memory. A rerun
    skips every chunk whose marker matches, so a killed run resumes at the last
    finished chunk; it first deletes the temporary files (``.*.tmp``) that a
    kill in the middle of a write left behind.
@@ -47,6 +49,9 @@ WORK_DIR = ".work"
 SUMMARY = "summary.json"
 DEFAULT_CHUNK_BYTES = 8 << 20
 SCORE_DIGITS = 6
+# Recorded in each chunk's done-marker: chunks scored before scores became independent of
+# batching (phibook.data.filter.classifier) are scored again rather than mixed with new ones.
+SCORING = "row-local-1"
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,8 @@ class Chunk:
     mtime_ns: int
 
     def key(self, classifier_fp: str, embedder: str, text_field: str) -> dict[str, Any]:
-        return {**asdict(self), "classifier": classifier_fp, "embedder": embedder, "text_field": text_field}
+        return {**asdict(self), "classifier": classifier_fp, "embedder": embedder, "text_field": text_field,
+                "scoring": SCORING}
 
 
 def output_names(inputs: list[Path]) -> list[str]:

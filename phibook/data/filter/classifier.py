@@ -9,6 +9,17 @@ score threshold), which is what you read to pick ``apply --threshold``.
 The saved file is a joblib pickle of ``{"format", "model", "meta"}``; the meta
 names the embedder (space + dim) it was trained on, so ``apply`` refuses other
 embeddings. Like any pickle, load classifier files only from sources you trust.
+
+Scores are independent of batching: a document gets the bit-identical score
+whatever batch, chunk or order it is scored in (``filter apply`` scores byte
+ranges of files, the pipeline's filter block scores datatrove's batches, and both
+must write the same ``meta.quality_score``). A BLAS matrix product does not give
+that (its blocking, and so its rounding, depends on the number of rows), so
+``QualityClassifier.score`` computes each row with elementwise operations only:
+the logistic regression's dot product is accumulated column by column in float64
+(``row_dot``), the forest's tree probabilities are summed in tree order, and any
+other model is scored one row at a time. The embedders keep the same contract
+(phibook.data.filter.embed); tests/test_filter_batching.py checks both.
 """
 
 from __future__ import annotations
@@ -103,10 +114,50 @@ class QualityClassifier:
             )
 
     def score(self, X: np.ndarray) -> np.ndarray:
-        """P(educational) per row, float32."""
+        """P(educational) per row, float32; a row's score does not depend on the other rows."""
         if len(X) == 0:
             return np.zeros(0, dtype=np.float32)
-        return self.model.predict_proba(X)[:, 1].astype(np.float32)
+        return positive_proba(self.model, X).astype(np.float32)
+
+
+def row_dot(X: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``X @ w`` with each row's sum taken in the same order (column 0, 1, ...) in float64,
+    whatever the number of rows: elementwise multiplies and adds only, no BLAS."""
+    cols = np.ascontiguousarray(np.asarray(X, dtype=np.float64).T)
+    w = np.asarray(w, dtype=np.float64)
+    out = np.zeros(cols.shape[1], dtype=np.float64)
+    term = np.empty_like(out)
+    for j in range(len(w)):
+        np.multiply(cols[j], w[j], out=term)
+        out += term
+    return out
+
+
+def positive_proba(model: Any, X: np.ndarray) -> np.ndarray:
+    """``model.predict_proba(X)[:, 1]`` (float64) computed row by row in effect: the project's
+    two kinds (StandardScaler + binary LogisticRegression, RandomForestClassifier) without a
+    matrix product; anything else one row per call."""
+    from scipy.special import expit
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    steps = list(model.steps) if isinstance(model, Pipeline) else [(None, model)]
+    *prep, (_, last) = steps
+    if all(isinstance(step, StandardScaler) for _, step in prep):  # elementwise: (x - mean) / scale
+        if isinstance(last, LogisticRegression) and last.coef_.shape[0] == 1:
+            for _, step in prep:
+                X = step.transform(X)
+            return expit(row_dot(X, last.coef_[0]) + float(last.intercept_[0]))
+        if isinstance(last, RandomForestClassifier) and not prep:
+            # sklearn sums the trees in whatever order its threads finish; here always tree 0, 1, ...
+            X = np.asarray(X, dtype=np.float32)
+            total = np.zeros(len(X), dtype=np.float64)
+            for tree in last.estimators_:
+                total += tree.predict_proba(X, check_input=False)[:, 1]
+            return total / len(last.estimators_)
+    return np.concatenate([model.predict_proba(X[i : i + 1])[:, 1] for i in range(len(X))])
 
 
 def train(

@@ -15,6 +15,14 @@ Embedders, chosen by a spec string:
 An embedder's ``name`` identifies the embedding space exactly (the checkpoint's
 fingerprint, not its path), so ``apply`` can refuse a classifier trained on
 other embeddings.
+
+Embeddings are independent of batching: a document's vector is bit-identical
+whatever batch, chunk or order it is embedded in, so ``filter apply``, ``filter
+embed`` and the pipeline's filter block (which batch differently) give the same
+scores (see phibook.data.filter.classifier). ``hash`` works row by row already;
+the neural embedders run one document per forward pass, because a padded batch
+changes the matrix shapes, and with them the kernels' rounding (seen in the 7th
+digit). A batch of one also wastes no compute on padding.
 """
 
 from __future__ import annotations
@@ -76,7 +84,8 @@ class MiniLMEmbedder:
 
     def embed(self, texts: list[str]) -> np.ndarray:
         texts = [t[: self.max_tokens * CHARS_PER_TOKEN_MAX] for t in texts]
-        out = self.model.encode(texts, batch_size=len(texts), normalize_embeddings=True,
+        # batch_size=1: each text alone, no padding (see the module docstring).
+        out = self.model.encode(texts, batch_size=1, normalize_embeddings=True,
                                 convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(out, dtype=np.float32)
 
@@ -102,25 +111,21 @@ class CheckpointEmbedder:
         texts = [t[: self.max_tokens * CHARS_PER_TOKEN_MAX] for t in texts]
         ids = [t[: self.max_tokens] or [self.tokenizer.eos_id] for t in
                self.tokenizer.encode_batch(texts, allow_special=False)]
-        T = max(len(t) for t in ids)
-        idx = torch.zeros(len(ids), T, dtype=torch.long)
-        real = torch.zeros(len(ids), T)
-        for i, t in enumerate(ids):
-            idx[i, : len(t)] = torch.tensor(t)
-            real[i, : len(t)] = 1.0
         m = self.model
+        out = np.zeros((len(ids), self.dim), dtype=np.float32)
         with torch.inference_mode():
-            idx, real = idx.to(self.device), real.to(self.device)
-            # Right padding under a causal mask: real tokens never see the pads, so
-            # no attention mask is needed; the pads are dropped by the pooling below.
-            cos = m.rope_cos[:T].unsqueeze(0).unsqueeze(1)
-            sin = m.rope_sin[:T].unsqueeze(0).unsqueeze(1)
-            x = m.embed(idx)
-            for block in m.blocks:
-                x = block(x, cos, sin, None, None)
-            h = m.ln_f(x).float()  # (B, T, d)
-            pooled = (h * real.unsqueeze(-1)).sum(1) / real.sum(1, keepdim=True)
-        return pooled.cpu().numpy().astype(np.float32)
+            # One document per forward (see the module docstring): no padding, and the same
+            # shapes, so the same rounding, whatever else is in the batch.
+            for i, t in enumerate(ids):
+                idx = torch.tensor([t], dtype=torch.long, device=self.device)
+                T = len(t)
+                cos = m.rope_cos[:T].unsqueeze(0).unsqueeze(1)
+                sin = m.rope_sin[:T].unsqueeze(0).unsqueeze(1)
+                x = m.embed(idx)
+                for block in m.blocks:
+                    x = block(x, cos, sin, None, None)
+                out[i] = m.ln_f(x).float()[0].mean(0).cpu().numpy()
+        return out
 
 
 class HashEmbedder:
@@ -155,7 +160,7 @@ def load_embedder(spec: str, device: str = "cpu", max_tokens: int = 512) -> Embe
 
 
 def embed_texts(embedder: Embedder, texts: list[str], batch_size: int) -> np.ndarray:
-    """Embed in batches; longest-first order inside the call keeps padding waste low."""
+    """Embed in batches of ``batch_size`` texts, longest first; the result does not depend on either."""
     if not texts:
         return np.zeros((0, embedder.dim), dtype=np.float32)
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
