@@ -165,7 +165,7 @@ def cmd_gemm(args) -> None:
         "fp32 oneDNN packed": lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, lin.bias, "none", [], ""),
         "int8 kernel": lambda x: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q8.weight_int8, q8._scales_k),
         "int8 dequant+F.linear": lambda x: forced_dequant(q8, x),
-        "int4 kernel": lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), q4.weight_int4, 32, q4._sz_k),
+        "int4 kernel": lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), q4._packed_k, 32, q4._sz_k),
         "int4 dequant+F.linear": lambda x: forced_dequant(q4, x),
     }
     print(f"one {n} x {k} linear, {args.threads} threads, median of {args.repeats}; load {load_average()}\n")

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+
+def pytest_configure(config) -> None:
+    """Kernel verdicts (phibook.inference.kernels) go to a cache of this session's own, so every
+    run proves the native kernels afresh on the CPU and ATEN_CPU_CAPABILITY it runs under, and
+    the CLI subprocesses the tests start share it (they inherit the environment)."""
+    os.environ["PHIBOOK_CACHE_DIR"] = tempfile.mkdtemp(prefix="phibook-test-cache-")
 
 
 @pytest.fixture(scope="session")

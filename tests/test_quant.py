@@ -123,12 +123,20 @@ def test_quantized_weight_is_close_and_scales_are_bf16_exact() -> None:
 
 
 @pytest.mark.parametrize("shape", [(32, 64), (64, 256), (96, 192), (2048, 512)])
-def test_int4_packed_layout_is_what_unpack_reads(shape: tuple[int, int]) -> None:
+def test_int4_is_kept_in_phibooks_own_layout(shape: tuple[int, int]) -> None:
+    """weight_int4 is pack_nibbles(q) (input 2j low nibble, 2j+1 high) on every CPU: q recomputed
+    here from the linear by the documented rule, never read off the kernel's private layout."""
     n, k = shape
-    q = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(n + k), dtype=torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    assert torch.equal(Q._unpack_int4(packed, n, k).to(torch.int32), q)
-    assert Q.int4_layout_ok()
+    linear = torch.nn.Linear(k, n)
+    q4 = Q.Int4Linear.from_linear(linear, group_size=32)
+    assert q4.weight_int4.dtype == torch.uint8 and tuple(q4.weight_int4.shape) == (n, k // 2)
+    scale, zero = q4.scales_zeros[..., 0].t(), q4.scales_zeros[..., 1].t()  # (n, k/32)
+    g = linear.weight.detach().reshape(n, k // 32, 32)
+    q = (torch.round((g - zero[..., None]) / scale[..., None]) + 8).clamp(0, 15).reshape(n, k).to(torch.uint8)
+    assert torch.equal(q4.weight_int4 & 0xF, q[:, 0::2]) and torch.equal(q4.weight_int4 >> 4, q[:, 1::2])
+    assert torch.equal(Q.unpack_nibbles(Q.pack_nibbles(q), k), q)
+    w = (q.float() - 8).reshape(n, k // 32, 32) * scale[..., None] + zero[..., None]
+    assert torch.equal(q4.dequantize(), w.reshape(n, k))
 
 
 def test_cat_rows_is_exact() -> None:
@@ -205,14 +213,37 @@ def _greedy(forward, model: PhiModel, prompt: list[int], n: int) -> list[int]:
     return out
 
 
+# Stated agreement on the trained model, teacher-forced along each prompt's fp32 greedy
+# continuation (5 prompts x 40 tokens). The int kernels round activations to bf16, and which
+# kernel runs (AVX2, AVX-512, AMX, or the dequantize path when a kernel is refused) changes the
+# rounding, so an exact token-for-token match is one machine's output, not a property. Measured
+# on an AVX-512 EPYC under ATEN_CPU_CAPABILITY avx512, avx2 and default (logits span +-18):
+# top-1 agreement 205/205 int8, 201-205/205 int4; max |d logit| 0.15-0.17 int8, 1.9-2.0 int4;
+# worst prompt's mean KL 1.0-1.6e-4 int8, 7.9-8.9e-3 int4. The bounds leave about 3x room for
+# other CPUs and stay far below what a wrong scale or layout gives (agreement < 0.5, KL > 0.1).
+AGREEMENT = {"int8": (0.95, 0.5, 1e-3), "int4": (0.9, 5.0, 3e-2)}
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_greedy_continuation_is_stable_on_a_trained_model(trained, mode: str) -> None:
-    """40 greedy tokens after each of 5 prompts are the fp32 model's, token for token."""
+    """The quantized model picks the fp32 model's next token at >= 95% (int8) / 90% (int4) of the
+    positions of the fp32 greedy continuations, with bounded logit error and KL."""
     model, tok = trained
     quantized = Q.quantize_(copy.deepcopy(model), mode)
-    for prompt in TRAINED_PROMPTS:
-        ids = tok.encode(prompt)
-        assert _greedy(quantized, quantized, ids, 40) == _greedy(model, model, ids, 40), prompt
+    min_agree, max_abs, kl_max = AGREEMENT[mode]
+    agree = total = 0
+    worst = kl = 0.0
+    with torch.inference_mode():
+        for prompt in TRAINED_PROMPTS:
+            ids = tok.encode(prompt)
+            seq = torch.tensor([ids + _greedy(model, model, ids, 40)])
+            ref, got = model(seq)[0, len(ids) - 1 :], quantized(seq)[0, len(ids) - 1 :]
+            agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+            total += ref.shape[0]
+            worst = max(worst, (ref - got).abs().max().item())
+            kl = max(kl, _kl(ref, got))
+    assert agree / total >= min_agree, f"{mode}: top-1 agreement {agree}/{total}"
+    assert worst <= max_abs and kl <= kl_max, f"{mode}: max |d logit| {worst:.3g}, mean KL {kl:.3g}"
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -251,7 +282,7 @@ def test_save_and_reload_give_identical_outputs(tiny_checkpoint: Path, tmp_path:
             [c.token_ids for c in second.generate(prompts, params)]
         with torch.inference_mode():
             ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
-            third = load_inference_model(ckpt, quant=mode, log=None).model
+            third = load_inference_model(ckpt, dtype="fp32", quant=mode, log=None).model
             assert torch.equal(first.model(ids), third(ids))
     # Changed source weights: the saved file no longer matches, so it is re-made (and the notes say why).
     from phibook.weights.checkpoint import load_model, save_checkpoint
@@ -274,7 +305,7 @@ def test_no_temp_files_left_after_save(tiny_checkpoint: Path, tmp_path: Path) ->
     import shutil
 
     ckpt = Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
-    loaded = load_inference_model(ckpt, quant="int4", log=None)
+    loaded = load_inference_model(ckpt, dtype="fp32", quant="int4", log=None)
     Q.save_quantized(loaded.model, ckpt)
     names = sorted(p.name for p in ckpt.iterdir())
     assert "quant-int4.safetensors" in names and "quant-int4.json" in names
@@ -297,14 +328,16 @@ def test_cli_generate_quant_end_to_end(tiny_checkpoint: Path, tmp_path: Path) ->
     ckpt = Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
     expected = Generator.from_path(ckpt, quant="int8", save_quant=False, log=lambda _m: None).generate(
         ["Alice and Bob"], SamplingParams(max_new_tokens=10))[0].text
-    proc = phibook("generate", "--model", str(ckpt), "--quant", "int8", "--max-new-tokens", "10", "--stats",
-                   "Alice and Bob")
+    # --dtype pinned: auto picks bf16 or fp32 by the CPU, and the text is compared with an fp32 run.
+    proc = phibook("generate", "--model", str(ckpt), "--dtype", "fp32", "--quant", "int8", "--max-new-tokens", "10",
+                   "--stats", "Alice and Bob")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == expected + "\n"
     assert "linear weights int8" in proc.stderr and "saved quant-int8.safetensors" in proc.stderr
     assert "load time =" in proc.stderr and "prefill   =" in proc.stderr and "ms per token" in proc.stderr
     assert (ckpt / "quant-int8.safetensors").is_file()
-    again = phibook("generate", "--model", str(ckpt), "--quant", "int8", "--max-new-tokens", "10", "Alice and Bob")
+    again = phibook("generate", "--model", str(ckpt), "--dtype", "fp32", "--quant", "int8", "--max-new-tokens", "10",
+                    "Alice and Bob")
     assert again.returncode == 0 and again.stdout == proc.stdout
     assert "quantized to" not in again.stderr
     bad = phibook("generate", "--model", str(ckpt), "--quant", "int3", "hi")

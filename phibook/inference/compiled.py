@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from phibook.inference.kernels import kernel_ok
 from phibook.model.model import KVCache, PhiModel, apply_rotary
 
 BUCKET = 256
@@ -48,8 +49,9 @@ class StaticStep:
 
     def __init__(self, model: PhiModel, compile: bool = True) -> None:
         self.model = model
-        self.compiled = compile
-        self._fn = torch.compile(self._step, dynamic=False, fullgraph=False) if compile else self._step
+        # inductor's generated code is a kernel like any other: used only once proven on this CPU.
+        self.compiled = compile and kernel_ok("inductor")
+        self._fn = torch.compile(self._step, dynamic=False, fullgraph=False) if self.compiled else self._step
 
     def _step(self, token: Tensor, slot: Tensor, positions: Tensor, keep: Tensor, cache_k: Tensor,
               cache_v: Tensor) -> Tensor:

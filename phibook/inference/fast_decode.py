@@ -23,7 +23,8 @@ unless ``release_model=True`` frees its block and head weights as they are
 packed (peak memory = model + one block, not two models).
 
 Where oneDNN cannot take the dtype or device (CUDA, fp16 without AVX512-FP16,
-or ``pack=False``), the same fused weights run through plain ``F.linear``.
+``pack=False``), or its prepacked linear failed its check on this CPU
+(phibook.inference.kernels), the same fused weights run through plain ``F.linear``.
 """
 
 from __future__ import annotations
@@ -34,21 +35,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from phibook.inference.kernels import DTYPE_SHORT, kernel_ok
 from phibook.inference.pages import dontneed, drop_file_pages, file_page_range, malloc_trim
 from phibook.model.model import KVCache, PhiModel
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether oneDNN prepacked linears run for this dtype on this device."""
+    """Whether oneDNN prepacked linears run for this dtype on this device, and passed their
+    check on this CPU (phibook.inference.kernels: probed once, in a child process)."""
     if device.type != "cpu" or not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):
         return False
     if dtype == torch.float32:
-        return True
-    if dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if dtype == torch.float16:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    return False
+        supported = True
+    elif dtype == torch.bfloat16:
+        supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    elif dtype == torch.float16:
+        supported = bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    else:
+        return False
+    return supported and kernel_ok(f"onednn-{DTYPE_SHORT[dtype]}")
 
 
 class _Linear:

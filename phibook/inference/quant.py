@@ -11,9 +11,19 @@ it routes int4 to the same ``_weight_int4pack_mm_for_cpu`` and int8 to a dequant
 matmul or an int32 matmul fallback, both slower; it ships no CPU kernels of its own).
 
 * int8: symmetric, one scale per output channel, ``torch.ops.aten._weight_int8pack_mm``.
-* int4: asymmetric, one (scale, zero) per group of 32 (or 128) input channels,
-  ``torch.ops.aten._weight_int4pack_mm_for_cpu`` on ``_convert_weight_to_int4pack_for_cpu``'s
-  packed layout (w = (q - 8) * scale + zero, q in 0..15).
+* int4: asymmetric, one (scale, zero) per group of 32 (or 128) input channels
+  (w = (q - 8) * scale + zero, q in 0..15), kept in phibook's own layout (two values a byte,
+  input channel 2j in the low nibble of byte j, 2j+1 in the high one): that is what is saved,
+  what ``dequantize`` reads and what ``cat_rows`` joins. The kernel's packed form
+  (``_convert_weight_to_int4pack_for_cpu``, whose layout differs between AVX2 and AVX-512
+  builds and is private to PyTorch) is derived from it at load, on the running CPU, and never
+  read back; ``torch.ops.aten._weight_int4pack_mm_for_cpu`` runs on it.
+
+Each kernel is used only after ``phibook.inference.kernels.kernel_ok`` has proven it right on
+this CPU (a probe in a child process, cached per torch version and CPU); a refused kernel
+falls back to dequantize + ``F.linear``. Every tensor handed to a kernel is contiguous in
+storage of its own, 64-byte aligned (``kernels.aligned_owned``): weights read back from a
+safetensors file can start 8 bytes off, which crashed the int8 kernel on AVX-512.
 
 Both kernels are fed bf16 activations on every CPU: on an AVX2 machine (no AVX-512) their
 fp32-activation path is scalar, 7-12x slower than the bf16 one (measured, 8192 x 2048
@@ -49,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from phibook.errors import PhibookError
+from phibook.inference.kernels import aligned_input, aligned_owned, kernel_ok
 
 MODES = ("int8", "int4", "int4-g128")
 KERNEL_DTYPE = torch.bfloat16
@@ -57,7 +68,10 @@ KERNEL_DTYPE = torch.bfloat16
 # 62 ms vs dequantize + GEMM 51 ms at 64 rows (30 vs 32 at 32 rows); int4 122 vs 138 ms at 128
 # rows, 526 vs 268 at 512 (unpacking nibbles costs ~60 ms a call, int8's conversion ~10 ms).
 DEQUANT_ROWS = {"int8": 64, "int4": 256}
-QUANT_FORMAT = 1  # bump when the saved layout changes
+# Bump when the saved layout changes. 2: int4 in phibook's own nibble layout (1 held the
+# kernel's CPU-specific packed layout, which another CPU reads differently).
+QUANT_FORMAT = 2
+INT4_LAYOUT = "phibook-nibbles-v1"
 
 
 def parse_mode(mode: str | None) -> tuple[str, int] | None:
@@ -122,10 +136,10 @@ class Int8Linear(nn.Module):
     def __init__(self, weight_int8: Tensor, scales: Tensor, bias: Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight_int8.shape
-        self.register_buffer("weight_int8", weight_int8.contiguous())
-        self.register_buffer("scales", scales.float().contiguous())  # bf16-exact fp32
-        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
-        self.register_buffer("_scales_k", self.scales.to(KERNEL_DTYPE), persistent=False)
+        self.register_buffer("weight_int8", aligned_owned(weight_int8))
+        self.register_buffer("scales", aligned_owned(scales.float()))  # bf16-exact fp32
+        self.register_buffer("bias", None if bias is None else aligned_owned(bias.float()))
+        self.register_buffer("_scales_k", aligned_owned(self.scales.to(KERNEL_DTYPE)), persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -144,7 +158,7 @@ class Int8Linear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if x.device.type != "cpu":
             y = F.linear(x2, self.dequantize(x.dtype), bias)
-        elif x2.shape[0] >= DEQUANT_ROWS["int8"]:
+        elif x2.shape[0] >= DEQUANT_ROWS["int8"] or not kernel_ok("int8pack"):
             # Per-row scales factor out of the dot product: the int8 values converted to float
             # (chunk by chunk, into a reused buffer), the scales applied to the result.
             q = self.weight_int8
@@ -154,7 +168,8 @@ class Int8Linear(nn.Module):
             if bias is not None:
                 y.add_(bias)
         else:
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE).contiguous(), self.weight_int8, self._scales_k)
+            y = torch.ops.aten._weight_int8pack_mm(aligned_input(x2.to(KERNEL_DTYPE)), self.weight_int8,
+                                                   self._scales_k)
             y = y.to(x.dtype)
             if bias is not None:
                 y = y + bias
@@ -166,48 +181,41 @@ class Int8Linear(nn.Module):
 
 # --------------------------------------------------------------------------- int4
 
-# _convert_weight_to_int4pack_for_cpu's layout (torch 2.13, read off the op and checked by
-# int4_layout_ok() before it is relied on): rows in blocks of 32 output channels; inside a
-# block, byte (k // 4, (k % 4) * 16 + n % 16) holds channel n's value at input k, in the
-# low nibble for n % 32 < 16 and the high one otherwise. Only the dequantize path for many
-# rows and the row-wise concatenation in FastForward need it; the kernel never does.
-_LAYOUT_OK: bool | None = None
+def pack_nibbles(q: Tensor) -> Tensor:
+    """(n, k) values 0..15 -> (n, k // 2) uint8 in phibook's layout: input 2j in the low nibble
+    of byte j, 2j + 1 in the high one (the same on every CPU)."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
 
 
-def _unpack_int4(packed: Tensor, n: int, k: int) -> Tensor:
-    """The (n, k) uint8 values 0..15 from the CPU int4 packed layout (see above)."""
-    b = packed.reshape(n // 32, k // 4, 4, 16)  # (block, k // 4, k % 4, n % 16)
-    lo, hi = b & 0xF, b >> 4  # n % 32 < 16, >= 16
-    both = torch.stack([lo, hi], dim=1)  # (block, half, k // 4, k % 4, n % 16)
-    return both.permute(0, 1, 4, 2, 3).reshape(n, k)
-
-
-def int4_layout_ok() -> bool:
-    """Whether this torch packs int4 as _unpack_int4 reads it (checked once on a small probe)."""
-    global _LAYOUT_OK
-    if _LAYOUT_OK is None:
-        g = torch.Generator().manual_seed(0)
-        q = torch.randint(0, 16, (64, 256), generator=g, dtype=torch.int32)
-        try:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-            _LAYOUT_OK = torch.equal(_unpack_int4(packed, 64, 256).to(torch.int32), q)
-        except (RuntimeError, AttributeError):
-            _LAYOUT_OK = False
-    return _LAYOUT_OK
+def unpack_nibbles(packed: Tensor, k: int) -> Tensor:
+    """pack_nibbles' inverse: (n, k // 2) uint8 -> (n, k) uint8 values 0..15."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], k)
 
 
 class Int4Linear(nn.Module):
-    """y = x @ W^T + b with W = (q - 8) * scale + zero per group of ``group_size`` input channels."""
+    """y = x @ W^T + b with W = (q - 8) * scale + zero per group of ``group_size`` input channels.
 
-    def __init__(self, packed: Tensor, scales_zeros: Tensor, bias: Tensor | None, group_size: int,
+    ``weight_int4`` holds q in phibook's nibble layout (pack_nibbles); the kernel's packed
+    form is made from it here, on this CPU, when the int4 kernel passed its check.
+    """
+
+    def __init__(self, weight_int4: Tensor, scales_zeros: Tensor, bias: Tensor | None, group_size: int,
                  in_features: int) -> None:
         super().__init__()
-        self.out_features, self.in_features = packed.shape[0], in_features
+        self.out_features, self.in_features = weight_int4.shape[0], in_features
         self.group_size = group_size
-        self.register_buffer("weight_int4", packed.contiguous())  # the kernel's packed layout
-        self.register_buffer("scales_zeros", scales_zeros.float().contiguous())  # (in/group, out, 2)
-        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
-        self.register_buffer("_sz_k", self.scales_zeros.to(KERNEL_DTYPE), persistent=False)
+        self.register_buffer("weight_int4", aligned_owned(weight_int4.to(torch.uint8)))  # (out, in/2)
+        self.register_buffer("scales_zeros", aligned_owned(scales_zeros.float()))  # (in/group, out, 2)
+        self.register_buffer("bias", None if bias is None else aligned_owned(bias.float()))
+        self._kernel = kernel_ok("int4pack")
+        packed = sz_k = None
+        if self._kernel:
+            q = unpack_nibbles(self.weight_int4, in_features).to(torch.int32)
+            packed = aligned_owned(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+            sz_k = aligned_owned(self.scales_zeros.to(KERNEL_DTYPE))
+        self.register_buffer("_packed_k", packed, persistent=False)
+        self.register_buffer("_sz_k", sz_k, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
@@ -223,10 +231,9 @@ class Int4Linear(nn.Module):
         span = hi - lo
         scale = _bf16_exact(torch.where(span > 0, span / 15.0, torch.ones_like(span)), round_up=True)
         zero = _bf16_exact(lo + 8 * scale)
-        q = (torch.round((g - zero[..., None]) / scale[..., None]) + 8).clamp_(0, 15).to(torch.int32).reshape(n, k)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        q = (torch.round((g - zero[..., None]) / scale[..., None]) + 8).clamp_(0, 15).reshape(n, k)
         scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (k/group, n, 2)
-        return cls(packed, scales_zeros, linear.bias, group_size, k)
+        return cls(pack_nibbles(q), scales_zeros, linear.bias, group_size, k)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         w = torch.empty(self.out_features, self.in_features, dtype=dtype)
@@ -234,10 +241,9 @@ class Int4Linear(nn.Module):
         return w
 
     def _fill(self, w: Tensor, start: int, r: int) -> None:
-        """Write rows start..start+r of the dequantized weight into w (r, in); start, r multiples of 32."""
+        """Write rows start..start+r of the dequantized weight into w (r, in)."""
         k, gs = self.in_features, self.group_size
-        # Whole blocks of 32 rows are contiguous in the packed layout, so a row slice unpacks alone.
-        w.copy_(_unpack_int4(self.weight_int4[start : start + r], r, k))
+        w.copy_(unpack_nibbles(self.weight_int4[start : start + r], k))
         g = w.view(r, k // gs, gs)
         sz = self.scales_zeros[:, start : start + r].to(w.dtype)  # (k/group, r, 2)
         g.sub_(8).mul_(sz[..., 0].t()[..., None]).add_(sz[..., 1].t()[..., None])
@@ -246,13 +252,15 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if x2.shape[0] >= DEQUANT_ROWS["int4"] and int4_layout_ok():
-            y = _chunked_linear(x2.contiguous(), self.out_features, self.in_features, self._fill, 32)
+        if x.device.type != "cpu":
+            y = F.linear(x2, self.dequantize(x.dtype), bias)
+        elif x2.shape[0] >= DEQUANT_ROWS["int4"] or self._packed_k is None:
+            y = _chunked_linear(x2.contiguous(), self.out_features, self.in_features, self._fill, 1)
             if bias is not None:
                 y.add_(bias)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.to(KERNEL_DTYPE).contiguous(), self.weight_int4, self.group_size, self._sz_k
+                aligned_input(x2.to(KERNEL_DTYPE)), self._packed_k, self.group_size, self._sz_k
             ).to(x.dtype)
             if bias is not None:
                 y = y + bias
@@ -273,9 +281,9 @@ def cat_rows(a: nn.Module, b: nn.Module) -> nn.Module | None:
         bias = None if a.bias is None or b.bias is None else torch.cat([a.bias, b.bias])
         return Int8Linear(torch.cat([a.weight_int8, b.weight_int8]), torch.cat([a.scales, b.scales]), bias)
     if (isinstance(a, Int4Linear) and isinstance(b, Int4Linear) and a.in_features == b.in_features
-            and a.group_size == b.group_size and a.out_features % 32 == 0 and int4_layout_ok()):
+            and a.group_size == b.group_size):
         bias = None if a.bias is None or b.bias is None else torch.cat([a.bias, b.bias])
-        # The packed layout keeps each block of 32 rows contiguous, so whole blocks stack.
+        # Rows of phibook's layout stack as they are; the kernel's form is re-derived from them.
         return Int4Linear(torch.cat([a.weight_int4, b.weight_int4]),
                           torch.cat([a.scales_zeros, b.scales_zeros], dim=1), bias, a.group_size, a.in_features)
     return None
@@ -373,7 +381,7 @@ def save_quantized(model: nn.Module, checkpoint_dir: str | os.PathLike, mode: st
         "group_size": parsed[1],
         "source_fingerprint": fingerprint or model_fingerprint(directory),
         "torch": torch.__version__,
-        "int4_layout": "cpu-int4pack" if parsed[0] == "int4" else None,
+        "int4_layout": INT4_LAYOUT if parsed[0] == "int4" else None,
         "modules": sorted({k.rpartition(".")[0] for k in state}),
     }
     weights, info = quant_paths(directory, mode)
@@ -412,8 +420,8 @@ def _stale_reason(info: Path, weights: Path, mode: str, fingerprint: str, source
         return f"{info} is format {meta.get('format')} mode {meta.get('mode')}, not {QUANT_FORMAT} {mode}"
     if meta.get("source_fingerprint") != fingerprint:
         return f"{weights.name} was made from other weights than the checkpoint's current ones (fingerprint differs)"
-    if meta.get("int4_layout") and not int4_layout_ok():
-        return f"{weights.name} holds int4 weights in a packed layout this torch ({torch.__version__}) no longer uses"
+    if meta.get("int4_layout") not in (None, INT4_LAYOUT):
+        return f"{weights.name} holds int4 weights in layout {meta.get('int4_layout')!r}, not {INT4_LAYOUT!r}"
     # The fingerprint samples the weight files; a source file written after the quantized one
     # (an edit the samples missed, or a re-save) is caught by its time.
     newest = max(os.path.getmtime(p) for p in source_files)
@@ -430,17 +438,23 @@ def _apply_saved(model: nn.Module, weights: Path, mode: str) -> None:
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as f:
             keys = set(f.keys())
+
+            def tensor(key: str) -> Tensor:
+                # A copy in storage of its own: get_tensor can hand back memory 8 bytes off a
+                # 64-byte boundary, which the int8 kernel crashed on (AVX-512).
+                return f.get_tensor(key).clone()
+
             for name, parent, attr, linear in _quant_targets(model, include_head=True):
-                bias = f.get_tensor(f"{name}.bias") if f"{name}.bias" in keys else None
+                bias = tensor(f"{name}.bias") if f"{name}.bias" in keys else None
                 n, k = linear.weight.shape
                 if f"{name}.weight_int8" in keys:
-                    q = f.get_tensor(f"{name}.weight_int8")
+                    q = tensor(f"{name}.weight_int8")
                     if tuple(q.shape) != (n, k):
                         raise PhibookError(f"{weights}: {name}.weight_int8 has shape {list(q.shape)}, the model "
                                            f"expects {[n, k]}")
-                    new: nn.Module = Int8Linear(q, f.get_tensor(f"{name}.scales"), bias)
+                    new: nn.Module = Int8Linear(q, tensor(f"{name}.scales"), bias)
                 elif f"{name}.weight_int4" in keys and kind == "int4":
-                    packed, sz = f.get_tensor(f"{name}.weight_int4"), f.get_tensor(f"{name}.scales_zeros")
+                    packed, sz = tensor(f"{name}.weight_int4"), tensor(f"{name}.scales_zeros")
                     if tuple(packed.shape) != (n, k // 2) or tuple(sz.shape) != (k // group, n, 2):
                         raise PhibookError(f"{weights}: {name}.weight_int4 does not fit a {n} x {k} linear "
                                            f"with group {group}")

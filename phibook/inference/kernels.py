@@ -1,0 +1,354 @@
+"""Native kernels are used only once they are proven right on the running CPU.
+
+PyTorch's fast CPU kernels are chosen at run time by instruction set (``ATEN_CPU_CAPABILITY``,
+oneDNN's own ISA dispatch), so a kernel that is right on the machine the code was written on
+can crash or give wrong numbers on the next one: ``_weight_int8pack_mm`` segfaulted on an
+AVX-512/AMX Xeon for a weight 8 bytes off a 64-byte boundary, and ``_convert_weight_to_int4pack``
+packs differently on AVX-512 than on AVX2. So before phibook calls one of these kernels it asks
+``kernel_ok(name)``, which:
+
+1. runs the kernel once on small probes (the row counts and memory layouts phibook's callers
+   pass) against a plain reference, **in a child process**, so a crash is caught and never
+   takes the caller down;
+2. caches the verdict per (kernel, torch version, CPU flags, ATen capability, oneDNN ISA cap)
+   in ``kernel-verdicts.json`` under the cache directory (``$PHIBOOK_CACHE_DIR``, else
+   ``$XDG_CACHE_HOME/phibook``, else ``~/.cache/phibook``), so a machine pays for each probe
+   once;
+3. on a refusal, prints one line on stderr saying which kernel was refused and why; the caller
+   then takes its plain path (dequantize + ``F.linear``, unpacked weights, eager steps). A
+   broken kernel costs speed, never a wrong answer or a crash.
+
+A probe that runs past its time limit refuses the kernel for this process only (a busy
+machine is no verdict), so it is probed again next time.
+
+Kernels (``KERNELS``): ``int8pack`` (``_weight_int8pack_mm``), ``int4pack``
+(``_convert_weight_to_int4pack_for_cpu`` + ``_weight_int4pack_mm_for_cpu``), ``onednn-fp32`` /
+``onednn-bf16`` / ``onednn-fp16`` (``mkldnn._reorder_linear_weight`` + ``_linear_pointwise``,
+FastForward's prepacked linears) and ``inductor`` (``torch.compile`` on the CPU, ``--compile``).
+
+Test hook: ``PHIBOOK_KERNEL_PROBE_FAULT=name:crash`` (or ``name:wrong``) makes that kernel's
+probe child die with SIGSEGV (or see a wrong result), as a broken kernel would.
+
+``aligned_owned(t)`` is the other half of the contract: every tensor handed to one of these
+kernels lives in storage of its own that starts on a 64-byte boundary (never a view into a
+file buffer, which safetensors can hand back 8 bytes off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ALIGN = 64  # bytes: a cache line, and what AVX-512 loads want
+FAULT_ENV = "PHIBOOK_KERNEL_PROBE_FAULT"
+CACHE_FILE = "kernel-verdicts.json"
+# Child time limits (s). Importing torch is most of a plain probe; inductor compiles C++.
+PROBE_TIMEOUT_S = {"inductor": 600.0}
+DEFAULT_PROBE_TIMEOUT_S = 180.0
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def is_aligned_owned(t: Tensor) -> bool:
+    """Whether t is contiguous and starts a storage of its own on an ALIGN-byte boundary."""
+    return (t.is_contiguous() and t.storage_offset() == 0 and t.data_ptr() % ALIGN == 0
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+
+
+def aligned_owned(t: Tensor) -> Tensor:
+    """t itself when is_aligned_owned(t), else a contiguous copy in fresh ALIGN-aligned storage."""
+    t = t.detach()
+    if t.device.type != "cpu" or is_aligned_owned(t):
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype)  # the CPU allocator aligns to 64 bytes
+    if out.data_ptr() % ALIGN:
+        # An allocator with less alignment: over-allocate and start at the first boundary.
+        nbytes = t.numel() * t.element_size()
+        raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+        skip = -raw.data_ptr() % ALIGN
+        out = raw[skip : skip + nbytes].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def aligned_input(x: Tensor) -> Tensor:
+    """An activation as a kernel takes it: contiguous and starting on an ALIGN-byte boundary."""
+    x = x.contiguous()
+    return x if x.data_ptr() % ALIGN == 0 else aligned_owned(x)
+
+
+# --------------------------------------------------------------------------- probes (child side)
+
+
+class Unsupported(Exception):
+    """The kernel says it cannot run here (not a wrong answer)."""
+
+
+def _tolerance(x: Tensor, w: Tensor) -> Tensor:
+    """Elementwise bound for a kernel fed bf16 activations that returns bf16: half a bf16 ulp of
+    the largest term sum, twice, plus fp32 accumulation slack. A wrong layout is off by O(1)."""
+    return (x.double().abs() @ w.double().abs().T) * 2.0**-7 + 1e-5
+
+
+def _check(name: str, got: Tensor, want: Tensor, bound: Tensor | float, what: str) -> None:
+    if os.environ.get(FAULT_ENV, "") == f"{name}:wrong":
+        got = got + 1.0
+    err = (got.double() - want.double()).abs()
+    over = err > bound
+    if bool(over.any()):
+        raise AssertionError(f"{what}: max error {err.max().item():.3g} (allowed {float(torch.as_tensor(bound).max()):.3g})")
+
+
+def _probe_int8pack() -> None:
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((96, 64), (768, 256)):
+        q = aligned_owned(torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8))
+        scales = (torch.rand(n, generator=g) * 0.02 + 1e-3).bfloat16()
+        w = q.double() * scales.double()[:, None]
+        for rows in (1, 2, 3, 8, 16, 17, 33, 36, 63):
+            x = aligned_input(torch.randn(rows, k, generator=g).bfloat16())
+            got = torch.ops.aten._weight_int8pack_mm(x, q, aligned_owned(scales))
+            _check("int8pack", got, x.double() @ w.T, _tolerance(x, w), f"n={n} k={k} rows={rows}")
+
+
+def _probe_int4pack() -> None:
+    from phibook.inference.quant import pack_nibbles, unpack_nibbles
+
+    g = torch.Generator().manual_seed(0)
+    for n, k, group in ((32, 64, 32), (96, 256, 32), (256, 256, 128)):
+        q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
+        assert torch.equal(unpack_nibbles(pack_nibbles(q), k).to(torch.int32), q)
+        scale = (torch.rand(k // group, n, generator=g) * 0.02 + 1e-3).bfloat16().float()
+        zero = (torch.randn(k // group, n, generator=g) * 0.01).bfloat16().float()
+        sz = aligned_owned(torch.stack([scale, zero], dim=-1).bfloat16())  # (k/group, n, 2)
+        packed = aligned_owned(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        w = ((q.double() - 8).view(n, k // group, group) * scale.t().double()[..., None]
+             + zero.t().double()[..., None]).view(n, k)
+        for rows in (1, 2, 17, 64, 255):
+            x = aligned_input(torch.randn(rows, k, generator=g).bfloat16())
+            got = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
+            _check("int4pack", got, x.double() @ w.T, _tolerance(x, w), f"n={n} k={k} group={group} rows={rows}")
+
+
+def _probe_onednn(dtype: torch.dtype) -> Callable[[], None]:
+    def probe() -> None:
+        name = f"onednn-{DTYPE_SHORT[dtype]}"
+        supported = {torch.float32: lambda: True, torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+                     torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}[dtype]
+        if not (torch.backends.mkldnn.is_available() and supported()):
+            raise Unsupported(f"oneDNN does not support {dtype} on this CPU")
+        g = torch.Generator().manual_seed(0)
+        for n, k in ((96, 64), (320, 128)):
+            w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
+            b = torch.randn(n, generator=g).to(dtype)
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+            for shape in ((1, 1, k), (1, 2, k), (2, 17, k), (1, 64, k), (3, 100, k)):
+                x = torch.randn(*shape, generator=g).to(dtype)
+                want = x.double() @ w.double().T + b.double()
+                ulp = 2.0**-7 if dtype != torch.float32 else 2.0**-20
+                bound = (x.double().abs() @ w.double().abs().T + b.double().abs()) * ulp * 2 + 1e-5
+                got = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+                _check(name, got, want, bound, f"{dtype} n={n} k={k} x={list(shape)}")
+                got = torch.ops.mkldnn._linear_pointwise(x, packed, b, "gelu", [], "tanh")
+                _check(name, got, F.gelu(want, approximate="tanh"), bound * 2 + 1e-3,
+                       f"{dtype} gelu n={n} k={k} x={list(shape)}")
+    return probe
+
+
+def _probe_inductor() -> None:
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
+
+    def step(x: Tensor, cache: Tensor, slot: Tensor) -> Tensor:
+        h = F.gelu(F.linear(F.layer_norm(x, (32,)), w, b), approximate="tanh")
+        cache.index_copy_(0, slot, h[:1, :16])
+        return h.sum(-1, keepdim=True) + cache.sum(0)
+
+    compiled = torch.compile(step, dynamic=False)
+    for i in range(3):
+        x = torch.randn(2, 32, generator=g)
+        c1, c2 = torch.zeros(4, 16), torch.zeros(4, 16)
+        slot = torch.tensor([i])
+        want, got = step(x, c1, slot), compiled(x, c2, slot)
+        _check("inductor", got, want, 1e-4 * (1 + want.abs()), f"compiled step {i}")
+        _check("inductor", c2, c1, 1e-5, f"compiled cache write {i}")
+
+
+DTYPE_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+KERNELS: dict[str, Callable[[], None]] = {
+    "int8pack": _probe_int8pack,
+    "int4pack": _probe_int4pack,
+    "onednn-fp32": _probe_onednn(torch.float32),
+    "onednn-bf16": _probe_onednn(torch.bfloat16),
+    "onednn-fp16": _probe_onednn(torch.float16),
+    "inductor": _probe_inductor,
+}
+
+
+def run_probe(name: str) -> dict:
+    """Run one probe in this process; {"ok": bool, "why": str}. Crashes are the caller's to catch."""
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault == f"{name}:crash":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    try:
+        KERNELS[name]()
+    except AssertionError as exc:
+        return {"ok": False, "why": f"wrong result ({exc})"}
+    except Unsupported as exc:
+        return {"ok": False, "why": f"not supported ({exc})"}
+    except (RuntimeError, NotImplementedError, AttributeError, TypeError) as exc:
+        return {"ok": False, "why": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    return {"ok": True, "why": "matches the reference on every probe"}
+
+
+# --------------------------------------------------------------------------- verdicts (caller side)
+
+
+def cache_dir() -> Path:
+    if os.environ.get("PHIBOOK_CACHE_DIR"):
+        return Path(os.environ["PHIBOOK_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "phibook"
+
+
+def _cpu_flags_digest() -> str:
+    from phibook.cpu_features import cpu_flags, read_cpuinfo
+
+    flags = cpu_flags(read_cpuinfo()) or set()
+    return hashlib.sha1(" ".join(sorted(flags)).encode()).hexdigest()[:12]
+
+
+def verdict_key(name: str) -> str:
+    """What a verdict depends on: the kernel, torch's build, the CPU and the ISA caps in force."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    onednn_cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "-"
+    return f"{name}|torch {torch.__version__}|cpu {_cpu_flags_digest()}|aten {capability}|onednn {onednn_cap}"
+
+
+_lock = threading.Lock()
+_verdicts: dict[str, bool] = {}
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(path: Path, key: str, entry: dict) -> None:
+    """Merge one verdict into the cache file (temp file + rename; a lost race only re-probes)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _read_cache(path)
+        data[key] = entry
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: the verdict still holds for this process
+
+
+def probe_in_child(name: str, timeout_s: float | None = None) -> tuple[bool | None, str]:
+    """(verdict, why) from a child process; verdict None when the probe ran out of time."""
+    timeout_s = timeout_s or PROBE_TIMEOUT_S.get(name, DEFAULT_PROBE_TIMEOUT_S)
+    cmd = [sys.executable, "-m", "phibook.inference.kernels", "--probe", name]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return None, f"its probe took over {timeout_s:.0f} s (not cached: probed again next run)"
+    except OSError as exc:
+        return None, f"its probe could not start ({exc})"
+    if proc.returncode < 0:
+        try:
+            sig = signal.Signals(-proc.returncode).name
+        except ValueError:
+            sig = f"signal {-proc.returncode}"
+        return False, f"its probe crashed ({sig})"
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            try:
+                result = json.loads(line)
+                return bool(result["ok"]), str(result["why"])
+            except (ValueError, KeyError):
+                break
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return False, f"its probe exited {proc.returncode} ({tail})"
+
+
+def kernel_ok(name: str, log: Callable[[str], None] | None = None) -> bool:
+    """Whether kernel ``name`` may be used on this CPU (see the module doc). The first call per
+    process reads the cache or probes in a child; later calls are a dictionary lookup."""
+    verdict = _verdicts.get(name)
+    if verdict is not None:
+        return verdict
+    if name not in KERNELS:
+        raise KeyError(f"unknown kernel {name!r}; known: {', '.join(KERNELS)}")
+    with _lock:
+        if name in _verdicts:
+            return _verdicts[name]
+        key = verdict_key(name)
+        path = cache_dir() / CACHE_FILE
+        entry = _read_cache(path).get(key)
+        if isinstance(entry, dict) and isinstance(entry.get("ok"), bool):
+            ok, why = entry["ok"], str(entry.get("why", ""))
+        else:
+            t0 = time.perf_counter()
+            ok, why = probe_in_child(name)
+            if ok is not None:
+                _write_cache(path, key, {"ok": ok, "why": why, "probe_s": round(time.perf_counter() - t0, 2),
+                                         "checked": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            ok = bool(ok)
+        if not ok:
+            (log or _stderr)(f"kernel check: {name} refused on this CPU ({why}); using the plain path instead")
+        _verdicts[name] = ok
+        return ok
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def forget_verdicts() -> None:
+    """Drop this process's remembered verdicts (the file cache stays): for tests."""
+    with _lock:
+        _verdicts.clear()
+
+
+def cached_verdicts() -> dict[str, dict]:
+    """The cache file's verdicts, by key."""
+    return _read_cache(cache_dir() / CACHE_FILE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Check a native kernel against a plain reference on this CPU.")
+    ap.add_argument("--probe", choices=sorted(KERNELS), help="run one probe in this process and print its verdict")
+    ap.add_argument("--all", action="store_true", help="check every kernel (each in a child) and print the verdicts")
+    args = ap.parse_args(argv)
+    if args.probe:
+        print(json.dumps(run_probe(args.probe)), flush=True)
+        return 0
+    for name in KERNELS:
+        ok = kernel_ok(name, log=lambda _m: None)
+        entry = cached_verdicts().get(verdict_key(name), {})
+        print(f"{name:12s} {'ok' if ok else 'REFUSED':8s} {entry.get('why', '')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
