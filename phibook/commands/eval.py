@@ -76,11 +76,12 @@ def register(subparsers) -> None:
                         "flag, a code task stops at once when the jail cannot be built or verified. The results "
                         "JSON records which way programs ran.")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weight dtype (default: float32; log-probabilities are always computed in float32)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
-    from phibook.commands.generate import add_quant_args
+    from phibook.commands.generate import add_dtype_arg, add_quant_args
 
+    add_dtype_arg(p, "fp32", "weight dtype (default: fp32, so scores match lm-evaluation-harness; auto picks bf16 "
+                  "only on CPUs with native bf16 (AVX512-BF16 or AMX) or on CUDA, else fp32). Log-probabilities "
+                  "are always computed in float32")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     add_quant_args(p)
     p.set_defaults(func=run)
 
@@ -186,21 +187,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"phibook eval: {task.name}: {source.describe()}", file=sys.stderr)
     sandbox = check_sandbox(tasks, args.unsafe_no_sandbox)
 
-    import torch
-
     from phibook.eval.results import build_results, format_table, task_entry, write_json_atomic
     from phibook.eval.runner import Runner, run_task
-    from phibook.weights.checkpoint import load_model
+    from phibook.inference.load import load_inference_model
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    if args.quant:
-        from phibook.inference.load import load_inference_model
-
-        # The model's linears become int8/int4 modules; the runner uses the model unchanged.
-        loaded = load_inference_model(args.model, device=args.device, dtype=dtype, quant=args.quant,
-                                      save_quant=args.save_quant)
-    else:
-        loaded = load_model(args.model, device=args.device, dtype=dtype)
+    # The loader of generate, chat and serve. With --quant the model's linears become int8/int4
+    # modules; the runner uses the model unchanged.
+    loaded = load_inference_model(args.model, device=args.device, dtype=args.dtype, quant=args.quant,
+                                  save_quant=args.save_quant)
+    dtype = loaded.model.embed.weight.dtype  # what was used (auto's choice); never quantized
     if loaded.tokenizer is None:
         raise PhibookError(f"{args.model}: no tokenizer.json found beside the model; evaluation needs one")
     runner = Runner(loaded.model, loaded.tokenizer, batch_size=args.batch_size, progress=not args.no_progress)
@@ -223,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         data_dir=str(Path(data_dir).resolve()),
         device=args.device,
-        dtype=args.dtype + (f"+{args.quant}" if args.quant else ""),
+        dtype=str(dtype).removeprefix("torch.") + (f"+{args.quant}" if args.quant else ""),
         samples=samples if args.log_samples else None,
         sandbox=sandbox,
     )

@@ -7,7 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+from phibook.commands.generate import add_dtype_arg
+
 FORMAT_CHOICES = ("hf", "gguf")
 GGUF_TYPE_CHOICES = ("f32", "bf16", "q8_0")  # phibook.weights.gguf.GGUF_TYPES, without importing gguf here
 GGUF_MAGIC = b"GGUF"
@@ -54,12 +55,10 @@ def register(subparsers) -> None:
         default="hf",
         help="hf (default): a transformers PhiForCausalLM directory; gguf: one llama.cpp GGUF file",
     )
-    parser.add_argument(
-        "--dtype",
-        choices=DTYPE_CHOICES,
-        default="auto",
-        help="--format hf: precision of the written weights; 'auto' (default) keeps the stored precision",
-    )
+    # The names of every verb's --dtype (float32/bfloat16/float16 accepted too); here auto keeps
+    # the precision the checkpoint stores, since the file is written, not run.
+    add_dtype_arg(parser, "auto", "--format hf: precision of the written weights: fp32, bf16, fp16, or auto "
+                  "(default), which keeps the stored precision")
     parser.add_argument(
         "--gguf-type",
         choices=GGUF_TYPE_CHOICES,

@@ -6,7 +6,12 @@ import argparse
 import sys
 import textwrap
 
-DTYPE_CHOICES = ("auto", "fp32", "bf16")
+# --dtype's names, the same for every verb that loads a model (generate, chat, serve, eval; export
+# for the written file). The long torch names are accepted too, unlisted, so older scripts keep working.
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+DTYPE_AUTO_HELP = ("auto: bf16 where the CPU runs it natively (AVX512-BF16 or AMX) or on CUDA, else fp32; "
+                   "the choice is printed once on stderr")
 QUANT_CHOICES = ("int8", "int4", "int4-g128")
 
 
@@ -29,15 +34,22 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="a phibook checkpoint, a training run directory (its newest checkpoint), or an HF phi directory "
         "(config.json + safetensors or pytorch_model.bin + tokenizer.json)",
     )
-    parser.add_argument(
-        "--dtype", choices=DTYPE_CHOICES, default="auto",
-        help="weights and compute precision. auto (default): bf16 where the CPU runs it natively (AVX512-BF16 or "
-        "AMX), else fp32; the choice is printed once on stderr",
-    )
+    add_dtype_arg(parser, "auto", f"weights and compute precision (default: auto). {DTYPE_AUTO_HELP}")
     parser.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda (default: cpu)")
     add_fast_arg(parser)
     add_quant_args(parser)
     add_compile_arg(parser)
+
+
+def dtype_name(text: str) -> str:
+    """A --dtype value in the one vocabulary (float32 -> fp32, ...); anything else unchanged, for
+    argparse's choices check to refuse."""
+    return DTYPE_ALIASES.get(text, text)
+
+
+def add_dtype_arg(parser: argparse.ArgumentParser, default: str, help: str) -> None:
+    """--dtype {auto,fp32,bf16,fp16}, the long names (float32, bfloat16, float16) accepted as aliases."""
+    parser.add_argument("--dtype", type=dtype_name, choices=DTYPE_CHOICES, default=default, help=help)
 
 
 def add_quant_args(parser: argparse.ArgumentParser) -> None:

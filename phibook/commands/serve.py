@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from phibook.commands.generate import DTYPE_CHOICES, add_fast_arg, add_quant_args, use_fast
+from phibook.commands.generate import DTYPE_AUTO_HELP, add_dtype_arg, add_fast_arg, add_quant_args, use_fast
 
 DESCRIPTION = """\
 Serve a model over HTTP with the OpenAI API: POST /v1/completions and
@@ -54,9 +54,7 @@ def register(subparsers) -> None:
                    help="address to listen on (default: 127.0.0.1; use 0.0.0.0 to accept other machines)")
     p.add_argument("--port", type=int, default=8000,
                    help="TCP port (default: 8000; 0 picks a free port, printed at startup)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="weights and compute precision. auto (default): bf16 where the CPU runs it natively "
-                        "(AVX512-BF16 or AMX), else fp32; the choice is printed once on stderr")
+    add_dtype_arg(p, "auto", f"weights and compute precision (default: auto). {DTYPE_AUTO_HELP}")
     p.add_argument("--device", default=None,
                    help="torch device, e.g. cpu or cuda (default: cuda when available, else cpu)")
     add_fast_arg(p)
