@@ -126,12 +126,9 @@ def _probe_int8pack() -> None:
 
 
 def _probe_int4pack() -> None:
-    from phibook.inference.quant import pack_nibbles, unpack_nibbles
-
     g = torch.Generator().manual_seed(0)
     for n, k, group in ((32, 64, 32), (96, 256, 32), (256, 256, 128)):
         q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
-        assert torch.equal(unpack_nibbles(pack_nibbles(q), k).to(torch.int32), q)
         scale = (torch.rand(k // group, n, generator=g) * 0.02 + 1e-3).bfloat16().float()
         zero = (torch.randn(k // group, n, generator=g) * 0.01).bfloat16().float()
         sz = aligned_owned(torch.stack([scale, zero], dim=-1).bfloat16())  # (k/group, n, 2)

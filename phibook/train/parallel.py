@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from phibook.errors import PhibookError
+from phibook.inference.kernels import kernel_ok
 
 DISTRIBUTED_MODES = ("ddp", "fsdp", "fsdp-zero3")
 
@@ -157,7 +158,9 @@ def parallelize(
         # names stay "blocks.{i}.attn...".
         for i, block in enumerate(blocks):
             blocks[i] = checkpoint_wrapper(block)
-    if compile:
+    # On the CPU, inductor's generated C++ is a kernel like any other: used once proven on this
+    # CPU (phibook.inference.kernels; a refusal prints one line and the blocks train eagerly).
+    if compile and (info.device.type != "cpu" or kernel_ok("inductor")):
         for block in blocks:
             block.compile()
     if not info.distributed:
