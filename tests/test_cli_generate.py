@@ -27,12 +27,13 @@ def phibook(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def gen(tiny_checkpoint: Path) -> Generator:
-    return Generator.from_path(tiny_checkpoint)
+    """fp32, as every CLI run below that is compared with it pins (--dtype auto depends on the CPU)."""
+    return Generator.from_path(tiny_checkpoint, dtype="fp32")
 
 
 def test_generate_subprocess_streams_greedy_continuation(tiny_checkpoint: Path, gen: Generator) -> None:
     expected = gen.generate(["Alice and Bob"], SamplingParams(max_new_tokens=12))[0].text
-    proc = phibook("generate", "--model", str(tiny_checkpoint), "--max-new-tokens", "12", "--temperature", "0",
+    proc = phibook("generate", "--model", str(tiny_checkpoint), "--dtype", "fp32", "--max-new-tokens", "12", "--temperature", "0",
                    "Alice and Bob")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == expected + "\n"
@@ -41,7 +42,7 @@ def test_generate_subprocess_streams_greedy_continuation(tiny_checkpoint: Path, 
 def test_generate_batch_prints_in_order(tiny_checkpoint: Path, gen: Generator, capsys) -> None:
     prompts = ["The students", "def fibonacci(n):", ""]
     expected = gen.generate(prompts, SamplingParams(max_new_tokens=6, stop=["\n"]))
-    assert main(["generate", "--model", str(tiny_checkpoint), "--max-new-tokens", "6", "--stop", r"\n", *prompts]) == 0
+    assert main(["generate", "--model", str(tiny_checkpoint), "--dtype", "fp32", "--max-new-tokens", "6", "--stop", r"\n", *prompts]) == 0
     out, err = capsys.readouterr()
     assert out == "".join(r.text + "\n" for r in expected)
     assert err.index("=== prompt 0") < err.index("=== prompt 1") < err.index("=== prompt 2")
@@ -56,11 +57,11 @@ def test_prompt_escapes_match_stop_escapes(tiny_checkpoint: Path, gen: Generator
     prompts = ["Alice: hi\nBob:", "a\\nb"]
     argv = [r"Alice: hi\nBob:", r"a\\nb"]
     expected = gen.generate(prompts, SamplingParams(max_new_tokens=5))
-    assert main(["generate", "--model", str(tiny_checkpoint), "--max-new-tokens", "5", *argv]) == 0
+    assert main(["generate", "--model", str(tiny_checkpoint), "--dtype", "fp32", "--max-new-tokens", "5", *argv]) == 0
     assert capsys.readouterr().out == "".join(r.text + "\n" for r in expected)
     literal = gen.generate([r"x\ny"], SamplingParams(max_new_tokens=5))[0].text
     monkeypatch.setattr(sys, "stdin", io.StringIO(r"x\ny" + "\n"))
-    assert main(["generate", "--model", str(tiny_checkpoint), "--max-new-tokens", "5", "--no-stream", "-"]) == 0
+    assert main(["generate", "--model", str(tiny_checkpoint), "--dtype", "fp32", "--max-new-tokens", "5", "--no-stream", "-"]) == 0
     assert capsys.readouterr().out == literal + "\n"
 
 
@@ -69,14 +70,14 @@ def test_generate_template_and_stdin_prompt(tiny_checkpoint: Path, gen: Generato
     question = "What is the capital of France?"
     expected = gen.generate([qa.format(question)], SamplingParams(max_new_tokens=10, stop=qa.stops()))[0].text
     monkeypatch.setattr(sys, "stdin", io.StringIO(question + "\n"))
-    code = main(["generate", "--model", str(tiny_checkpoint), "--template", "qa", "--max-new-tokens", "10",
+    code = main(["generate", "--model", str(tiny_checkpoint), "--dtype", "fp32", "--template", "qa", "--max-new-tokens", "10",
                  "--no-stream", "-"])
     assert code == 0
     assert capsys.readouterr().out == expected + "\n"
 
 
 def test_generate_seeded_sampling_repeats(tiny_checkpoint: Path, capsys) -> None:
-    args = ["generate", "--model", str(tiny_checkpoint), "--temperature", "1.0", "--top-k", "40", "--top-p", "0.9",
+    args = ["generate", "--model", str(tiny_checkpoint), "--dtype", "fp32", "--temperature", "1.0", "--top-k", "40", "--top-p", "0.9",
             "--repetition-penalty", "1.2", "--seed", "5", "--max-new-tokens", "8", "Water boils"]
     outs = []
     for _ in range(2):
@@ -114,7 +115,7 @@ def test_generate_missing_model_is_clean_error(tmp_path: Path, capsys) -> None:
 
 
 def test_chat_over_stdin_keeps_history(tiny_checkpoint: Path, gen: Generator) -> None:
-    proc = phibook("chat", "--model", str(tiny_checkpoint), "--max-new-tokens", "8", "--show-prompt",
+    proc = phibook("chat", "--model", str(tiny_checkpoint), "--dtype", "fp32", "--max-new-tokens", "8", "--show-prompt",
                    stdin="Hello Bob\nWhat is a prime number?\n/reset\nAgain\n")
     assert proc.returncode == 0, proc.stderr
     replies = [line for line in proc.stdout.splitlines() if line.startswith("Bob:")]
