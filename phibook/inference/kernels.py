@@ -265,8 +265,13 @@ def probe_in_child(name: str, timeout_s: float | None = None) -> tuple[bool | No
     """(verdict, why) from a child process; verdict None when the probe ran out of time."""
     timeout_s = timeout_s or PROBE_TIMEOUT_S.get(name, DEFAULT_PROBE_TIMEOUT_S)
     cmd = [sys.executable, "-m", "phibook.inference.kernels", "--probe", name]
+    # The child imports this very phibook, however the parent found it (installed, a checkout on
+    # sys.path): a child that cannot import it would refuse a good kernel.
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL,
+                              env=env)
     except subprocess.TimeoutExpired:
         return None, f"its probe took over {timeout_s:.0f} s (not cached: probed again next run)"
     except OSError as exc:
