@@ -120,10 +120,15 @@ def test_threads_run_and_the_program_sees_no_harness_frame():
 
 
 @needs_jail
-def test_output_flood_is_cut_off():
-    r = run_python("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)", timeout_s=20)
-    assert r.status == "killed" and "MiB of output" in r.reason
-    assert len(r.stdout) <= (1 << 20) + 100
+def test_output_flood_is_discarded_not_a_failure():
+    # Issue 22 changed this: output past the 1 MiB cap is read and discarded (as the reference
+    # harnesses discard output); a flood that never ends ends at the time limit.
+    r = run_python("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)", timeout_s=2)
+    assert r.status == "timeout"
+    assert len(r.stdout) <= (1 << 20) + 100 and "more bytes of output discarded" in r.stdout
+    ok = check_program("def f():\n    for i in range(40000):\n        print('debug line', i, 'x' * 20)\n"
+                       "    return 1\n", "assert f() == 1")
+    assert ok.passed, ok.reason
 
 
 @needs_jail
@@ -156,7 +161,9 @@ def test_tests_see_plain_values_and_inert_objects():
     assert check_program(counter, "assert count('aab') == {'a': 2, 'b': 1}").passed
     sneaky = "class Yes:\n    def __eq__(self, other):\n        return True\n\ndef answer():\n    return [Yes()]\n"
     out = check_program(sneaky, "assert answer() == [42]")
-    assert not out.passed and "compares only plain values" in out.reason
+    # Issue 22: the object stays in the program's process; the tests get a handle that compares
+    # by identity (it used to be refused with "compares only plain values").
+    assert not out.passed and out.reason.startswith("AssertionError")
 
 
 @needs_jail
@@ -180,7 +187,7 @@ def test_capabilities_are_verified_inside_the_jail():
     assert caps["tool"].startswith("bubblewrap")
     assert caps["verified"] and all(caps["verified"].values()), caps
     for check in ("network_udp_blocked", "host_unix_sockets_blocked", "ipc_namespace", "host_files_unreadable",
-                  "no_signal_handlers", "unprivileged_uid", "ipc_objects_die_with_the_jail"):
+                  "no_vsock_sockets", "no_netlink_sockets", "unprivileged_uid", "ipc_objects_die_with_the_jail"):
         assert check in caps["verified"]
 
 
