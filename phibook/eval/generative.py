@@ -19,6 +19,7 @@ Prompts are fixed here and recorded in each task's `prompt_settings`:
 
 from __future__ import annotations
 
+import builtins
 import json
 import math
 import re
@@ -217,8 +218,10 @@ class MBPP(CodeTask):
         return "\n".join([doc["test_setup_code"], *doc["test_list"]])
 
     def entry(self, doc: dict) -> list[str]:
-        # The prompt shows test_list[0]: the functions it calls are the ones asked for.
-        return sorted(set(re.findall(r"\b([A-Za-z_]\w*)\s*\(", doc["test_list"][0])))
+        # The prompt shows test_list[0]: the function it calls is the one asked for; a builtin's
+        # name (`set(f(x)) == ...`) only when it calls nothing else (MBPP 126 asks for `sum`).
+        called = sorted(set(re.findall(r"(?<![.\w])([A-Za-z_]\w*)\s*\(", doc["test_list"][0])))
+        return [n for n in called if not hasattr(builtins, n)] or called
 
     def _doc(self, row: dict, path: Path | str) -> dict:
         p = Path(path)

@@ -35,7 +35,7 @@ from phibook.eval import jail
 
 LAUNCHER = str(Path(__file__).with_name("sandbox_launcher.py"))
 MAX_OUTPUT_BYTES = 1 << 20  # stdout/stderr kept per program; the rest is read and discarded
-MAX_VERDICT_BYTES = 8192
+MAX_VERDICT_BYTES = 1 << 20  # the harness's lines (its introspection when asked for)
 SETUP_ATTEMPTS = 2  # a jail that fails to start is retried once before the run stops
 _CAPS: dict[str, Any] | None = None
 _BWRAP: jail.Bwrap | None = None

@@ -48,6 +48,7 @@ MAX_FRAME = 64 << 20  # bytes in one message
 MAX_DEPTH = 200
 MAX_ITEMS = 1_000_000  # items drained from an iterator the program returns
 MAX_VALUE_CHARS = 10_000
+MAX_REPORT_BYTES = 256 << 10  # one verdict line (the harness's introspection is the long one)
 NUMPY_KINDS = "biufcUS"
 NUMBER_TAGS = ("F", "D", "n")
 
@@ -543,7 +544,9 @@ def harness_main(job: dict) -> None:
     nonce = job["nonce"].encode("ascii")
 
     def say(line: str) -> None:
-        os.write(verdict_fd, nonce + b" " + line.encode("utf-8", "replace")[:MAX_VALUE_CHARS + 200] + b"\n")
+        data = nonce + b" " + line.encode("utf-8", "replace")[:MAX_REPORT_BYTES] + b"\n"
+        while data:
+            data = data[os.write(verdict_fd, data):]
 
     try:
         setup(job)
@@ -651,7 +654,9 @@ def introspect() -> dict:
     for obj in gc.get_objects():
         code = getattr(obj, "__code__", None) if type(obj).__name__ == "function" else None
         if code is not None:
-            files.add(code.co_filename)
+            # exec'd code (namedtuple's __new__) is named by the module that made it
+            files.add(code.co_filename if not code.co_filename.startswith("<string")
+                      else f"{code.co_filename} {getattr(obj, '__module__', None)}")
     modules = {name: getattr(module, "__file__", None) for name, module in list(sys.modules.items())}
     return {"modules": modules, "threads": [t.name for t in threading.enumerate()], "code_files": sorted(files)}
 
