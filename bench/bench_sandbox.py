@@ -5,9 +5,10 @@
 
 Systems, in ALTERNATING rounds (the machine is shared; medians are reported):
 
-- ``jail``: ``phibook.eval.sandbox.run_python`` / ``check_many`` as phibook eval runs them: a
-  bubblewrap jail per program (namespaces, read-only binds, tmpfs, seccomp, uid 65534), the
-  launcher (worker threads, audit hook, nonce verdict), RLIMITs.
+- ``jail``: ``phibook.eval.sandbox.run_python`` / ``check_many`` as phibook eval runs them: two
+  bubblewrap jails per program (namespaces, read-only binds, tmpfs, seccomp, uid 65534), one
+  for the program and one for the harness that runs the tests and calls it across a pipe
+  (issue 22), RLIMITs.
 - ``launcher``: the same launcher without the jail (``unsafe=True``, what --unsafe-no-sandbox
   runs): the jail's own share is the difference.
 - ``floor``: the interpreter start the launcher itself pays, ``python -I -S -c pass`` (no site).

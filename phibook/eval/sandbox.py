@@ -2,10 +2,11 @@
 
 Each program runs in a fresh bubblewrap jail (phibook.eval.jail: namespaces, a bare read-only
 root, seccomp, uid 65534, rlimits, a size-capped tmpfs) through a small launcher
-(phibook/eval/sandbox_launcher.py). The parent trusts one thing only: a line on a private pipe
-carrying a random nonce, which the launcher writes after the program (and its tests) ran to the
-end. An exit of any kind, a crash, a signal, a limit, a timeout or a missing line is a failure
-with its reason; the exit status and the output never decide a verdict.
+(phibook/eval/sandbox_launcher.py). Its tests run in a second jail, the harness's process, which
+holds no program code: it calls the program's functions across a pipe, where only tagged data
+crosses, and compares the answers itself. The parent trusts one thing only: a line on the
+harness's private pipe carrying a random nonce. A crash, a signal, a limit, a timeout or a
+missing line is a failure with its reason; exit statuses and output never decide a verdict.
 
 The jail is required. When it cannot be built, ``require_sandbox`` (and every run) raises
 ``JailUnavailable`` with what is missing and how to install it; only ``unsafe=True``
@@ -118,7 +119,7 @@ def describe(unsafe: bool = False) -> dict[str, Any]:
     """What the results JSON records about how programs ran."""
     if unsafe:
         return {"mode": "unsafe-no-sandbox", "note": "programs ran unconfined (--unsafe-no-sandbox): rlimits "
-                "and the launcher's verdict channel only; no namespaces, no seccomp"}
+                "and the two-process verdict only; no namespaces, no seccomp"}
     caps = capabilities()
     return {"mode": "bubblewrap", "tool": caps["tool"], "verified": caps["verified"]}
 
