@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,21 @@ def test_work_dir_is_writable_and_capped():
     r = run_python("f = open('big', 'wb')\nfor _ in range(100):\n    f.write(b'x' * 2**20)\n    f.flush()\n",
                    max_file_mb=8, timeout_s=20)
     assert r.status in ("error", "killed"), r
+
+
+@needs_jail
+def test_work_dir_inodes_are_capped_when_root():
+    # Issue 22: a flood of empty files took hundreds of MB of host kernel memory; as root the
+    # program's /work is a tmpfs with nr_inodes (bwrap's own --tmpfs has no such option).
+    if os.geteuid() != 0:
+        pytest.skip("the inode cap needs root (a mount namespace of bwrap's own)")
+    from phibook.eval import jail
+
+    r = run_python("n = 0\ntry:\n    while True:\n        open(f'f{n}', 'w').close()\n        n += 1\n"
+                   "except OSError as e:\n    print(n, e.errno)\n", timeout_s=20)
+    count, errno = r.stdout.split()
+    assert r.ok and int(count) < jail.WORK_INODES and errno == "28", r
+    assert not list(Path(tempfile.gettempdir()).glob("phibook-work-*"))  # the host folder is gone
 
 
 @needs_jail

@@ -8,7 +8,7 @@ what goes in it:
 - a root filesystem holding only read-only binds of the interpreter's prefix (its site-packages
   hidden under an empty tmpfs, numpy alone bound back in, read-only) and the system library
   folders (their parents made 0755, so uid 65534 can traverse them), /dev/null and /dev/urandom, and a
-  size-capped tmpfs at /work (also /tmp) for the program's files: no /proc, /etc, /home, /root,
+  size-capped tmpfs at /work (also /tmp; inodes capped too when root, see CappedWork) for the program's files: no /proc, /etc, /home, /root,
   /tmp of the host, no evaluator cwd, checkpoints or benchmark files;
 - a seccomp filter (BPF generated here, loaded by bwrap) refusing new processes (threads are
   allowed), memfd, ptrace, keyrings, mounts and namespaces, bpf, perf, io_uring, kernel modules
@@ -235,9 +235,10 @@ def numpy_dirs() -> list[str]:
 
 
 def jail_argv(bwrap: Bwrap, *, launcher: str, seccomp_fd: int, disk_bytes: int, as_root: bool,
-              launcher_args: list[str] | None = None) -> list[str]:
+              launcher_args: list[str] | None = None, work_source: str | None = None) -> list[str]:
     """The bwrap command line that runs ``launcher`` as /sandbox/launcher.py in the jail, followed
-    by ``launcher_args``."""
+    by ``launcher_args``. ``work_source``: a folder with a capped tmpfs mounted on it (see
+    ``CappedWork``) to bind at /work instead of bwrap's own tmpfs."""
     exe, prefix = interpreter()
     argv = [bwrap.path, "--die-with-parent", "--new-session", "--unshare-ipc", "--unshare-pid", "--unshare-net",
             "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox"]
@@ -282,7 +283,8 @@ def jail_argv(bwrap: Bwrap, *, launcher: str, seccomp_fd: int, disk_bytes: int, 
             argv += ["--ro-bind", lib, lib]
     argv += ["--dev-bind", "/dev/null", "/dev/null", "--dev-bind", "/dev/urandom", "/dev/urandom",
              "--remount-ro", "/dev/urandom",
-             "--perms", "1777", "--size", str(int(disk_bytes)), "--tmpfs", WORK, "--symlink", WORK, "/tmp",
+             *(["--bind", work_source, WORK] if work_source else
+               ["--perms", "1777", "--size", str(int(disk_bytes)), "--tmpfs", WORK]), "--symlink", WORK, "/tmp",
              "--ro-bind", launcher, LAUNCHER_IN_JAIL, "--remount-ro", "/",
              "--chdir", WORK, "--clearenv",
              "--setenv", "HOME", WORK, "--setenv", "TMPDIR", WORK, "--setenv", "LANG", "C.UTF-8",
@@ -304,3 +306,42 @@ def numpy_path() -> list[str]:
     hidden = hidden_dirs(interpreter()[1])
     dirs = [d for d in numpy_dirs() if any(d.startswith(h.rstrip("/") + "/") for h in hidden)]
     return [os.path.dirname(dirs[0])] if dirs else []
+
+
+# --------------------------------------------------------------------------- a work dir with capped inodes
+
+# Files the program's /work may hold: bwrap's --tmpfs sets size= only, and a flood of empty files
+# took hundreds of MB of kernel memory (inodes and dentries) outside every other cap.
+WORK_INODES = 8192
+CLONE_NEWNS, MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 0x00020000, 0x2, 0x4, 0x4000, 0x40000
+
+
+class CappedWork:
+    """/work as a tmpfs with ``size`` and ``nr_inodes`` (root only): bwrap is started in a mount
+    namespace of its own (``preexec`` runs in the forked child before bwrap's exec) where the
+    tmpfs is mounted on an empty host folder, which bwrap then binds at /work. The tmpfs exists
+    only in that namespace, so it vanishes with the jail whatever happens to the parent; the
+    host folder stays empty and is removed by ``close``."""
+
+    def __init__(self, disk_bytes: int) -> None:
+        import ctypes
+        import tempfile
+
+        self.libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child only calls it
+        self.path = tempfile.mkdtemp(prefix="phibook-work-")
+        self.options = f"size={int(disk_bytes)},nr_inodes={WORK_INODES},mode=1777".encode()
+
+    def preexec(self) -> None:
+        libc, path = self.libc, self.path.encode()
+        if libc.unshare(CLONE_NEWNS) != 0:
+            raise OSError("unshare(CLONE_NEWNS) failed")
+        if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+            raise OSError("making mounts private failed")
+        if libc.mount(b"tmpfs", path, b"tmpfs", MS_NOSUID | MS_NODEV, self.options) != 0:
+            raise OSError("mounting the work tmpfs failed")
+
+    def close(self) -> None:
+        try:
+            os.rmdir(self.path)
+        except OSError:
+            pass

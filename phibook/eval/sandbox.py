@@ -218,7 +218,8 @@ def _run(job: dict, timeout_s: float, memory_mb: int, cpu_s: float | None, stdin
     raise SandboxError(f"the code sandbox could not start a program: {why}")
 
 
-def _launch_argv(mode: str, job_fd: int, disk_bytes: int, unsafe: bool) -> tuple[list[str], list[int]]:
+def _launch_argv(mode: str, job_fd: int, disk_bytes: int, unsafe: bool,
+                 work: jail.CappedWork | None = None) -> tuple[list[str], list[int]]:
     """(argv, extra fds to pass) for one of the two processes, in its jail or (unsafe) bare."""
     if unsafe:
         return [os.path.realpath(sys.executable), "-I", "-S", LAUNCHER, mode, str(job_fd)], []
@@ -229,7 +230,8 @@ def _launch_argv(mode: str, job_fd: int, disk_bytes: int, unsafe: bool) -> tuple
     finally:
         os.close(seccomp_w)
     argv = jail.jail_argv(tool, launcher=LAUNCHER, seccomp_fd=seccomp_r, disk_bytes=disk_bytes,
-                          as_root=os.geteuid() == 0, launcher_args=[mode, str(job_fd)])
+                          as_root=os.geteuid() == 0, launcher_args=[mode, str(job_fd)],
+                          work_source=work.path if work else None)
     return argv, [seccomp_r]
 
 
@@ -262,16 +264,22 @@ def _run_once(job: dict, timeout_s: float, stdin: str, disk_bytes: int,
     parent_fds = {pjob_w, hjob_w, verdict_r}
     child_fds = {p2h_r, p2h_w, h2p_r, h2p_w, pjob_r, hjob_r, verdict_w}
     procs: list[subprocess.Popen] = []
+    # Run as root, the program's /work also caps its inodes (jail.CappedWork); the harness writes
+    # no files and keeps bwrap's tmpfs.
+    capped = jail.CappedWork(disk_bytes) if not unsafe and os.geteuid() == 0 else None
     try:
-        p_argv, p_extra = _launch_argv("program", pjob_r, disk_bytes, unsafe)
+        p_argv, p_extra = _launch_argv("program", pjob_r, disk_bytes, unsafe, capped)
         child_fds.update(p_extra)
         h_argv, h_extra = _launch_argv("harness", hjob_r, disk_bytes, unsafe)
         child_fds.update(h_extra)
         start = time.monotonic()
-        procs.append(subprocess.Popen(
-            p_argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, pass_fds=[pjob_r, h2p_r, p2h_w, *p_extra], env=env, cwd=work or "/",
-            start_new_session=True))
+        try:
+            procs.append(subprocess.Popen(
+                p_argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, pass_fds=[pjob_r, h2p_r, p2h_w, *p_extra], env=env, cwd=work or "/",
+                start_new_session=True, preexec_fn=capped.preexec if capped else None))
+        except (OSError, subprocess.SubprocessError) as exc:  # bwrap missing, or the work tmpfs
+            return SandboxResult("error", None, "", "", 0.0), f"could not start the program's jail: {exc}"
         procs.append(subprocess.Popen(
             h_argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             pass_fds=[hjob_r, p2h_r, h2p_w, verdict_w, *h_extra], env=env, cwd="/", start_new_session=True))
@@ -289,6 +297,8 @@ def _run_once(job: dict, timeout_s: float, stdin: str, disk_bytes: int,
             _close(fd)
         if work is not None:
             remove_tree(work)
+        if capped is not None:
+            capped.close()
     program, harness = procs
     lines = _verdict_lines(out["verdict"], nonce)
     if "ready" not in lines:

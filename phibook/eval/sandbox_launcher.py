@@ -598,7 +598,7 @@ def harness_main(job: dict) -> None:
         trace = getattr(exc, "phibook_trace", "")
         if trace:
             sys.stderr.write(trace)
-        elif type(exc) is not Ended:
+        elif type(exc) is not Ended and type(exc) is not ProgramExit:
             import traceback
 
             tb = exc.__traceback__
