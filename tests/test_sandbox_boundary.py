@@ -464,3 +464,55 @@ def test_honest_programs_pass_in_the_jail_as_they_do_unjailed(shared_dir):
     print(f"honest programs: {len(cases)}; jail passes {sum(in_jail)}, plain run passes {sum(unjailed)}")
     assert differ == []
     assert sum(in_jail) >= 0.9 * len(cases)
+
+
+def test_calls_cross_with_mutation_callbacks_and_handles():
+    """The semantics across the boundary: in-place mutation of list/dict/set arguments is seen,
+    lambdas from the tests can be called back, the program's objects are handles whose
+    attributes can be read and set (MBPP 367 builds a tree this way), and exceptions arrive as
+    the nearest built-in type."""
+    program = """class Node:
+    def __init__(self, v):
+        self.v, self.left = v, None
+def depth(n):
+    return 0 if n is None else 1 + depth(n.left)
+def sort_in_place(xs):
+    xs.sort()
+def fill(d, s):
+    d['k'] = 1
+    s.add(2)
+def apply(fn, xs):
+    return [fn(x) for x in xs]
+class Custom(KeyError):
+    pass
+def boom():
+    raise Custom('missing')
+"""
+    tests = """a = [3, 1, 2]
+sort_in_place(a)
+assert a == [1, 2, 3]
+d, s = {}, {1}
+fill(d, s)
+assert d == {'k': 1} and s == {1, 2}
+assert apply(lambda v: v * 2, [1, 2]) == [2, 4]
+root = Node(1)
+root.left = Node(2)
+assert root.v == 1 and root.left.v == 2 and depth(root) == 2
+try:
+    boom()
+    raise AssertionError('no exception')
+except KeyError as exc:
+    assert 'missing' in str(exc)
+"""
+    out = check_program(program, tests)
+    assert out.passed, (out.reason, out.result.stderr)
+
+
+def test_only_numpy_of_the_environment_and_read_only():
+    from phibook.eval.sandbox import run_python
+
+    r = run_python("import numpy, os\nprint(numpy.__version__)\ntry:\n    open(os.path.join(os.path.dirname("
+                   "numpy.__file__), 'x.py'), 'w')\nexcept OSError as e:\n    print('read-only', e.errno)\n"
+                   "for name in ('torch', 'pytest', 'phibook'):\n    try:\n        __import__(name)\n"
+                   "        print('imported', name)\n    except ImportError:\n        pass\n")
+    assert r.ok and "read-only" in r.stdout and "imported" not in r.stdout, (r.stdout, r.stderr)
