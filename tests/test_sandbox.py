@@ -159,6 +159,33 @@ def test_work_dir_inodes_are_capped_when_root():
 
 
 @needs_jail
+def test_what_correct_programs_need_works():
+    # Issue 22: run as root, /usr and /dev were 0700 for uid 65534 (these imports failed);
+    # importing subprocess/asyncio ended the program; 16 threads did not fit the address-space
+    # limit; signal.alarm raised ValueError off the main thread.
+    code = ("import zlib, binascii, base64, gzip, secrets, sqlite3, ssl, bz2, lzma\n"
+            "import subprocess, asyncio, multiprocessing\n"
+            "open('/dev/null', 'w').write('x')\n"
+            "try:\n    subprocess.run(['true'])\nexcept PermissionError:\n    print('no spawn')\n"
+            "from concurrent.futures import ThreadPoolExecutor\n"
+            "with ThreadPoolExecutor(16) as ex:\n    print(sum(ex.map(lambda x: x, range(100))))\n"
+            "import signal\nsignal.signal(signal.SIGALRM, lambda *a: None)\nsignal.alarm(5)\nsignal.alarm(0)\n"
+            "print(asyncio.run(asyncio.sleep(0, 'async')))\n")
+    r = run_python(code)
+    assert r.ok and r.stdout.split() == ["no", "spawn", "4950", "async"], (r.stdout, r.stderr)
+
+
+@needs_jail
+def test_socket_families_other_than_unix_and_ip_are_refused():
+    code = ("import socket\nfor family, kind, proto in ((40, 1, 0), (16, 3, 15), (17, 3, 0)):\n"
+            "    try:\n        socket.socket(family, kind, proto)\n        print('made', family)\n"
+            "    except OSError as e:\n        print('refused', e.errno)\n"
+            "socket.socket(socket.AF_INET6).close()\nsocket.socketpair()\n")
+    r = run_python(code)
+    assert r.ok and r.stdout.split() == ["refused", "97"] * 3, (r.stdout, r.stderr)
+
+
+@needs_jail
 def test_check_program_pass_and_fail():
     program = "def add(a, b):\n    return a + b\n"
     ok = check_program(program, "assert add(1, 2) == 3")
