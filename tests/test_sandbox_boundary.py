@@ -516,3 +516,27 @@ def test_only_numpy_of_the_environment_and_read_only():
                    "for name in ('torch', 'pytest', 'phibook'):\n    try:\n        __import__(name)\n"
                    "        print('imported', name)\n    except ImportError:\n        pass\n")
     assert r.ok and "read-only" in r.stdout and "imported" not in r.stdout, (r.stdout, r.stderr)
+
+
+def test_forged_and_malformed_messages_score_zero():
+    """The program owns its end of the pipe: what it writes there is only data. Code objects,
+    garbage, a forged "loaded" message and answers out of turn fail the check."""
+    forge = WRONG + """
+import marshal, os
+def frame(msg):
+    data = marshal.dumps(msg)
+    return len(data).to_bytes(4, 'big') + data
+code = compile('import builtins; builtins.AssertionError = KeyError', 'x', 'exec')
+for fd in range(3, 64):
+    for msg in ({'k': 'loaded', 'names': {'add': code, 'check': code}}, {'k': 'ret', 'id': 1, 'v': code},
+                {'k': 'ret', 'id': 1, 'v': 5, 'mut': [[0, code]]}, code):
+        try:
+            os.write(fd, frame(msg))
+        except OSError:
+            pass
+    try:
+        os.write(fd, b'\\xff\\xff\\xff\\xff garbage')
+    except OSError:
+        pass
+"""
+    assert scores(forge) == (0.0, 0.0)

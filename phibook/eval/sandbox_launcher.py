@@ -17,7 +17,9 @@ on a private pipe, as lines carrying a random nonce:
 **The boundary.** The program's process executes the program (on its main thread, as any script
 runs) and exposes its top-level names. The harness's process runs the tests; each name of the
 program is a ``Remote`` there: calling it sends the arguments across and returns the decoded
-result. Only data crosses, as length-prefixed JSON with type tags (``encode``/``decode``):
+result. Only data crosses, as length-prefixed ``marshal`` of built-in data (dicts, lists,
+strings, bytes, numbers, None) with type tags (``encode``/``decode``; anything else marshal
+could build, a code object, is refused by ``decode``, never run):
 None, bools, ints, floats (NaN, inf too), str, bytes, bytearray, complex, lists, tuples
 (namedtuples as tuples), dicts, sets, frozensets, range, Fraction, Decimal, Counter,
 OrderedDict, defaultdict (without its factory), numpy scalars and arrays of numbers and strings,
@@ -36,9 +38,7 @@ builtins; a top-level name of the program that is a builtin's name is left out o
 globals unless it is the function under test.
 """
 
-import base64
 import builtins
-import json
 import marshal
 import os
 import sys
@@ -76,17 +76,22 @@ def read_exact(fd: int, n: int) -> bytes:
 
 
 def recv(fd: int) -> dict:
+    """One message: marshal of built-in data only (no code object survives ``decode``; marshal
+    builds values, it never runs them). An unreadable message is the other side's end."""
     size = int.from_bytes(read_exact(fd, 4), "big")
     if size > MAX_FRAME:
         raise Ended(f"a message of {size} bytes (more than {MAX_FRAME})")
-    msg = json.loads(read_exact(fd, size).decode("utf-8"))
+    try:
+        msg = marshal.loads(read_exact(fd, size))
+    except (ValueError, EOFError, TypeError) as exc:
+        raise Ended(f"an unreadable message ({exc})") from None
     if type(msg) is not dict:
-        raise Ended("a message that is not an object")
+        raise Ended("a message that is not a dict")
     return msg
 
 
 def send(fd: int, msg: dict) -> None:
-    data = json.dumps(msg, separators=(",", ":")).encode("utf-8", "surrogatepass")
+    data = marshal.dumps(msg)
     data = len(data).to_bytes(4, "big") + data
     while data:
         data = data[os.write(fd, data):]
@@ -196,9 +201,9 @@ class Peer:
         if isinstance(value, (set, frozenset)):
             return ["s" if isinstance(value, set) else "f", *items(value)]
         if isinstance(value, bytes):
-            return ["b", base64.b64encode(bytes(value)).decode("ascii")]
+            return ["b", bytes(value)]
         if isinstance(value, bytearray):
-            return ["B", base64.b64encode(bytes(value)).decode("ascii")]
+            return ["B", bytes(value)]
         if isinstance(value, complex):
             return ["c", self.encode(value.real, depth), self.encode(value.imag, depth)]
         if t is range:
@@ -265,10 +270,10 @@ class Peer:
             if tag == "dd":
                 return collections.defaultdict(None, pairs())
             return (collections.Counter if tag == "C" else collections.OrderedDict)(dict(pairs()))
-        if tag == "b":
-            return base64.b64decode(str(rest[0]))
-        if tag == "B":
-            return bytearray(base64.b64decode(str(rest[0])))
+        if tag == "b" or tag == "B":
+            if type(rest[0]) is not bytes:
+                raise ValueError("malformed bytes")
+            return rest[0] if tag == "b" else bytearray(rest[0])
         if tag == "c":
             return complex(float(self.decode(rest[0], depth + 1)), float(self.decode(rest[1], depth + 1)))
         if tag == "R":
@@ -352,13 +357,13 @@ class Peer:
             if kind == "call":
                 if not callable(target):
                     raise TypeError(f"'{type(target).__name__}' object is not callable")
-                before = [json.dumps(a) for a in msg.get("args") or []]
+                before = list(msg.get("args") or [])
                 value = target(*args, **kwargs)
                 mut = []
                 for i, a in enumerate(args):
                     if isinstance(a, (list, dict, set, bytearray)):
                         enc = self.encode(a)
-                        if json.dumps(enc) != before[i]:
+                        if enc != before[i]:  # encoded data: plain lists, str, numbers
                             mut.append([i, enc])
                 reply = {"k": "ret", "id": ident, "v": self.encode(value), "mut": mut}
             elif kind == "get":
@@ -588,12 +593,12 @@ def harness_main(job: dict) -> None:
             line = "done  None"  # nothing called: no type
         if state is not None:
             state["after"] = introspect()
-            say("introspect " + json.dumps(state))
+            say("introspect " + __import__("json").dumps(state))
         send(peer.wfd, {"k": "end"})
     except BaseException as exc:  # noqa: BLE001 - any way out before the end is a failure
         if state is not None:
             state["after"] = introspect()
-            say("introspect " + json.dumps(state))
+            say("introspect " + __import__("json").dumps(state))
         say("fail " + failure_reason(exc).replace("\n", " "))
         trace = getattr(exc, "phibook_trace", "")
         if trace:
