@@ -313,35 +313,48 @@ def numpy_path() -> list[str]:
 # Files the program's /work may hold: bwrap's --tmpfs sets size= only, and a flood of empty files
 # took hundreds of MB of kernel memory (inodes and dentries) outside every other cap.
 WORK_INODES = 8192
-CLONE_NEWNS, MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 0x00020000, 0x2, 0x4, 0x4000, 0x40000
+# unshare(1) gives bwrap a mount namespace of its own, where sh mounts the capped tmpfs on an
+# empty host folder (bwrap then binds it at /work). A preexec_fn doing the same would make
+# subprocess fork the evaluator (with a model loaded: tens of ms per program) instead of vfork.
+MOUNT_SCRIPT = 'mount -t tmpfs -o "$1" tmpfs "$2" || exit 120; shift 2; exec "$@"'
+_CAPPED_WORKS: bool | None = None
 
 
 class CappedWork:
-    """/work as a tmpfs with ``size`` and ``nr_inodes`` (root only): bwrap is started in a mount
-    namespace of its own (``preexec`` runs in the forked child before bwrap's exec) where the
-    tmpfs is mounted on an empty host folder, which bwrap then binds at /work. The tmpfs exists
-    only in that namespace, so it vanishes with the jail whatever happens to the parent; the
-    host folder stays empty and is removed by ``close``."""
+    """/work as a tmpfs with ``size`` and ``nr_inodes`` (root only, with util-linux's unshare and
+    mount): the tmpfs exists only in the mount namespace bwrap starts in, so it vanishes with the
+    jail whatever happens to the parent; the host folder stays empty and ``close`` removes it."""
 
     def __init__(self, disk_bytes: int) -> None:
-        import ctypes
         import tempfile
 
-        self.libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child only calls it
         self.path = tempfile.mkdtemp(prefix="phibook-work-")
-        self.options = f"size={int(disk_bytes)},nr_inodes={WORK_INODES},mode=1777".encode()
+        self.options = f"size={int(disk_bytes)},nr_inodes={WORK_INODES},mode=1777"
 
-    def preexec(self) -> None:
-        libc, path = self.libc, self.path.encode()
-        if libc.unshare(CLONE_NEWNS) != 0:
-            raise OSError("unshare(CLONE_NEWNS) failed")
-        if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
-            raise OSError("making mounts private failed")
-        if libc.mount(b"tmpfs", path, b"tmpfs", MS_NOSUID | MS_NODEV, self.options) != 0:
-            raise OSError("mounting the work tmpfs failed")
+    def wrap(self, argv: list[str]) -> list[str]:
+        """``argv`` (bwrap's) started with the capped tmpfs mounted on ``path``."""
+        return [shutil.which("unshare") or "unshare", "--mount", "--propagation", "private", "--",
+                "/bin/sh", "-c", MOUNT_SCRIPT, "phibook-work", self.options, self.path, *argv]
 
     def close(self) -> None:
         try:
             os.rmdir(self.path)
         except OSError:
             pass
+
+    @staticmethod
+    def available() -> bool:
+        """Whether this process can cap /work's inodes (root, unshare, mount; checked once)."""
+        global _CAPPED_WORKS
+        if _CAPPED_WORKS is None:
+            _CAPPED_WORKS = False
+            if os.geteuid() == 0 and shutil.which("unshare") and shutil.which("mount") and os.path.exists("/bin/sh"):
+                work = CappedWork(1 << 20)
+                try:
+                    probe = work.wrap(["/bin/sh", "-c", 'test "$(stat -f -c %c "$0")" -le 8192', work.path])
+                    _CAPPED_WORKS = subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+                except (OSError, subprocess.SubprocessError):
+                    pass
+                finally:
+                    work.close()
+        return _CAPPED_WORKS

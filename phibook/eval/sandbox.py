@@ -232,7 +232,7 @@ def _launch_argv(mode: str, job_fd: int, disk_bytes: int, unsafe: bool,
     argv = jail.jail_argv(tool, launcher=LAUNCHER, seccomp_fd=seccomp_r, disk_bytes=disk_bytes,
                           as_root=os.geteuid() == 0, launcher_args=[mode, str(job_fd)],
                           work_source=work.path if work else None)
-    return argv, [seccomp_r]
+    return (work.wrap(argv) if work else argv), [seccomp_r]
 
 
 def _run_once(job: dict, timeout_s: float, stdin: str, disk_bytes: int,
@@ -266,7 +266,7 @@ def _run_once(job: dict, timeout_s: float, stdin: str, disk_bytes: int,
     procs: list[subprocess.Popen] = []
     # Run as root, the program's /work also caps its inodes (jail.CappedWork); the harness writes
     # no files and keeps bwrap's tmpfs.
-    capped = jail.CappedWork(disk_bytes) if not unsafe and os.geteuid() == 0 else None
+    capped = jail.CappedWork(disk_bytes) if not unsafe and jail.CappedWork.available() else None
     try:
         p_argv, p_extra = _launch_argv("program", pjob_r, disk_bytes, unsafe, capped)
         child_fds.update(p_extra)
@@ -277,7 +277,7 @@ def _run_once(job: dict, timeout_s: float, stdin: str, disk_bytes: int,
             procs.append(subprocess.Popen(
                 p_argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, pass_fds=[pjob_r, h2p_r, p2h_w, *p_extra], env=env, cwd=work or "/",
-                start_new_session=True, preexec_fn=capped.preexec if capped else None))
+                start_new_session=True))
         except (OSError, subprocess.SubprocessError) as exc:  # bwrap missing, or the work tmpfs
             return SandboxResult("error", None, "", "", 0.0), f"could not start the program's jail: {exc}"
         procs.append(subprocess.Popen(
