@@ -487,6 +487,10 @@ class Custom(KeyError):
     pass
 def boom():
     raise Custom('missing')
+import itertools
+ids = itertools.count(1)
+def next_id():
+    return next(ids)
 """
     tests = """a = [3, 1, 2]
 sort_in_place(a)
@@ -503,6 +507,7 @@ try:
     raise AssertionError('no exception')
 except KeyError as exc:
     assert 'missing' in str(exc)
+assert next_id() == 1 and next_id() == 2
 """
     out = check_program(program, tests)
     assert out.passed, (out.reason, out.result.stderr)

@@ -504,7 +504,10 @@ def program_main(job: dict) -> None:
         if type(name) is not str or name.startswith("__") or type(value) is type(sys):
             continue
         try:
-            names[name] = peer.encode(value) if not callable(value) else ["h", peer.export(value)]
+            # Callables and iterators stay here (a top-level itertools.count() the program's
+            # functions use must not be drained); other values go across as copies.
+            live = callable(value) or hasattr(type(value), "__next__")
+            names[name] = ["h", peer.export(value)] if live else peer.encode(value)
         except BaseException:  # noqa: BLE001 - left out of the tests' reach
             continue
     flush()
