@@ -545,3 +545,22 @@ for fd in range(3, 64):
         pass
 """
     assert scores(forge) == (0.0, 0.0)
+
+
+def test_values_cross_by_value_and_compare_with_eq():
+    program = "import collections, fractions, decimal\nimport numpy as np\ndef echo(x):\n    return x\n" \
+              "def typed():\n    P = collections.namedtuple('P', 'a b')\n" \
+              "    return [fractions.Fraction(1, 3), decimal.Decimal('1.5'), P(1, 2), collections.Counter('aab'),\n" \
+              "            collections.OrderedDict(a=1), collections.defaultdict(int, b=2), np.int64(7), np.arange(3)]\n"
+    tests = """import math, fractions, decimal
+import numpy as np
+for v in (b'ab', bytearray(b'x'), 2 ** 200, -2 ** 70, 1 + 2j, range(3), frozenset({1}), {1: [2, (3,)]}, 'é\\x00', None):
+    assert echo(v) == v, v
+assert math.isnan(echo(float('nan'))) and echo(float('-inf')) == float('-inf')
+assert (echo(np.arange(4).reshape(2, 2)) == np.arange(4).reshape(2, 2)).all()
+f, d, p, c, o, dd, i, a = typed()
+assert f == fractions.Fraction(1, 3) and d == decimal.Decimal('1.5') and p == (1, 2)
+assert c == {'a': 2, 'b': 1} and o == {'a': 1} and dd == {'b': 2} and i == 7 and list(a) == [0, 1, 2]
+"""
+    out = check_program(program, tests)
+    assert out.passed, (out.reason, out.result.stderr)

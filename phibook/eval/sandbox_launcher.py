@@ -118,24 +118,24 @@ class Remote:
         object.__setattr__(self, "_peer", peer)
         object.__setattr__(self, "_id", ident)
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: object, **kwargs: object) -> object:
         return self._peer.request({"k": "call", "h": self._id}, args, kwargs)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> object:
         if name.startswith("__"):
             raise AttributeError(name)
         return self._peer.request({"k": "get", "h": self._id, "name": name}, (), {})
 
-    def __setattr__(self, name, value):
+    def __setattr__(self, name: str, value: object) -> None:
         self._peer.request({"k": "set", "h": self._id, "name": name}, (value,), {})
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return type(other) is Remote and other._peer is self._peer and other._id == self._id
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash(("remote", self._id))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<object {self._id} of the program>"
 
 
@@ -151,11 +151,13 @@ class Peer:
 
     # -- values
 
-    def export(self, value) -> int:
+    def export(self, value: object) -> int:
         self.exported.append(value)
         return len(self.exported) - 1
 
-    def encode(self, value, depth: int = 0, path: frozenset = frozenset()):
+    def encode(self, value: object, depth: int = 0, path: frozenset = frozenset()) -> object:
+        """``value`` as tagged built-in data (see the module docstring); what cannot go by value
+        goes as a handle."""
         t = type(value)
         if value is None or t is bool or t is str:
             return value
@@ -229,7 +231,8 @@ class Peer:
             return ["it", *items(drained)]
         return ["h", self.export(value)]
 
-    def decode(self, data, depth: int = 0):
+    def decode(self, data: object, depth: int = 0) -> object:
+        """Tagged data back to a value, built with the standard types' constructors only."""
         t = type(data)
         if data is None or t is bool or t is str or t is int or t is float:
             return data
@@ -306,7 +309,7 @@ class Peer:
             return self.exported[rest[0]]
         raise ValueError(f"an unknown value tag {tag[:20]!r}")
 
-    def load_numpy(self):
+    def load_numpy(self) -> object:
         if self.numpy is None:
             import numpy
 
@@ -314,7 +317,7 @@ class Peer:
         return self.numpy
 
     @staticmethod
-    def numpy_dtype(text) -> str:
+    def numpy_dtype(text: object) -> str:
         text = str(text)
         if len(text) > 12 or text[:1] not in "<>|=" or text[1:2] not in NUMPY_KINDS or not text[2:].isdigit():
             raise ValueError("a malformed numpy dtype")
@@ -322,7 +325,7 @@ class Peer:
 
     # -- requests
 
-    def request(self, msg: dict, args: tuple, kwargs: dict):
+    def request(self, msg: dict, args: tuple, kwargs: dict) -> object:
         """Send a request, serve the other side's until its answer comes, return the decoded value."""
         self.next_id += 1
         ident = self.next_id
@@ -379,7 +382,7 @@ class Peer:
         send(self.wfd, reply)
 
 
-def write_back(original, new) -> None:
+def write_back(original: object, new: object) -> None:
     """In-place mutation by the other side, applied to the argument we passed."""
     if type(original) is list and type(new) is list:
         original[:] = new
@@ -629,7 +632,7 @@ def failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def reportable(value) -> str:
+def reportable(value: object) -> str:
     """'<type> <literal>' for the parent: numbers (Fraction, Decimal and numpy ones as int or
     float), strings, bools and None as literals; anything else as its type and None."""
     import decimal
