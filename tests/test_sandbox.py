@@ -290,3 +290,18 @@ def test_eval_help_names_the_unsafe_flag():
     out = subprocess.run([sys.executable, "-m", "phibook.cli", "eval", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert "--unsafe-no-sandbox" in out.stdout and "UNSAFE" in out.stdout
+
+
+@needs_jail
+def test_a_program_jail_that_does_not_start_is_a_setup_error(monkeypatch):
+    # Issue 22: the harness's process is ready, the program's never says it started (no program
+    # code ran): that is the jail's failure, reported as such, never a failed sample.
+    real = sandbox._launch_argv
+
+    def broken(mode, *args, **kwargs):
+        argv, extra = real(mode, *args, **kwargs)
+        return (["/bin/false"] if mode == "program" else argv), extra
+
+    monkeypatch.setattr(sandbox, "_launch_argv", broken)
+    with pytest.raises(sandbox.SandboxError, match="the program's process did not start"):
+        check_program("x = 1", "assert x == 1")

@@ -301,9 +301,11 @@ def _run_once(job: dict, timeout_s: float, stdin: str, disk_bytes: int,
             capped.close()
     program, harness = procs
     lines = _verdict_lines(out["verdict"], nonce)
-    if "ready" not in lines:
+    if "ready" not in lines or "setup-error" in lines:
         why = lines.get("setup-error") or (out["harness_stderr"].strip().splitlines() or [
             f"the harness ended with status {harness.returncode}"])[-1]
+        if "ready" in lines:  # the program's jail failed to start: say what it said
+            why += f" ({(out['stderr'].strip().splitlines() or [f'status {program.returncode}'])[-1]})"
         if out["timed_out"]:
             why = f"no start within {timeout_s:g} s ({why})"
         return SandboxResult("error", program.returncode, out["stdout"], out["stderr"], duration), why

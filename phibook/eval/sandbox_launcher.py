@@ -482,7 +482,13 @@ def program_main(job: dict) -> None:
     rfd, wfd = job["from_harness"], job["to_harness"]
     for fd in (rfd, wfd):
         os.set_inheritable(fd, False)
-    setup(job)
+    try:
+        setup(job)
+    except BaseException as exc:  # noqa: BLE001 - the jail is broken: the harness reports it
+        sys.stderr.write(f"phibook-sandbox: the program's process could not be set up: {exc!r}\n")
+        flush()
+        os._exit(3)
+    send(wfd, {"k": "started"})  # from here on, whatever happens is the program's doing
     peer = Peer(rfd, wfd, serve_all=True)
     module_name = job["module"]
     main_module = type(sys)(module_name)
@@ -568,6 +574,13 @@ def harness_main(job: dict) -> None:
         os._exit(3)
     say("ready")
     state = {"before": introspect()} if job.get("introspect") else None
+    try:
+        first = recv(peer.rfd)
+    except Ended:
+        first = {}
+    if first.get("k") != "started":  # no program code had run yet: the jail failed, not the program
+        say("setup-error the program's process did not start")
+        os._exit(3)
     try:
         msg = recv(peer.rfd)
         if msg.get("k") == "error":
