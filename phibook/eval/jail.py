@@ -7,9 +7,10 @@ what goes in it:
   root); ``--die-with-parent`` and a new session;
 - a root filesystem holding only read-only binds of the interpreter's prefix (its site-packages
   hidden under an empty tmpfs, numpy alone bound back in, read-only) and the system library
-  folders (their parents made 0755, so uid 65534 can traverse them), /dev/null and /dev/urandom, and a
-  size-capped tmpfs at /work (also /tmp; inodes capped too when root, see CappedWork) for the program's files: no /proc, /etc, /home, /root,
-  /tmp of the host, no evaluator cwd, checkpoints or benchmark files;
+  folders (their parents made 0755, so uid 65534 can traverse them), /dev/null and
+  /dev/urandom, and a size-capped tmpfs at /work (also /tmp; inodes capped too when root, see
+  CappedWork) for the program's files: no /proc, /etc, /home, /root, /tmp of the host, no
+  evaluator cwd, checkpoints or benchmark files;
 - a seccomp filter (BPF generated here, loaded by bwrap) refusing new processes (threads are
   allowed), memfd, ptrace, keyrings, mounts and namespaces, bpf, perf, io_uring, kernel modules
   and the like, and every socket family but AF_UNIX, AF_INET and AF_INET6 (no vsock, whose
