@@ -50,7 +50,6 @@ MAX_ITEMS = 1_000_000  # items drained from an iterator the program returns
 MAX_VALUE_CHARS = 10_000
 MAX_REPORT_BYTES = 256 << 10  # one verdict line (the harness's introspection is the long one)
 NUMPY_KINDS = "biufcUS"
-NUMBER_TAGS = ("F", "D", "n")
 
 
 class Ended(Exception):
