@@ -5,11 +5,12 @@
 
 Systems, in ALTERNATING rounds (the machine is shared; medians are reported):
 
-- ``jail``: ``phibook.eval.sandbox.run_python`` / ``check_many`` as phibook eval runs them: a
-  bubblewrap jail per program (namespaces, read-only binds, tmpfs, seccomp, uid 65534), the
-  launcher (worker threads, audit hook, nonce verdict), RLIMITs.
-- ``launcher``: the same launcher without the jail (``unsafe=True``, what --unsafe-no-sandbox
-  runs): the jail's own share is the difference.
+- ``jail``: ``phibook.eval.sandbox.run_python`` / ``check_many`` as phibook eval runs them: two
+  bubblewrap jails per program (namespaces, read-only binds, tmpfs, seccomp, uid 65534), one
+  for the program and one for the harness that runs the tests and calls it across a pipe
+  (issue 22), RLIMITs.
+- ``launcher``: the same two processes without the jails (``unsafe=True``, what
+  --unsafe-no-sandbox runs): the jails' own share is the difference.
 - ``floor``: the interpreter start the launcher itself pays, ``python -I -S -c pass`` (no site).
 - ``bare``: what a harness without a sandbox runs, ``subprocess.run([python, "-c", code])``
   (``pass`` for the overhead test; the program and its tests for HumanEval, from a thread pool of
@@ -111,7 +112,7 @@ def main() -> None:
         print(f"humaneval round {r + 1}: " + ", ".join(f"{s} {rate[s][-1]:.1f}/s" for s in he_systems)
               + f" (load {load_average()})", file=sys.stderr)
 
-    labels = {"jail": "phibook sandbox (bubblewrap jail + launcher)", "launcher": "launcher only (unsafe=True)",
+    labels = {"jail": "phibook sandbox (bubblewrap jail + launcher)", "launcher": "launcher only, both processes (unsafe=True)",
               "floor": "`python -I -S -c pass` (the launcher's interpreter start)",
               "bare": "bare `python -c` (no isolation)"}
     print(f"# bench_sandbox  {now()}  git {git_rev()}")

@@ -222,12 +222,15 @@ class Finder:
 sys.meta_path.insert(0, Finder())
 sys.modules.pop('math', None)
 """,
+    # Issue 22: every frame in reach is now the program's own; patching its own module would
+    # make it a correct program, so the spy looks for anyone else's globals (the tests').
     "thread watching the harness": WRONG + """
 import sys, threading, time
 def spy():
     for _ in range(200):
         for frame in getattr(sys, '_current_frames', lambda: {})().values():
-            frame.f_globals['add'] = lambda a, b: a + b
+            if frame.f_globals is not globals():
+                frame.f_globals['add'] = lambda a, b: a + b
         time.sleep(0.005)
 threading.Thread(target=spy, daemon=True).start()
 """,

@@ -19,6 +19,7 @@ Prompts are fixed here and recorded in each task's `prompt_settings`:
 
 from __future__ import annotations
 
+import builtins
 import json
 import math
 import re
@@ -129,6 +130,11 @@ class CodeTask(Task):
         """(program, tests) for one completion."""
         raise NotImplementedError
 
+    def entry(self, doc: dict) -> list[str]:
+        """The names of the function under test: a program's name that is also a builtin's (MBPP
+        asks for a ``sum``) reaches the tests only when listed here."""
+        return []
+
     def requests(self, doc: dict) -> list[GenerationRequest]:
         prompt = self.prompt(doc)
         return [
@@ -141,7 +147,8 @@ class CodeTask(Task):
     def process_results(self, doc: dict, results: list) -> dict[str, float]:
         from phibook.eval.sandbox import check_many
 
-        pairs = [self.program(doc, truncate_at_stops(str(text), self.stops)) for text in results]
+        entry = self.entry(doc)
+        pairs = [(*self.program(doc, truncate_at_stops(str(text), self.stops)), entry) for text in results]
         outcomes = check_many(pairs, timeout_s=self.timeout_s, memory_mb=self.memory_mb, unsafe=self.unsafe_sandbox)
         n, c = len(outcomes), sum(o.passed for o in outcomes)
         return {f"pass@{k}": pass_at_k(n, c, k) for k in self.ks}
@@ -171,6 +178,9 @@ class HumanEval(CodeTask):
 
     def program(self, doc: dict, completion: str) -> tuple[str, str]:
         return doc["prompt"] + completion, doc["test"] + "\n" + f"check({doc['entry_point']})"
+
+    def entry(self, doc: dict) -> list[str]:
+        return [doc["entry_point"]]
 
     @staticmethod
     def _doc(row: dict, path: Path | str) -> dict:
@@ -206,6 +216,12 @@ class MBPP(CodeTask):
     @staticmethod
     def tests(doc: dict) -> str:
         return "\n".join([doc["test_setup_code"], *doc["test_list"]])
+
+    def entry(self, doc: dict) -> list[str]:
+        # The prompt shows test_list[0]: the function it calls is the one asked for; a builtin's
+        # name (`set(f(x)) == ...`) only when it calls nothing else (MBPP 126 asks for `sum`).
+        called = sorted(set(re.findall(r"(?<![.\w])([A-Za-z_]\w*)\s*\(", doc["test_list"][0])))
+        return [n for n in called if not hasattr(builtins, n)] or called
 
     def _doc(self, row: dict, path: Path | str) -> dict:
         p = Path(path)
@@ -262,14 +278,15 @@ def last_number(text: str) -> float | None:
     return None
 
 
-def program_answer(value: object, stdout: str) -> float | None:
-    """solution()'s return value as a number; when it returned None, the last number printed.
-    A bool, or a string that is not wholly a number, is no answer."""
+def program_answer(value: object, stdout: str, value_type: str = "NoneType") -> float | None:
+    """solution()'s return value as a number; when it returned None (``value_type`` "NoneType"),
+    the last number printed. A bool, NaN, inf, a string that is not wholly a number, or a value
+    the sandbox could not report (``value`` None with another ``value_type``) is no answer."""
     if type(value) is int or type(value) is float:
         return float(value) if math.isfinite(value) else None
     if type(value) is str:
         return parse_number(value)
-    if value is None:
+    if value is None and value_type == "NoneType":
         return last_number(stdout)
     return None
 
@@ -289,7 +306,8 @@ class GSM8K(Task):
     prompt_settings: ClassVar[dict[str, Any]] = {
         "num_fewshot": 0, "method": "via coding (program-aided): solution() runs in the sandbox",
         "template": 'def solution():\\n    """{question}"""\\n', "stop": CODE_STOPS, "greedy": True,
-        "max_new_tokens": 512, "answer": "solution()'s numeric result (else the last number printed), "
+        "max_new_tokens": 512, "answer": "solution()'s numeric result (Fraction, Decimal, numpy numbers too; "
+        "when it returned None, the last number printed; NaN, inf or a non-number is wrong), "
         "only when the program ran to its end, vs the number after '####', math.isclose(rel 1e-6, abs 1e-4)",
     }
 
@@ -313,7 +331,7 @@ class GSM8K(Task):
         # launcher's channel. A program that crashes, exits or times out is wrong, whatever it printed.
         run = run_python(self.program(doc, truncate_at_stops(str(results[0]), self.stops)), timeout_s=self.timeout_s,
                          call="solution", unsafe=self.unsafe_sandbox)
-        pred = program_answer(run.value, run.stdout) if run.ok else None
+        pred = program_answer(run.value, run.stdout, run.value_type) if run.ok else None
         return {"acc": float(answers_match(pred, doc["gold"]))}
 
     @staticmethod

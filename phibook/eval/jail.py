@@ -6,12 +6,15 @@ what goes in it:
 - fresh mount, PID, IPC, UTS, network and cgroup namespaces (a user namespace too when we are not
   root); ``--die-with-parent`` and a new session;
 - a root filesystem holding only read-only binds of the interpreter's prefix (its site-packages
-  hidden under an empty tmpfs) and the system library folders, /dev/null and /dev/urandom, and a
-  size-capped tmpfs at /work (also /tmp) for the program's files: no /proc, /etc, /home, /root,
-  /tmp of the host, no evaluator cwd, checkpoints or benchmark files;
+  hidden under an empty tmpfs, numpy alone bound back in, read-only) and the system library
+  folders (their parents made 0755, so uid 65534 can traverse them), /dev/null and
+  /dev/urandom, and a size-capped tmpfs at /work (also /tmp; inodes capped too when root, see
+  CappedWork) for the program's files: no /proc, /etc, /home, /root, /tmp of the host, no
+  evaluator cwd, checkpoints or benchmark files;
 - a seccomp filter (BPF generated here, loaded by bwrap) refusing new processes (threads are
-  allowed: the launcher runs the program on its own), signal handlers, memfd, ptrace, keyrings,
-  mounts and namespaces, bpf, perf, io_uring, kernel modules and the like;
+  allowed), memfd, ptrace, keyrings, mounts and namespaces, bpf, perf, io_uring, kernel modules
+  and the like, and every socket family but AF_UNIX, AF_INET and AF_INET6 (no vsock, whose
+  connections namespaces do not cover, no netlink, no packet sockets);
 - run as root, the launcher keeps only CAP_SETUID/CAP_SETGID to become uid 65534 at once, so the
   program runs as an unprivileged user of the host; run as a user, a user namespace maps that
   user's own id.
@@ -112,12 +115,16 @@ DENIED_SYSCALLS = {
         "clock_adjtime": 266, "adjtimex": 171, "vhangup": 58, "fanotify_init": 262, "nfsservctl": 42,
     },
 }
-# Checked by argument: clone only for threads (CLONE_THREAD; the launcher runs the program on its
-# own threads), clone3 answered ENOSYS so libc falls back to clone (its flags are in memory, where
-# a filter cannot look), rt_sigaction only to query (a handler receives the interrupted frame).
+# Checked by argument: clone only for threads (CLONE_THREAD), clone3 answered ENOSYS so libc falls
+# back to clone (its flags are in memory, where a filter cannot look); socket and socketpair only
+# for the families a test program needs (the network namespace is empty; AF_VSOCK would reach the
+# VM host, AF_NETLINK the kernel's event and routing sockets). Signal handlers are allowed: the
+# verdict is decided in another process (sandbox_launcher.py), so a handler reaches nothing.
 CLONE = {"x86_64": 56, "aarch64": 220}
 CLONE3 = 435
-RT_SIGACTION = {"x86_64": 13, "aarch64": 134}
+SOCKET = {"x86_64": 41, "aarch64": 198}
+SOCKETPAIR = {"x86_64": 53, "aarch64": 199}
+SOCKET_FAMILIES = {"AF_UNIX": 1, "AF_INET": 2, "AF_INET6": 10}
 CLONE_THREAD = 0x00010000
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 X32_BIT = 0x40000000  # x86_64's x32 ABI numbers: refused whole
@@ -125,7 +132,7 @@ X32_BIT = 0x40000000  # x86_64's x32 ABI numbers: refused whole
 # classic BPF (linux/filter.h, linux/seccomp.h)
 LD_W_ABS, JEQ_K, JSET_K, RET_K = 0x20, 0x15, 0x45, 0x06
 RET_ALLOW, RET_KILL_PROCESS, RET_ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
-EPERM, ENOSYS = 1, 38
+EPERM, ENOSYS, EAFNOSUPPORT = 1, 38, 97
 # struct seccomp_data: int nr; __u32 arch; __u64 instruction_pointer; __u64 args[6]
 OFF_NR, OFF_ARCH, OFF_ARGS = 0, 4, 16
 
@@ -161,16 +168,17 @@ def seccomp_filter(arch: str | None = None) -> bytes:
         op(JEQ_K, nr, jt="deny")
     op(JEQ_K, CLONE[arch], jt="clone")
     op(JEQ_K, CLONE3, jt="nosys")
-    op(JEQ_K, RT_SIGACTION[arch], jt="sigaction")
+    op(JEQ_K, SOCKET[arch], jt="socket")
+    op(JEQ_K, SOCKETPAIR[arch], jt="socket")
     op(RET_K, RET_ALLOW)
     label("clone")
     op(LD_W_ABS, OFF_ARGS)  # args[0] = flags (low 32 bits hold CLONE_THREAD)
     op(JSET_K, CLONE_THREAD, jt="allow", jf="deny")
-    label("sigaction")
-    op(LD_W_ABS, OFF_ARGS + 8)  # args[1] = act, two 32-bit halves: NULL is a query
-    op(JEQ_K, 0, jf="deny")
-    op(LD_W_ABS, OFF_ARGS + 12)
-    op(JEQ_K, 0, jt="allow", jf="deny")
+    label("socket")
+    op(LD_W_ABS, OFF_ARGS)  # args[0] = domain (an int: the low 32 bits)
+    for family in SOCKET_FAMILIES.values():
+        op(JEQ_K, family, jt="allow")
+    op(RET_K, RET_ERRNO | EAFNOSUPPORT)
     label("allow")
     op(RET_K, RET_ALLOW)
     label("nosys")
@@ -210,8 +218,28 @@ def hidden_dirs(prefix: str) -> list[str]:
     return sorted(p for p in names if os.path.isdir(p) and p.startswith(prefix.rstrip("/") + "/"))
 
 
-def jail_argv(bwrap: Bwrap, *, launcher: str, seccomp_fd: int, disk_bytes: int, as_root: bool) -> list[str]:
-    """The bwrap command line that runs ``launcher`` as /sandbox/launcher.py in the jail."""
+def numpy_dirs() -> list[str]:
+    """The installed numpy package folder (and its bundled libraries, numpy.libs), if any: bound
+    read-only into the jail, the only package of the environment a program sees. Found without
+    importing numpy."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("numpy")
+    except (ImportError, ValueError):
+        return []
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    package = os.path.realpath(list(spec.submodule_search_locations)[0])
+    return [p for p in (package, package + ".libs", os.path.join(os.path.dirname(package), "numpy.libs"))
+            if os.path.isdir(p)][:2]
+
+
+def jail_argv(bwrap: Bwrap, *, launcher: str, seccomp_fd: int, disk_bytes: int, as_root: bool,
+              launcher_args: list[str] | None = None, work_source: str | None = None) -> list[str]:
+    """The bwrap command line that runs ``launcher`` as /sandbox/launcher.py in the jail, followed
+    by ``launcher_args``. ``work_source``: a folder with a capped tmpfs mounted on it (see
+    ``CappedWork``) to bind at /work instead of bwrap's own tmpfs."""
     exe, prefix = interpreter()
     argv = [bwrap.path, "--die-with-parent", "--new-session", "--unshare-ipc", "--unshare-pid", "--unshare-net",
             "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox"]
@@ -221,16 +249,30 @@ def jail_argv(bwrap: Bwrap, *, launcher: str, seccomp_fd: int, disk_bytes: int, 
         argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         argv += ["--unshare-user", "--disable-userns"]
+    # Folders bwrap would otherwise create 0700 as root (unreadable after the drop to uid 65534,
+    # so zlib, binascii, ... could not load): made 0755 first.
+    made = set()
+    for lib in (*LIBRARY_DIRS, "/dev/null"):
+        parent = os.path.dirname(lib)
+        if parent != "/" and parent not in made and os.path.isdir(parent) and not os.path.islink(parent):
+            made.add(parent)
+            argv += ["--perms", "0755", "--dir", parent]
     # Parents of the prefix (say /root/.pyenv/versions): traversable, not listable.
     parents = []
     for parent in Path(prefix).parents:
-        if str(parent) != "/":
+        if str(parent) != "/" and str(parent) not in made:
             parents.append(str(parent))
     for parent in reversed(parents):
         argv += ["--perms", "0711", "--dir", parent]
     argv += ["--ro-bind", prefix, prefix]
-    for hidden in hidden_dirs(prefix):
-        argv += ["--perms", "0555", "--tmpfs", hidden, "--remount-ro", hidden]
+    hidden = hidden_dirs(prefix)
+    numpy = [d for d in numpy_dirs() if any(d.startswith(h.rstrip("/") + "/") for h in hidden)]
+    for folder in hidden:
+        argv += ["--perms", "0555", "--tmpfs", folder]
+        for package in numpy:
+            if package.startswith(folder.rstrip("/") + "/"):
+                argv += ["--ro-bind", package, package]
+        argv += ["--remount-ro", folder]
     if not exe.startswith(prefix.rstrip("/") + "/"):
         argv += ["--ro-bind", exe, exe]
     for lib in LIBRARY_DIRS:
@@ -242,11 +284,78 @@ def jail_argv(bwrap: Bwrap, *, launcher: str, seccomp_fd: int, disk_bytes: int, 
             argv += ["--ro-bind", lib, lib]
     argv += ["--dev-bind", "/dev/null", "/dev/null", "--dev-bind", "/dev/urandom", "/dev/urandom",
              "--remount-ro", "/dev/urandom",
-             "--perms", "1777", "--size", str(int(disk_bytes)), "--tmpfs", WORK, "--symlink", WORK, "/tmp",
+             *(["--bind", work_source, WORK] if work_source else
+               ["--perms", "1777", "--size", str(int(disk_bytes)), "--tmpfs", WORK]), "--symlink", WORK, "/tmp",
              "--ro-bind", launcher, LAUNCHER_IN_JAIL, "--remount-ro", "/",
              "--chdir", WORK, "--clearenv",
              "--setenv", "HOME", WORK, "--setenv", "TMPDIR", WORK, "--setenv", "LANG", "C.UTF-8",
              "--setenv", "PYTHONHASHSEED", "0", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
-             "--setenv", "OMP_NUM_THREADS", "1", "--seccomp", str(seccomp_fd),
-             exe, "-I", "-S", LAUNCHER_IN_JAIL]
+             *PROGRAM_ENV_ARGS, "--seccomp", str(seccomp_fd),
+             exe, "-I", "-S", LAUNCHER_IN_JAIL, *(launcher_args or [])]
     return argv
+
+
+# Environment of a program's process: one thread for numpy's BLAS, and glibc's malloc arenas
+# capped (with 64 MB per thread under the address-space limit, ThreadPoolExecutor(16) failed).
+PROGRAM_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "MALLOC_ARENA_MAX": "2"}
+PROGRAM_ENV_ARGS = [part for k, v in PROGRAM_ENV.items() for part in ("--setenv", k, v)]
+
+
+def numpy_path() -> list[str]:
+    """sys.path entries the launcher adds so that the bound numpy imports."""
+    hidden = hidden_dirs(interpreter()[1])
+    dirs = [d for d in numpy_dirs() if any(d.startswith(h.rstrip("/") + "/") for h in hidden)]
+    return [os.path.dirname(dirs[0])] if dirs else []
+
+
+# --------------------------------------------------------------------------- a work dir with capped inodes
+
+# Files the program's /work may hold: bwrap's --tmpfs sets size= only, and a flood of empty files
+# took hundreds of MB of kernel memory (inodes and dentries) outside every other cap.
+WORK_INODES = 8192
+# unshare(1) gives bwrap a mount namespace of its own, where sh mounts the capped tmpfs on an
+# empty host folder (bwrap then binds it at /work). A preexec_fn doing the same would make
+# subprocess fork the evaluator (with a model loaded: tens of ms per program) instead of vfork.
+MOUNT_SCRIPT = 'mount -t tmpfs -o "$1" tmpfs "$2" || exit 120; shift 2; exec "$@"'
+_CAPPED_WORKS: bool | None = None
+
+
+class CappedWork:
+    """/work as a tmpfs with ``size`` and ``nr_inodes`` (root only, with util-linux's unshare and
+    mount): the tmpfs exists only in the mount namespace bwrap starts in, so it vanishes with the
+    jail whatever happens to the parent; the host folder stays empty and ``close`` removes it."""
+
+    def __init__(self, disk_bytes: int) -> None:
+        import tempfile
+
+        self.path = tempfile.mkdtemp(prefix="phibook-work-")
+        self.options = f"size={int(disk_bytes)},nr_inodes={WORK_INODES},mode=1777"
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        """``argv`` (bwrap's) started with the capped tmpfs mounted on ``path``."""
+        return [shutil.which("unshare") or "unshare", "--mount", "--propagation", "private", "--",
+                "/bin/sh", "-c", MOUNT_SCRIPT, "phibook-work", self.options, self.path, *argv]
+
+    def close(self) -> None:
+        try:
+            os.rmdir(self.path)
+        except OSError:
+            pass
+
+    @staticmethod
+    def available() -> bool:
+        """Whether this process can cap /work's inodes (root, unshare, mount; checked once)."""
+        global _CAPPED_WORKS
+        if _CAPPED_WORKS is None:
+            _CAPPED_WORKS = False
+            if os.geteuid() == 0 and shutil.which("unshare") and shutil.which("mount") and os.path.exists("/bin/sh"):
+                work = CappedWork(1 << 20)
+                try:
+                    probe = work.wrap(["/bin/sh", "-c", 'test "$(stat -f -c %c "$0")" -le 8192', work.path])
+                    _CAPPED_WORKS = subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+                except (OSError, subprocess.SubprocessError):
+                    pass
+                finally:
+                    work.close()
+        return _CAPPED_WORKS

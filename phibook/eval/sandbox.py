@@ -2,10 +2,11 @@
 
 Each program runs in a fresh bubblewrap jail (phibook.eval.jail: namespaces, a bare read-only
 root, seccomp, uid 65534, rlimits, a size-capped tmpfs) through a small launcher
-(phibook/eval/sandbox_launcher.py). The parent trusts one thing only: a line on a private pipe
-carrying a random nonce, which the launcher writes after the program (and its tests) ran to the
-end. An exit of any kind, a crash, a signal, a limit, a timeout or a missing line is a failure
-with its reason; the exit status and the output never decide a verdict.
+(phibook/eval/sandbox_launcher.py). Its tests run in a second jail, the harness's process, which
+holds no program code: it calls the program's functions across a pipe, where only tagged data
+crosses, and compares the answers itself. The parent trusts one thing only: a line on the
+harness's private pipe carrying a random nonce. A crash, a signal, a limit, a timeout or a
+missing line is a failure with its reason; exit statuses and output never decide a verdict.
 
 The jail is required. When it cannot be built, ``require_sandbox`` (and every run) raises
 ``JailUnavailable`` with what is missing and how to install it; only ``unsafe=True``
@@ -15,6 +16,7 @@ The jail is required. When it cannot be built, ``require_sandbox`` (and every ru
 from __future__ import annotations
 
 import ast
+import json
 import marshal
 import math
 import os
@@ -33,8 +35,8 @@ from phibook.errors import PhibookError
 from phibook.eval import jail
 
 LAUNCHER = str(Path(__file__).with_name("sandbox_launcher.py"))
-MAX_OUTPUT_BYTES = 1 << 20  # stdout/stderr kept per program; more ends the run
-MAX_VERDICT_BYTES = 8192
+MAX_OUTPUT_BYTES = 1 << 20  # stdout/stderr kept per program; the rest is read and discarded
+MAX_VERDICT_BYTES = 1 << 20  # the harness's lines (its introspection when asked for)
 SETUP_ATTEMPTS = 2  # a jail that fails to start is retried once before the run stops
 _CAPS: dict[str, Any] | None = None
 _BWRAP: jail.Bwrap | None = None
@@ -51,8 +53,11 @@ JailUnavailable = jail.JailUnavailable
 class SandboxResult:
     """How one program ended. ``status``: "ok" (ran to its end and the launcher said so), "error"
     (raised, exited or was refused before its end), "timeout" (wall clock or CPU limit), "oom"
-    (MemoryError under the memory limit) or "killed" (a signal, or the output limit). ``reason``
-    says why in words; ``value`` is what the called function returned (see ``run_python``)."""
+    (MemoryError under the memory limit) or "killed" (a signal). ``reason`` says why in words;
+    ``value`` is what the called function returned (see ``run_python``) and ``value_type`` the
+    name of its type ("NoneType" when it returned None; "" when nothing was called).
+    ``harness_state`` (only when asked for) lists the harness process's modules, threads and
+    code files before and after the tests."""
 
     status: str
     returncode: int | None
@@ -61,6 +66,8 @@ class SandboxResult:
     duration_s: float
     reason: str = ""
     value: Any = None
+    value_type: str = ""
+    harness_state: dict | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -112,7 +119,7 @@ def describe(unsafe: bool = False) -> dict[str, Any]:
     """What the results JSON records about how programs ran."""
     if unsafe:
         return {"mode": "unsafe-no-sandbox", "note": "programs ran unconfined (--unsafe-no-sandbox): rlimits "
-                "and the launcher's verdict channel only; no namespaces, no seccomp"}
+                "and the two-process verdict only; no namespaces, no seccomp"}
     caps = capabilities()
     return {"mode": "bubblewrap", "tool": caps["tool"], "verified": caps["verified"]}
 
@@ -134,7 +141,8 @@ def run_python(
     """Run ``code`` as a module in the sandbox and report how it ended.
 
     "ok" means its top level ran to the end (and, with ``call``, that ``call()`` returned too:
-    ``value`` is then its result when that is a number, string, bool or None). ``timeout_s`` is
+    ``value`` is then its result when that is a number, string, bool or None; Fraction, Decimal
+    and numpy numbers come as int or float; ``value_type`` names the type it returned). ``timeout_s`` is
     the program's CPU time (``cpu_s`` overrides it), so a verdict does not depend on how busy the
     machine is; a program that waits instead of computing is stopped by the wall clock at
     ``wall_limit(timeout_s)``. Either ends it as "timeout";
@@ -145,12 +153,16 @@ def run_python(
     return _run({"program": code, "call": call}, timeout_s, memory_mb, cpu_s, stdin, max_file_mb, unsafe)
 
 
-def check_program(program: str, tests: str, *, timeout_s: float = 10.0, memory_mb: int = 512,
-                  unsafe: bool = False) -> CheckOutcome:
-    """HumanEval/MBPP check: passed means ``tests`` ran to their end after ``program`` (the launcher
-    says so on its private channel; see sandbox_launcher.py for what the tests see). The program
-    runs as module "solution", so an ``if __name__ == "__main__":`` block in it does not run."""
-    result = _run({"program": program, "tests": tests}, timeout_s, memory_mb, None, "", 64, unsafe)
+def check_program(program: str, tests: str, *, entry: list[str] | None = None, timeout_s: float = 10.0,
+                  memory_mb: int = 512, unsafe: bool = False, report_harness: bool = False) -> CheckOutcome:
+    """HumanEval/MBPP check: passed means ``tests`` ran to their end in the harness's process,
+    calling the program's functions in the program's process (see sandbox_launcher.py for what
+    crosses). The program runs as module "solution", so an ``if __name__ == "__main__":`` block
+    in it does not run. The tests see the builtins; a name of the program's that is a builtin's
+    name reaches them only when listed in ``entry`` (the function under test, as MBPP's ``sum``).
+    ``report_harness`` fills ``result.harness_state`` (see SandboxResult)."""
+    result = _run({"program": program, "tests": tests, "entry": entry or [], "introspect": report_harness},
+                  timeout_s, memory_mb, None, "", 64, unsafe)
     return CheckOutcome(result.ok and result.value == "pass", result)
 
 
@@ -167,12 +179,17 @@ def run_many(codes: list[str], *, workers: int | None = None, **limits: Any) -> 
         return list(pool.map(lambda c: run_python(c, **limits), codes))
 
 
-def check_many(pairs: list[tuple[str, str]], *, workers: int | None = None, **limits: Any) -> list[CheckOutcome]:
-    """``check_program`` over many (program, tests) pairs in parallel; outcomes in input order."""
+def check_many(pairs: list[tuple[str, str]] | list[tuple[str, str, list[str]]], *, workers: int | None = None,
+               **limits: Any) -> list[CheckOutcome]:
+    """``check_program`` over many (program, tests) or (program, tests, entry) tuples in parallel;
+    outcomes in input order."""
     from concurrent.futures import ThreadPoolExecutor
 
+    def one(p: tuple) -> CheckOutcome:
+        return check_program(p[0], p[1], entry=list(p[2]) if len(p) > 2 else None, **limits)
+
     with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-        return list(pool.map(lambda p: check_program(p[0], p[1], **limits), pairs))
+        return list(pool.map(one, pairs))
 
 
 # A time limit is CPU seconds, not wall seconds: on a shared machine a program waits for a core,
@@ -201,10 +218,11 @@ def _run(job: dict, timeout_s: float, memory_mb: int, cpu_s: float | None, stdin
     raise SandboxError(f"the code sandbox could not start a program: {why}")
 
 
-def _launch_argv(job_fd: int, verdict_fd: int, disk_bytes: int, unsafe: bool) -> tuple[list[str], list[int]]:
-    """(argv, extra fds to pass) for the jail, or for the bare launcher with --unsafe-no-sandbox."""
+def _launch_argv(mode: str, job_fd: int, disk_bytes: int, unsafe: bool,
+                 work: jail.CappedWork | None = None) -> tuple[list[str], list[int]]:
+    """(argv, extra fds to pass) for one of the two processes, in its jail or (unsafe) bare."""
     if unsafe:
-        return [os.path.realpath(sys.executable), "-I", "-S", LAUNCHER, str(job_fd), str(verdict_fd)], []
+        return [os.path.realpath(sys.executable), "-I", "-S", LAUNCHER, mode, str(job_fd)], []
     tool, program = bwrap(), jail.seccomp_filter()  # either may raise JailUnavailable: before any fd
     seccomp_r, seccomp_w = os.pipe()
     try:
@@ -212,51 +230,86 @@ def _launch_argv(job_fd: int, verdict_fd: int, disk_bytes: int, unsafe: bool) ->
     finally:
         os.close(seccomp_w)
     argv = jail.jail_argv(tool, launcher=LAUNCHER, seccomp_fd=seccomp_r, disk_bytes=disk_bytes,
-                          as_root=os.geteuid() == 0)
-    return argv + [str(job_fd), str(verdict_fd)], [seccomp_r]
+                          as_root=os.geteuid() == 0, launcher_args=[mode, str(job_fd)],
+                          work_source=work.path if work else None)
+    return (work.wrap(argv) if work else argv), [seccomp_r]
 
 
 def _run_once(job: dict, timeout_s: float, stdin: str, disk_bytes: int,
               unsafe: bool) -> tuple[SandboxResult, str | None]:
-    """One launch: (result, None), or (_, why) when the jail or the launcher failed before the
-    program started (no "ready" line with the nonce): never the program's doing."""
+    """One launch of the program's process and the harness's: (result, None), or (_, why) when the
+    harness failed before it was ready (no "ready" line with the nonce): never the program's doing."""
     nonce = secrets.token_hex(16)
     work = tempfile.mkdtemp(prefix="phibook-unsafe-") if unsafe else None
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
     if work:
-        env.update(HOME=work, TMPDIR=work, PYTHONHASHSEED="0", PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
+        env.update(HOME=work, TMPDIR=work, PYTHONHASHSEED="0", PYTHONDONTWRITEBYTECODE="1", **jail.PROGRAM_ENV)
     drop = (jail.NOBODY, jail.NOBODY) if not unsafe and os.geteuid() == 0 else None
-    payload = marshal.dumps(dict(job, nonce=nonce, drop_to=drop))
-    job_r, job_w = os.pipe()
-    verdict_r, verdict_w = os.pipe()
+    limits = {k: job[k] for k in ("memory_bytes", "fsize_bytes", "cpu_s")}
     # Each fd is closed exactly once (threads run many of these at a time: a second close could
     # hit another run's newly opened fd): whoever closes one takes it out of its set.
-    parent_fds, child_fds = {job_w, verdict_r}, [job_r, verdict_w]
+    p2h_r, p2h_w = os.pipe()  # program -> harness
+    h2p_r, h2p_w = os.pipe()  # harness -> program
+    pjob_r, pjob_w = os.pipe()
+    hjob_r, hjob_w = os.pipe()
+    verdict_r, verdict_w = os.pipe()
+    paths = [] if unsafe else jail.numpy_path()
+    program_job = marshal.dumps(dict(
+        limits, program=job["program"], module="solution" if job.get("tests") is not None else "__main__",
+        from_harness=h2p_r, to_harness=p2h_w, drop_to=drop, extra_paths=paths))
+    harness_job = marshal.dumps(dict(
+        limits, tests=job.get("tests"), call=job.get("call"), entry=list(job.get("entry") or []),
+        introspect=bool(job.get("introspect")), nonce=nonce, verdict=verdict_w, from_program=p2h_r,
+        to_program=h2p_w, drop_to=drop, extra_paths=paths))
+    parent_fds = {pjob_w, hjob_w, verdict_r}
+    child_fds = {p2h_r, p2h_w, h2p_r, h2p_w, pjob_r, hjob_r, verdict_w}
+    procs: list[subprocess.Popen] = []
+    # Run as root, the program's /work also caps its inodes (jail.CappedWork); the harness writes
+    # no files and keeps bwrap's tmpfs.
+    capped = jail.CappedWork(disk_bytes) if not unsafe and jail.CappedWork.available() else None
     try:
-        argv, extra = _launch_argv(job_r, verdict_w, disk_bytes, unsafe)
-        child_fds += extra
+        p_argv, p_extra = _launch_argv("program", pjob_r, disk_bytes, unsafe, capped)
+        child_fds.update(p_extra)
+        h_argv, h_extra = _launch_argv("harness", hjob_r, disk_bytes, unsafe)
+        child_fds.update(h_extra)
         start = time.monotonic()
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=child_fds, env=env,
-                                cwd=work or "/", start_new_session=True)
-        for fd in child_fds:
-            os.close(fd)
-        child_fds = []
-        out = _collect(proc, job_w, payload, stdin.encode("utf-8"), verdict_r, start + timeout_s, parent_fds)
+        try:
+            procs.append(subprocess.Popen(
+                p_argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, pass_fds=[pjob_r, h2p_r, p2h_w, *p_extra], env=env, cwd=work or "/",
+                start_new_session=True))
+        except (OSError, subprocess.SubprocessError) as exc:  # bwrap missing, or the work tmpfs
+            return SandboxResult("error", None, "", "", 0.0), f"could not start the program's jail: {exc}"
+        procs.append(subprocess.Popen(
+            h_argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            pass_fds=[hjob_r, p2h_r, h2p_w, verdict_w, *h_extra], env=env, cwd="/", start_new_session=True))
+        for fd in list(child_fds):
+            child_fds.discard(fd)
+            _close(fd)
+        out = _collect(procs, {pjob_w: program_job, hjob_w: harness_job}, stdin.encode("utf-8"), verdict_r,
+                       start + timeout_s, parent_fds)
         duration = time.monotonic() - start
     finally:
+        if len(procs) == 1:  # the harness never started
+            _kill(procs[0])
+            procs[0].wait()
         for fd in [*parent_fds, *child_fds]:
             _close(fd)
         if work is not None:
             remove_tree(work)
+        if capped is not None:
+            capped.close()
+    program, harness = procs
     lines = _verdict_lines(out["verdict"], nonce)
-    if "ready" not in lines:
-        why = lines.get("setup-error") or (out["stderr"].strip().splitlines() or [
-            f"the launcher ended with status {proc.returncode}"])[-1]
+    if "ready" not in lines or "setup-error" in lines:
+        why = lines.get("setup-error") or (out["harness_stderr"].strip().splitlines() or [
+            f"the harness ended with status {harness.returncode}"])[-1]
+        if "ready" in lines:  # the program's jail failed to start: say what it said
+            why += f" ({(out['stderr'].strip().splitlines() or [f'status {program.returncode}'])[-1]})"
         if out["timed_out"]:
             why = f"no start within {timeout_s:g} s ({why})"
-        return SandboxResult("error", proc.returncode, out["stdout"], out["stderr"], duration), why
-    return _classify(proc.returncode, duration, lines, out, timeout_s, unsafe), None
+        return SandboxResult("error", program.returncode, out["stdout"], out["stderr"], duration), why
+    return _classify(program.returncode, harness.returncode, duration, lines, out, timeout_s, unsafe), None
 
 
 def _close(fd: int) -> None:
@@ -266,18 +319,28 @@ def _close(fd: int) -> None:
         pass
 
 
-def _collect(proc: subprocess.Popen, job_w: int, job: bytes, stdin: bytes, verdict_r: int,
+# After the harness has ended, the program's process gets this long to exit before it is killed.
+PROGRAM_GRACE_S = 2.0
+
+
+def _collect(procs: list[subprocess.Popen], jobs: dict[int, bytes], stdin: bytes, verdict_r: int,
              deadline: float, owned: set[int]) -> dict[str, Any]:
-    """Feed the job (and stdin), read stdout/stderr/verdict up to their caps, enforce the deadline.
-    The job pipe is closed (and taken out of ``owned``) as soon as it is written: the launcher
-    reads it to its end."""
-    readers = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr", verdict_r: "verdict"}
-    writers = {job_w: memoryview(job)}
-    if proc.stdin is not None:
-        writers[proc.stdin.fileno()] = memoryview(stdin)
-    caps = {"stdout": MAX_OUTPUT_BYTES, "stderr": MAX_OUTPUT_BYTES, "verdict": MAX_VERDICT_BYTES}
+    """Feed the jobs (and stdin), read both processes' output up to their caps (the rest is read
+    and discarded, as the reference harnesses discard output) and the verdict, enforce the
+    deadline. Job pipes are closed (and taken out of ``owned``) once written."""
+    program, harness = procs
+    readers = {program.stdout.fileno(): "stdout", program.stderr.fileno(): "stderr",
+               harness.stdout.fileno(): "harness_stdout", harness.stderr.fileno(): "harness_stderr",
+               verdict_r: "verdict"}
+    writers = {fd: memoryview(data) for fd, data in jobs.items()}
+    if program.stdin is not None:
+        writers[program.stdin.fileno()] = memoryview(stdin)
+    caps = {"stdout": MAX_OUTPUT_BYTES, "stderr": MAX_OUTPUT_BYTES, "harness_stdout": MAX_OUTPUT_BYTES,
+            "harness_stderr": MAX_OUTPUT_BYTES, "verdict": MAX_VERDICT_BYTES}
     bufs = {name: bytearray() for name in caps}
-    timed_out, overflow = False, None
+    dropped = dict.fromkeys(caps, 0)
+    harness_fds = {harness.stdout.fileno(), harness.stderr.fileno(), verdict_r}
+    timed_out = False
     with selectors.DefaultSelector() as sel:
         for fd in readers:
             os.set_blocking(fd, False)
@@ -285,10 +348,10 @@ def _collect(proc: subprocess.Popen, job_w: int, job: bytes, stdin: bytes, verdi
         for fd in writers:
             os.set_blocking(fd, False)
             sel.register(fd, selectors.EVENT_WRITE)
-        while (readers or writers) and not overflow:
+        while readers or writers:
             left = deadline - time.monotonic()
             if left <= 0:
-                timed_out = True
+                timed_out = not harness_fds.isdisjoint(readers)  # the harness had not ended
                 break
             for key, _ in sel.select(left):
                 fd = key.fd
@@ -302,38 +365,44 @@ def _collect(proc: subprocess.Popen, job_w: int, job: bytes, stdin: bytes, verdi
                     if not writers[fd]:
                         sel.unregister(fd)
                         del writers[fd]
-                        if fd == job_w:
+                        if fd in jobs:
                             owned.discard(fd)
                             _close(fd)
                         else:
-                            proc.stdin.close()
+                            program.stdin.close()
                     continue
                 chunk = os.read(fd, 65536)
                 if not chunk:
                     sel.unregister(fd)
                     del readers[fd]
+                    if harness_fds.isdisjoint(readers):
+                        deadline = min(deadline, time.monotonic() + PROGRAM_GRACE_S)
                     continue
                 name = readers[fd]
-                bufs[name] += chunk
-                if len(bufs[name]) > caps[name]:
-                    overflow = name
-                    break
-    if timed_out or overflow:
-        _kill(proc)
-    try:
-        proc.wait(timeout=10 if (timed_out or overflow) else max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:  # it closed its pipes and kept running
-        timed_out = True
-        _kill(proc)
-        proc.wait()
-    for f in (proc.stdin, proc.stdout, proc.stderr):
-        if f is not None and not f.closed:
-            try:
-                f.close()
-            except OSError:
-                pass
-    return {"stdout": _text(bufs["stdout"]), "stderr": _text(bufs["stderr"]),
-            "verdict": bytes(bufs["verdict"][:MAX_VERDICT_BYTES]), "timed_out": timed_out, "overflow": overflow}
+                room = caps[name] - len(bufs[name])
+                bufs[name] += chunk[:max(0, room)]
+                dropped[name] += max(0, len(chunk) - max(0, room))
+    for proc in procs:
+        if proc.poll() is None and (timed_out or readers):
+            _kill(proc)
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            _kill(proc)
+            proc.wait()
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            if f is not None and not f.closed:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+    harness_out = _text(bufs["harness_stdout"], dropped["harness_stdout"])
+    stderr = _text(bufs["stderr"], dropped["stderr"]) + _text(bufs["harness_stderr"], dropped["harness_stderr"])
+    return {"stdout": _text(bufs["stdout"], dropped["stdout"]),
+            "stderr": stderr + (f"\n[the tests printed]\n{harness_out}" if harness_out else ""),
+            "harness_stderr": _text(bufs["harness_stderr"], 0),
+            "verdict": bytes(bufs["verdict"]), "timed_out": timed_out}
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -345,9 +414,9 @@ def _kill(proc: subprocess.Popen) -> None:
         pass
 
 
-def _text(data: bytearray) -> str:
-    text = bytes(data[:MAX_OUTPUT_BYTES]).decode("utf-8", errors="replace")
-    return text + ("\n[output truncated]" if len(data) > MAX_OUTPUT_BYTES else "")
+def _text(data: bytearray, dropped: int) -> str:
+    text = bytes(data).decode("utf-8", errors="replace")
+    return text + (f"\n[{dropped} more bytes of output discarded]" if dropped else "")
 
 
 def _verdict_lines(data: bytes, nonce: str) -> dict[str, str]:
@@ -362,32 +431,48 @@ def _verdict_lines(data: bytes, nonce: str) -> dict[str, str]:
     return lines
 
 
-def _classify(rc: int | None, duration: float, lines: dict[str, str], out: dict[str, Any],
+def _classify(rc: int | None, harness_rc: int | None, duration: float, lines: dict[str, str], out: dict[str, Any],
               timeout_s: float, unsafe: bool) -> SandboxResult:
+    """The result from the harness's verdict lines, and how the two processes ended."""
     stdout, stderr = out["stdout"], out["stderr"]
 
-    def result(status: str, reason: str = "", value: Any = None) -> SandboxResult:
-        return SandboxResult(status, rc, stdout, stderr, duration, reason, value)
+    def result(status: str, reason: str = "", value: Any = None, value_type: str = "") -> SandboxResult:
+        return SandboxResult(status, rc, stdout, stderr, duration, reason, value, value_type,
+                             _harness_state(lines.get("introspect")))
 
-    finished = "pass" in lines or "done" in lines
     sig = _signal_of(rc, bwrap_status=not unsafe)
+    harness_sig = _signal_of(harness_rc, bwrap_status=not unsafe)
     if out["timed_out"]:
         return result("timeout", f"ran past the {timeout_s:g} s wall-clock time limit (waiting, not computing)")
-    if out["overflow"]:
-        what = "output" if out["overflow"] != "verdict" else "to the verdict channel"
-        return result("killed", f"wrote more than {MAX_OUTPUT_BYTES >> 20} MiB of {what}; stopped")
-    if sig == signal.SIGXCPU:
+    if signal.SIGXCPU in (sig, harness_sig) and "pass" not in lines and "done" not in lines:
         return result("timeout", "ran past its CPU time limit")
-    if finished and rc == 0:
-        return result("ok", "", "pass" if "pass" in lines else _literal(lines["done"]))
-    last = (stderr.strip().splitlines() or [""])[-1]
-    if last.startswith("MemoryError"):
+    if harness_rc == 0 and "pass" in lines:
+        return result("ok", "", "pass")
+    if harness_rc == 0 and "done" in lines:
+        kind, _, text = lines["done"].partition(" ")
+        return result("ok", "", _literal(text), kind)
+    reason = lines.get("fail", "")
+    if reason.startswith("MemoryError"):
         return result("oom", "ran out of memory (MemoryError)")
-    if sig is not None:
-        return result("killed", f"killed by {_signal_name(sig)}")
-    if rc == 0:
-        return result("error", "exited (status 0) before it finished")
-    return result("error", last or f"exited with status {rc} before it finished")
+    if reason == "the program ended before it finished" or not reason:
+        if sig is not None:
+            return result("killed", f"killed by {_signal_name(sig)}")
+        if harness_sig is not None:
+            return result("killed", f"the tests were killed by {_signal_name(harness_sig)}")
+        last = (out["stderr"].strip().splitlines() or [""])[-1]
+        if last.startswith("MemoryError"):
+            return result("oom", "ran out of memory (MemoryError)")
+        return result("error", f"exited (status {rc}) before it finished")
+    return result("error", reason)
+
+
+def _harness_state(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def _signal_of(rc: int | None, bwrap_status: bool) -> int | None:
@@ -490,7 +575,9 @@ refused("host_files_unreadable", lambda: open(HOST_FILE).read())
 refused("read_only_root", lambda: open("/probe", "w"))
 refused("no_child_processes", os.fork)
 refused("no_memfd", lambda: os.memfd_create("probe"))
-refused("no_signal_handlers", lambda: __import__("signal").signal(14, lambda *a: None))
+refused("no_vsock_sockets", lambda: socket.socket(40, socket.SOCK_STREAM))  # AF_VSOCK
+refused("no_netlink_sockets", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 15))  # uevents
+refused("no_packet_sockets", lambda: socket.socket(17, socket.SOCK_RAW))  # AF_PACKET
 def no_userns():
     if libc.unshare(0x10000000) != 0:
         raise OSError(ctypes.get_errno(), "unshare")

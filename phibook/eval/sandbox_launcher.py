@@ -1,40 +1,41 @@
-"""The sandbox's child side: runs one model-written program and, only if it runs to its end, says so.
+"""The sandbox's child side: two processes per program, and the verdict only in the one the program never runs in.
 
-Started inside the jail as ``python -I -S sandbox_launcher.py JOB_FD VERDICT_FD`` (standard
-library only: no phibook import, no site-packages). The job (the program, optional tests or a
-function to call, the limits and a fresh random nonce) is read from JOB_FD and closed before any
-untrusted code runs. VERDICT_FD is a pipe to the parent, the only thing the parent trusts:
+Started twice per program, each in a jail of its own (standard library only: no phibook import):
 
-    <nonce> ready          setup done; the program starts now
-    <nonce> pass           the tests ran to their last line
-    <nonce> done <value>   the program (and the called function) ran to the end
-    <nonce> setup-error …  the jail or the job is broken (the program never ran)
+    python -I -S sandbox_launcher.py program JOB_FD     the model-written program
+    python -I -S sandbox_launcher.py harness JOB_FD     the benchmark's tests (trusted code only)
 
-Every other ending (an exit of any kind, a crash, a signal, a limit, a timeout) leaves no verdict,
-so it is a failure whatever the exit status or the output say.
+The parent connects the two by a pair of pipes and reads the verdict from the harness alone,
+on a private pipe, as lines carrying a random nonce:
 
-How the program is kept from forging a line or bending the tests:
+    <nonce> ready            the harness is set up
+    <nonce> pass             the tests ran to their last line
+    <nonce> done <kind> <v>  the called function returned (kind: its type's name; v: a literal or None)
+    <nonce> fail <reason>    the program raised, exited or died, or a test failed
+    <nonce> setup-error …    the jail or the job is broken
 
-- Two kinds of thread. The harness (this file's main, the tests) runs on the main thread; every
-  piece of the program's code (its top level, each call the tests make) runs on a fresh worker
-  thread, so no frame the program can walk to (sys._getframe, f_back, tracebacks) belongs to the
-  harness or the tests. Values cross back as plain copies (numbers, strings, bytes, None, lists,
-  tuples, dicts, sets, and instances of the program's own classes that override nothing);
-  exceptions cross as the nearest built-in exception. Automatic garbage collection is off (a
-  finalizer of the program's would otherwise run on whatever thread allocates).
-- The nonce lives only in the closure of an audit hook (PEP 578; hooks cannot be removed) whose
-  functions have globals of their own, referenced by nothing the program can reach. The hook
-  writes the verdict itself, from an audit event raised on the last line of a "tail" code object
-  (the tests followed by that line, or a call of the requested function followed by it); it
-  accepts the event only from a frame running that code object, which only the harness may exec,
-  once. Then it ends the process at once, so nothing of the program runs after the verdict.
-- The hook ends the program on the routes to raw memory or to other objects: gc object walks,
-  tracing and profiling, more audit hooks, ctypes and other native-memory modules, code objects
-  built by hand (code.__new__, marshal.loads of anything but the installed .pyc files), other
-  threads' frames, and /proc (the jail has none). The jail's seccomp filter refuses new processes
-  and signal handlers.
-- The tests see pristine builtins and freshly imported modules, so monkeypatching cannot bend
-  them, and plain values only, so an always-equal object cannot pass a comparison.
+**The boundary.** The program's process executes the program (on its main thread, as any script
+runs) and exposes its top-level names. The harness's process runs the tests; each name of the
+program is a ``Remote`` there: calling it sends the arguments across and returns the decoded
+result. Only data crosses, as length-prefixed ``marshal`` of built-in data (dicts, lists,
+strings, bytes, numbers, None) with type tags (``encode``/``decode``; anything else marshal
+could build, a code object, is refused by ``decode``, never run):
+None, bools, ints, floats (NaN, inf too), str, bytes, bytearray, complex, lists, tuples
+(namedtuples as tuples), dicts, sets, frozensets, range, Fraction, Decimal, Counter,
+OrderedDict, defaultdict (without its factory), numpy scalars and arrays of numbers and strings,
+exhausted iterators (as an iterator over a list), exceptions (as the nearest built-in type, its
+message and the program's traceback text). Anything else the program holds (its classes, their
+instances, closures) crosses as a handle, a number naming the object in its owner's process:
+the harness may call it, read and set its attributes (each a request answered with data), and it
+compares by identity. Callables the tests pass (lambdas) cross the other way as handles the
+program may call back. After a call, lists, dicts, sets and bytearrays passed as arguments take
+the values the program left in them (in-place mutation is seen as in the reference harnesses).
+
+Decoding builds values with the standard types' constructors and never runs anything the
+program wrote: its classes, hashes, comparisons, finalizers and threads all stay in its own
+process, and the harness compares plain values with ``==``. The tests run with the harness's
+builtins; a top-level name of the program that is a builtin's name is left out of the tests'
+globals unless it is the function under test.
 """
 
 import builtins
@@ -42,333 +43,397 @@ import marshal
 import os
 import sys
 
-# Every function below is created with this copy as its builtins (CPython takes a function's
-# builtins from its module's __builtins__ when the function is made): the program can change
-# the real builtins module, not what the harness's code looks up. main() also takes this module
-# out of sys.modules, so the program finds neither.
-__builtins__ = dict(builtins.__dict__)
-
-# Module roots the program may not import: native memory access and interpreter internals.
-DENIED_IMPORTS = frozenset({"ctypes", "_ctypes", "_testcapi", "_testinternalcapi", "_testmultiphase",
-                            "_testsinglephase", "_xxsubinterpreters", "_xxinterpchannels", "_interpreters",
-                            "_interpchannels", "_interpqueues", "_posixsubprocess"})
-# Audit events that end the program: they reach other objects' memory or run code inside the hook.
-DENIED_EVENTS = frozenset({
-    "sys.settrace", "sys.setprofile", "sys.addaudithook", "sys.monitoring.register_callback",
-    "sys._current_frames", "sys._current_exceptions", "sys.remote_exec",
-    "gc.get_objects", "gc.get_referrers", "gc.get_referents", "code.__new__",
-    "os.exec", "os.posix_spawn", "os.spawn", "os.system", "os.fork", "os.forkpty", "subprocess.Popen",
-    "ctypes.dlopen", "ctypes.dlsym", "ctypes.addressof", "ctypes.string_at", "ctypes.wstring_at",
-    "ctypes.cdata", "ctypes.cdata/buffer", "ctypes.call_function", "ctypes.create_string_buffer",
-    "ctypes.create_unicode_buffer", "ctypes.set_errno", "ctypes.get_errno",
-})
-PLAIN_SCALARS = (int, float, complex, str, bytes, bool, type(None), range)
-REPORTED_TYPES = (int, float, str, bool, type(None))
-# What a class of the program's may hold for its instances to reach the tests: data, slots and
-# __init__ (which runs on a worker thread). No methods, properties or dunders that change ==,
-# ordering, truth, arithmetic, iteration, hashing, attribute access or finalization.
-INERT_DUNDERS = frozenset({"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__init__",
-                           "__slots__", "__firstlineno__", "__static_attributes__"})
+PRISTINE = frozenset(dir(builtins))
+MAX_FRAME = 64 << 20  # bytes in one message
 MAX_DEPTH = 200
+MAX_ITEMS = 1_000_000  # items drained from an iterator the program returns
 MAX_VALUE_CHARS = 10_000
-ModuleType = type(sys)
-FunctionType = type(lambda: None)
+MAX_REPORT_BYTES = 256 << 10  # one verdict line (the harness's introspection is the long one)
+NUMPY_KINDS = "biufcUS"
 
 
-def install_guard(verdict_fd, nonce, tail_code, runner_code, done_event, prefix, names):
-    """Add the audit hook that holds the nonce, refuses the dangerous events, and writes the verdict
-    when ``tail_code`` reaches its last line; writes "ready". Called through ``isolated`` so that
-    its functions' globals are a dict of their own (``names``), not this module's."""
-    import _thread
-    import gc
-    import os
-    import sys
-
-    write, exit_now, getframe, thread_id = os.write, os._exit, sys._getframe, _thread.get_ident
-    denied_events, denied_imports, reported, max_chars = names
-    busy = set()  # threads inside the hook: its own file reads and attribute reads raise events too
-    state = {"tail_started": False, "last_pyc": None}
-
-    def die(why):
-        write(2, f"\nsandbox: {why}; the program was stopped\n".encode("utf-8", "replace"))
-        exit_now(101)
-
-    def trusted_bytecode(data):
-        # marshal.loads is how imports read .pyc files; anything else could be hand-made bytecode.
-        path, state["last_pyc"] = state["last_pyc"], None
-        if path is None or not (type(data) is bytes or type(data) is memoryview):
-            return False
-        with open(path, "rb") as f:
-            return f.read()[16:] == bytes(data)
-
-    def verdict(args):
-        if getframe(3).f_code is not tail_code:  # 0 verdict, 1 check, 2 hook, 3 who raised the event
-            die("only the harness may report a verdict")
-        if not args:
-            line = b"pass"
-        else:
-            value = args[0]
-            text = repr(value) if any(type(value) is t for t in reported) else "None"
-            line = b"done " + (text if len(text) <= max_chars else "None").encode("utf-8", "replace")
-        write(verdict_fd, nonce + b" " + line + b"\n")
-        exit_now(0)
-
-    def check(event, args):
-        if event in denied_events:
-            die(f"{event} is not allowed")
-        if event == "import":
-            name = args[0]
-            if type(name) is not str:  # a str subclass could lie about its value
-                die("import of a module name that is not a str")
-            if name.partition(".")[0] in denied_imports or name == "gc" and thread_id() != main_thread:
-                die(f"import of {name} is not allowed")
-        elif event == "open":
-            path = args[0]
-            if type(path) is str or type(path) is bytes:
-                # The jail has no /proc; outside one (--unsafe-no-sandbox) /proc/self/mem would
-                # hand out this process's memory.
-                text = path if type(path) is str else path.decode("utf-8", "replace")
-                if "proc/" in text or text.startswith("/dev/fd"):
-                    die(f"opening {text} is not allowed")
-                state["last_pyc"] = text if text.endswith(".pyc") and text.startswith(prefix) else None
-            elif type(path) is int:
-                if path == verdict_fd:
-                    die("the verdict channel is not the program's")
-            else:
-                die("open of an unusual path object")
-        elif event == "marshal.loads":
-            if not trusted_bytecode(args[0]):
-                die("marshal.loads of anything but an installed .pyc is not allowed")
-        elif event == "exec" or event == "function.__new__":
-            if args and args[0] is tail_code:
-                # getframe: 0 check, 1 hook, 2 the caller of exec (the harness's runner)
-                if (event == "exec" and not state["tail_started"] and thread_id() == main_thread
-                        and getframe(2).f_code is runner_code):
-                    state["tail_started"] = True
-                else:
-                    die("the tests may run once, from the harness")
-        elif event == done_event:
-            if thread_id() != main_thread:
-                die("only the harness may report a verdict")
-            verdict(args)
-
-    def hook(event, args):
-        me = thread_id()
-        if me in busy:
-            return
-        busy.add(me)
-        try:
-            check(event, args)
-        except BaseException as exc:  # noqa: BLE001 - never let a traceback through this frame
-            die(f"sandbox error on {type(exc).__name__}")
-        finally:
-            busy.discard(me)
-
-    main_thread = thread_id()
-    gc.disable()
-    sys.addaudithook(hook)
-    write(verdict_fd, nonce + b" ready\n")
+class Ended(Exception):
+    """The other process closed its end (it exited, crashed or was killed)."""
 
 
-def isolated(fn):
-    """``fn`` re-made with a globals dict of its own (a copy of builtins only): the functions it
-    defines cannot be changed through this module's globals, nor change them."""
-    return FunctionType(fn.__code__, {"__builtins__": dict(builtins.__dict__)}, fn.__name__, fn.__defaults__,
-                        fn.__closure__)
+class Refused(Exception):
+    """A request this side does not serve."""
 
 
-# --------------------------------------------------------------------------- values
+# --------------------------------------------------------------------------- the wire
 
 
-class _Slotted:
-    __slots__ = ("slot",)
+def read_exact(fd: int, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            raise Ended("the other side closed the channel")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
-MEMBER_DESCRIPTOR = type(_Slotted.__dict__["slot"])
-GETSET_DESCRIPTOR = type(type("_WithDict", (), {}).__dict__["__dict__"])
-BUILTIN_EXCEPTIONS = tuple(v for v in vars(builtins).values() if type(v) is type and issubclass(v, BaseException))
-CONTAINERS = (list, tuple, dict, set, frozenset)
+def recv(fd: int) -> dict:
+    """One message: marshal of built-in data only (no code object survives ``decode``; marshal
+    builds values, it never runs them). An unreadable message is the other side's end."""
+    size = int.from_bytes(read_exact(fd, 4), "big")
+    if size > MAX_FRAME:
+        raise Ended(f"a message of {size} bytes (more than {MAX_FRAME})")
+    try:
+        msg = marshal.loads(read_exact(fd, size))
+    except (ValueError, EOFError, TypeError) as exc:
+        raise Ended(f"an unreadable message ({exc})") from None
+    if type(msg) is not dict:
+        raise Ended("a message that is not a dict")
+    return msg
 
 
-class Copier:
-    """Copies values between the program's threads and the harness's, so that neither ever holds
-    an object the other made: plain built-in values are rebuilt with the built-in types' own
-    methods (none of the program's code runs), and instances of the program's inert classes are
-    re-created field by field. Everything else (callables, subclasses of built-ins, objects that
-    override ==) is refused with TypeError. Originals of the program's are kept alive in
-    ``graveyard`` until the process ends, so that no finalizer of the program's ever runs on the
-    harness's thread."""
+def send(fd: int, msg: dict) -> None:
+    data = marshal.dumps(msg)
+    data = len(data).to_bytes(4, "big") + data
+    while data:
+        data = data[os.write(fd, data):]
 
-    def __init__(self, trusted_dicts) -> None:
-        # collections' originals, captured before the program ran: they compare like dicts.
-        self.trusted_dicts = trusted_dicts
-        self.graveyard: list = []
 
-    def copy(self, value, depth=0, memo=None):
-        kind = type(value)
-        # Identity tests throughout: `kind in (...)` would call ==, which a metaclass can answer.
-        if any(kind is t for t in PLAIN_SCALARS):
+def builtin_exception(exc: BaseException) -> str:
+    """The name of the nearest built-in exception class of ``exc``."""
+    for klass in type(exc).__mro__:
+        if getattr(builtins, klass.__name__, None) is klass:
+            return klass.__name__
+    return "RuntimeError"
+
+
+# --------------------------------------------------------------------------- the peer
+
+
+class Remote:
+    """An object of the other process's, named by a number: calls, attribute reads and writes go
+    across as requests; == and hash are by identity."""
+
+    __slots__ = ("_peer", "_id")
+
+    def __init__(self, peer: "Peer", ident: int) -> None:
+        object.__setattr__(self, "_peer", peer)
+        object.__setattr__(self, "_id", ident)
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        return self._peer.request({"k": "call", "h": self._id}, args, kwargs)
+
+    def __getattr__(self, name: str) -> object:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self._peer.request({"k": "get", "h": self._id, "name": name}, (), {})
+
+    def __setattr__(self, name: str, value: object) -> None:
+        self._peer.request({"k": "set", "h": self._id, "name": name}, (value,), {})
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Remote and other._peer is self._peer and other._id == self._id
+
+    def __hash__(self) -> int:
+        return hash(("remote", self._id))
+
+    def __repr__(self) -> str:
+        return f"<object {self._id} of the program>"
+
+
+class Peer:
+    """One end of the channel: sends requests and serves the other side's while it waits."""
+
+    def __init__(self, rfd: int, wfd: int, serve_all: bool) -> None:
+        self.rfd, self.wfd = rfd, wfd
+        self.serve_all = serve_all  # the program's side serves attributes too; the harness only calls
+        self.exported: list = []
+        self.next_id = 0
+        self.numpy = None
+
+    # -- values
+
+    def export(self, value: object) -> int:
+        self.exported.append(value)
+        return len(self.exported) - 1
+
+    def encode(self, value: object, depth: int = 0, path: frozenset = frozenset()) -> object:
+        """``value`` as tagged built-in data (see the module docstring); what cannot go by value
+        goes as a handle."""
+        t = type(value)
+        if value is None or t is bool or t is str:
             return value
-        self.graveyard.append(value)
+        if t is int:
+            return value if -(1 << 53) < value < (1 << 53) else ["I", format(value, "x")]
+        if t is float:
+            return value if value - value == 0 else ["x", repr(value)]
         if depth > MAX_DEPTH:
-            raise TypeError("the value is nested too deeply to compare")
-        memo = {} if memo is None else memo
-        if id(value) in memo:
-            if memo[id(value)] is None:
-                raise TypeError("the value contains itself")
-            return memo[id(value)]
-        if kind is list or kind is tuple:
-            memo[id(value)] = None
-            items = [self.copy(v, depth + 1, memo)
-                     for v in (list.__iter__(value) if kind is list else tuple.__iter__(value))]
-            out = items if kind is list else tuple(items)
-        elif kind is dict or any(kind is t for t in self.trusted_dicts):
-            memo[id(value)] = None
-            out = {self.copy(k, depth + 1, memo): self.copy(v, depth + 1, memo) for k, v in dict.items(value)}
-        elif kind is set or kind is frozenset:
-            memo[id(value)] = None
-            items = [self.copy(v, depth + 1, memo)
-                     for v in (set.__iter__(value) if kind is set else frozenset.__iter__(value))]
-            out = set(items) if kind is set else frozenset(items)
-        elif self.inert_class(kind):
-            out = object.__new__(kind)
-            memo[id(value)] = out  # trees may point back up
-            fields = self.fields(kind, value)
-            self.graveyard.append(fields)
-            for name, field_value in fields:
-                self.set_field(kind, out, name, self.copy(field_value, depth + 1, memo))
+            raise ValueError("the value is nested too deeply to send")
+        if id(value) in path:
+            raise ValueError("the value contains itself")
+        inner = path | {id(value)}
+
+        def items(values):
+            return [self.encode(v, depth + 1, inner) for v in values]
+
+        def pairs(mapping):
+            return [[self.encode(k, depth + 1, inner), self.encode(v, depth + 1, inner)]
+                    for k, v in dict.items(mapping)]
+
+        if t is Remote:
+            if value._peer is not self:
+                raise ValueError("a handle of another channel")
+            return ["r", value._id]
+        if isinstance(value, bool):
+            return bool(value)
+        if isinstance(value, int):
+            return self.encode(int.__index__(value), depth)
+        if isinstance(value, float):
+            return self.encode(float.__float__(value), depth)
+        if isinstance(value, str):
+            return str.__str__(value)
+        if isinstance(value, tuple):  # namedtuples too: they compare as tuples
+            return ["t", *items(tuple.__iter__(value))]
+        if isinstance(value, list):
+            return ["l", *items(list.__iter__(value))]
+        if isinstance(value, dict):
+            module = sys.modules.get("collections")
+            for tag, name in (("C", "Counter"), ("O", "OrderedDict"), ("dd", "defaultdict")):
+                if module is not None and isinstance(value, getattr(module, name)):
+                    return [tag, *pairs(value)]
+            return ["d", *pairs(value)]
+        if isinstance(value, (set, frozenset)):
+            return ["s" if isinstance(value, set) else "f", *items(value)]
+        if isinstance(value, bytes):
+            return ["b", bytes(value)]
+        if isinstance(value, bytearray):
+            return ["B", bytes(value)]
+        if isinstance(value, complex):
+            return ["c", self.encode(value.real, depth), self.encode(value.imag, depth)]
+        if t is range:
+            return ["R", value.start, value.stop, value.step]
+        module = getattr(t, "__module__", "")
+        if module == "fractions" and t.__name__ == "Fraction":
+            return ["F", self.encode(int(value.numerator)), self.encode(int(value.denominator))]
+        if module in ("decimal", "_decimal", "_pydecimal") and t.__name__ == "Decimal":
+            return ["D", str(value)]
+        np = sys.modules.get("numpy")
+        if np is not None and isinstance(value, (np.ndarray, np.generic)) and value.dtype.kind in NUMPY_KINDS:
+            if isinstance(value, np.ndarray):
+                return ["N", value.dtype.str, list(value.shape), self.encode(value.tolist(), depth + 1, inner)]
+            return ["n", value.dtype.str, self.encode(value.item(), depth + 1, inner)]
+        if t.__name__ in ("dict_keys", "dict_values", "dict_items") or (
+                hasattr(t, "__next__") and hasattr(t, "__iter__") and not callable(getattr(value, "send", None))
+                or t.__name__ == "generator"):
+            drained = []
+            for item in value:
+                drained.append(item)
+                if len(drained) > MAX_ITEMS:
+                    raise ValueError("the iterator yields too many items to send")
+            return ["it", *items(drained)]
+        return ["h", self.export(value)]
+
+    def decode(self, data: object, depth: int = 0) -> object:
+        """Tagged data back to a value, built with the standard types' constructors only."""
+        t = type(data)
+        if data is None or t is bool or t is str or t is int or t is float:
+            return data
+        if t is not list or not data or type(data[0]) is not str or depth > MAX_DEPTH:
+            raise ValueError("a malformed value")
+        tag, rest = data[0], data[1:]
+
+        def items():
+            return [self.decode(v, depth + 1) for v in rest]
+
+        def pairs():
+            out = []
+            for pair in rest:
+                if type(pair) is not list or len(pair) != 2:
+                    raise ValueError("a malformed mapping")
+                out.append((self.decode(pair[0], depth + 1), self.decode(pair[1], depth + 1)))
             return out
-        else:
-            raise TypeError(f"a {kind.__module__}.{kind.__qualname__}: the checker passes and compares only plain "
-                            "values (numbers, strings, bytes, None, lists, tuples, dicts, sets) and instances of "
-                            "the program's classes that override nothing")
-        memo[id(value)] = out
-        return out
+
+        if tag == "I":
+            return int(str(rest[0]), 16)
+        if tag == "x":
+            return float(str(rest[0]))
+        if tag == "l":
+            return items()
+        if tag == "t":
+            return tuple(items())
+        if tag == "s":
+            return set(items())
+        if tag == "f":
+            return frozenset(items())
+        if tag == "it":
+            return iter(items())
+        if tag == "d":
+            return dict(pairs())
+        if tag in ("C", "O", "dd"):
+            import collections
+
+            if tag == "dd":
+                return collections.defaultdict(None, pairs())
+            return (collections.Counter if tag == "C" else collections.OrderedDict)(dict(pairs()))
+        if tag == "b" or tag == "B":
+            if type(rest[0]) is not bytes:
+                raise ValueError("malformed bytes")
+            return rest[0] if tag == "b" else bytearray(rest[0])
+        if tag == "c":
+            return complex(float(self.decode(rest[0], depth + 1)), float(self.decode(rest[1], depth + 1)))
+        if tag == "R":
+            return range(*[int(v) for v in rest if type(v) is int])
+        if tag == "F":
+            import fractions
+
+            num, den = (self.decode(v, depth + 1) for v in rest)
+            if type(num) is not int or type(den) is not int:
+                raise ValueError("a malformed Fraction")
+            return fractions.Fraction(num, den)
+        if tag == "D":
+            import decimal
+
+            return decimal.Decimal(str(rest[0]))
+        if tag in ("N", "n"):
+            np = self.load_numpy()
+            dtype = np.dtype(self.numpy_dtype(rest[0]))
+            if tag == "n":
+                return dtype.type(self.decode(rest[1], depth + 1))
+            shape = tuple(int(d) for d in rest[1] if type(d) is int)
+            return np.array(self.decode(rest[2], depth + 1), dtype=dtype).reshape(shape)
+        if tag == "h":
+            if type(rest[0]) is not int:
+                raise ValueError("a malformed handle")
+            return Remote(self, rest[0])
+        if tag == "r":
+            if type(rest[0]) is not int or not 0 <= rest[0] < len(self.exported):
+                raise ValueError("a handle this side never gave out")
+            return self.exported[rest[0]]
+        raise ValueError(f"an unknown value tag {tag[:20]!r}")
+
+    def load_numpy(self) -> object:
+        if self.numpy is None:
+            import numpy
+
+            self.numpy = numpy
+        return self.numpy
 
     @staticmethod
-    def inert_class(kind) -> bool:
-        """A plain class of the program's that overrides nothing: data, slots and a plain __init__
-        only, so its instances compare by identity and support no arithmetic (a tree node)."""
-        if type(kind) is not type or any(kind is t for t in CONTAINERS) or kind.__mro__[-1] is not object:
-            return False
-        for klass in kind.__mro__[:-1]:
-            if type(klass) is not type:
-                return False
-            for name, attr in dict.items(klass.__dict__.copy()):
-                if type(name) is not str:
-                    return False
-                if name.startswith("__") and name.endswith("__"):
-                    if name not in INERT_DUNDERS:
-                        return False
-                    if name in ("__dict__", "__weakref__") and type(attr) is not GETSET_DESCRIPTOR:
-                        return False
-                    if name == "__init__" and type(attr) is not FunctionType:
-                        return False
-                elif not any(type(attr) is t for t in PLAIN_SCALARS) and type(attr) is not MEMBER_DESCRIPTOR:
-                    return False
-        return True
+    def numpy_dtype(text: object) -> str:
+        text = str(text)
+        if len(text) > 12 or text[:1] not in "<>|=" or text[1:2] not in NUMPY_KINDS or not text[2:].isdigit():
+            raise ValueError("a malformed numpy dtype")
+        return text
 
-    @staticmethod
-    def fields(kind, value) -> list:
-        """(name, value) of an inert instance: its __dict__ and its slots, read with C descriptors."""
-        out = []
+    # -- requests
+
+    def request(self, msg: dict, args: tuple, kwargs: dict) -> object:
+        """Send a request, serve the other side's until its answer comes, return the decoded value."""
+        self.next_id += 1
+        ident = self.next_id
+        enc_args = [self.encode(a) for a in args]
+        send(self.wfd, dict(msg, id=ident, args=enc_args, kw={k: self.encode(v) for k, v in kwargs.items()}))
+        while True:
+            reply = recv(self.rfd)
+            if reply.get("k") in ("call", "get", "set"):
+                self.serve(reply)
+                continue
+            if reply.get("id") != ident:
+                raise Ended("an answer out of order")
+            if reply.get("k") == "ret":
+                for index, value in reply.get("mut") or []:
+                    if type(index) is int and 0 <= index < len(args):
+                        write_back(args[index], self.decode(value))
+                return self.decode(reply.get("v"))
+            if reply.get("k") == "raise":
+                raise remote_exception(reply)
+            raise Ended("an unknown answer")
+
+    def serve(self, msg: dict) -> None:
+        """Answer one request of the other side's with ``ret`` or ``raise``."""
+        ident = msg.get("id")
         try:
-            attrs = object.__getattribute__(value, "__dict__")
-        except AttributeError:
-            attrs = {}
-        if type(attrs) is dict:
-            out.extend(dict.items(attrs))
-        for klass in kind.__mro__[:-1]:
-            for name, attr in dict.items(klass.__dict__.copy()):
-                if type(attr) is MEMBER_DESCRIPTOR:
-                    try:
-                        out.append((name, attr.__get__(value, kind)))
-                    except AttributeError:
-                        pass
-        return out
+            target = self.decode(["r", msg.get("h")])
+            args = [self.decode(a) for a in msg.get("args") or []]
+            kwargs = {str(k): self.decode(v) for k, v in (msg.get("kw") or {}).items()}
+            kind = msg.get("k")
+            if kind != "call" and not self.serve_all:
+                raise Refused("the tests' objects answer calls only")
+            if kind == "call":
+                if not callable(target):
+                    raise TypeError(f"'{type(target).__name__}' object is not callable")
+                before = list(msg.get("args") or [])
+                value = target(*args, **kwargs)
+                mut = []
+                for i, a in enumerate(args):
+                    if isinstance(a, (list, dict, set, bytearray)):
+                        enc = self.encode(a)
+                        if enc != before[i]:  # encoded data: plain lists, str, numbers
+                            mut.append([i, enc])
+                reply = {"k": "ret", "id": ident, "v": self.encode(value), "mut": mut}
+            elif kind == "get":
+                reply = {"k": "ret", "id": ident, "v": self.encode(getattr(target, str(msg.get("name"))))}
+            else:
+                setattr(target, str(msg.get("name")), args[0])
+                reply = {"k": "ret", "id": ident, "v": None}
+        except Ended:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the other side gets it as data
+            reply = {"k": "raise", "id": ident, "type": builtin_exception(exc), "msg": safe_str(exc),
+                     "trace": trace_text(exc)}
+        send(self.wfd, reply)
 
-    @staticmethod
-    def set_field(kind, obj, name, value) -> None:
-        for klass in kind.__mro__[:-1]:
-            attr = klass.__dict__.get(name)
-            if type(attr) is MEMBER_DESCRIPTOR:
-                attr.__set__(obj, value)
-                return
-        object.__getattribute__(obj, "__dict__")[name] = value
 
-    def exception(self, exc) -> BaseException:
-        """The program's exception as the nearest built-in one, its arguments kept only if plain."""
-        self.graveyard.append(exc)
-        kind = type(exc)
-        base = RuntimeError
-        if type(kind) is type:
-            for klass in kind.__mro__:
-                if any(klass is b for b in BUILTIN_EXCEPTIONS):
-                    base = klass
-                    break
+def write_back(original: object, new: object) -> None:
+    """In-place mutation by the other side, applied to the argument we passed."""
+    if type(original) is list and type(new) is list:
+        original[:] = new
+    elif type(original) is dict and isinstance(new, dict):
+        original.clear()
+        original.update(new)
+    elif type(original) is set and isinstance(new, set):
+        original.clear()
+        original.update(new)
+    elif type(original) is bytearray and isinstance(new, bytearray):
+        original[:] = new
+
+
+def remote_exception(reply: dict) -> BaseException:
+    name, msg = str(reply.get("type")), str(reply.get("msg"))[:MAX_VALUE_CHARS]
+    klass = getattr(builtins, name, None) if name in PRISTINE else None
+    if name in ("SystemExit", "KeyboardInterrupt", "GeneratorExit"):
+        exc = ProgramExit(f"{name}: {msg}" if msg else name)
+    elif type(klass) is type and issubclass(klass, Exception):
         try:
-            args = self.copy(BaseException.__dict__["args"].__get__(exc))
-            return base(*args)
-        except BaseException:  # noqa: BLE001 - not plain, or a base that wants other arguments
-            return base("(an exception of the program's)")
+            exc = klass(msg)
+        except Exception:  # noqa: BLE001 - a class that wants other arguments
+            exc = RuntimeError(f"{name}: {msg}")
+    else:
+        exc = RuntimeError(f"{name}: {msg}")
+    exc.phibook_trace = str(reply.get("trace") or "")[:MAX_FRAME]
+    return exc
 
 
-def make_worker(fn, args, kwargs, box, done):
-    """The body of a worker thread. Made through ``isolated`` per call: the program can walk up to
-    this frame, and all it finds there is its own function, copies of the arguments and the box."""
-    def work():
-        try:
-            box.append((True, fn(*args, **kwargs), None))
-        except BaseException as exc:  # noqa: BLE001 - delivered to the harness's thread
-            try:
-                import traceback
-
-                tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
-                text = "".join(traceback.format_exception(type(exc), exc, tb))
-            except BaseException:  # noqa: BLE001
-                text = None
-            box.append((False, exc, text))
-        finally:
-            done.release()
-    return work
+class ProgramExit(Exception):
+    """The program's top level raised or exited, or it exited inside a call: the tests fail."""
 
 
-class Harness:
-    """The main thread's side: runs the program's code on worker threads, copies values across."""
+def safe_str(exc: BaseException) -> str:
+    try:
+        text = str(exc)
+    except BaseException:  # noqa: BLE001
+        text = ""
+    return text[:MAX_VALUE_CHARS]
 
-    def __init__(self, copier: Copier) -> None:
-        import _thread
 
-        self.start_thread, self.lock, self.copier = _thread.start_new_thread, _thread.allocate_lock, copier
+def trace_text(exc: BaseException) -> str:
+    """The traceback from the program's own frames on (main.py), as text."""
+    try:
+        import traceback
 
-    def call(self, fn, args=(), kwargs=None, copy_args=True):
-        """``fn(*args, **kwargs)`` on a fresh worker thread: the value copied back, or the exception
-        as the nearest built-in one (with the program's traceback text on ``__notes__``-like
-        ``phibook_trace``)."""
-        if copy_args:
-            args = self.copier.copy(tuple(args))
-            kwargs = self.copier.copy(dict(kwargs or {}))
-        box, done = [], self.lock()
-        self.copier.graveyard.append(box)
-        done.acquire()
-        self.start_thread(isolated(make_worker)(fn, args, kwargs or {}, box, done), ())
-        done.acquire()
-        entry = list.__getitem__(box, 0) if list.__len__(box) else None
-        if type(entry) is not tuple or tuple.__len__(entry) != 3:
-            raise RuntimeError("the program's thread ended without a result")
-        ok, value, trace = entry
-        if ok is True:
-            return self.copier.copy(value)
-        exc = self.copier.exception(value)
-        if type(trace) is str:
-            exc.phibook_trace = trace
-        raise exc
-
-    def guarded(self, fn):
-        """``fn`` as the tests see it (see ``call``)."""
-        def call(*args, **kwargs):
-            return self.call(fn, args, kwargs)
-        return call
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename != "main.py":
+            tb = tb.tb_next
+        return "".join(traceback.format_exception(type(exc), exc, tb))[-20_000:]
+    except BaseException:  # noqa: BLE001
+        return ""
 
 
 # --------------------------------------------------------------------------- setup
@@ -394,153 +459,238 @@ def set_limits(job: dict) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (job["cpu_s"], job["cpu_s"] + 1))
 
 
-def tail_source(job: dict, done_event: str) -> str:
-    """The code that runs after the program: the tests, or the call, then the verdict line."""
-    end = f"_phibook_flush()\n__import__('sys').audit({done_event!r}"
-    if job.get("tests") is not None:
-        return f"{job['tests']}\n\n{end})\n"
-    if job.get("call"):
-        return f"_phibook_value = {job['call']}()\n{end}, _phibook_value)\n"
-    return f"{end}, None)\n"
+def read_job(fd: int) -> dict:
+    with os.fdopen(fd, "rb") as f:
+        return marshal.loads(f.read())
 
 
-def make_runner(tail_code, namespace, import_state, pristine_builtins, harness, flush):
-    """The one function that may exec the tail: beside the program's names, with builtins and the
-    import system as they were before it ran (what it imported or replaced is imported afresh),
-    its callables running on worker threads and its other values copied (or left out)."""
-    def run_tail() -> None:
-        restore_imports(import_state, harness.copier.graveyard)
-        tail_ns = {"__builtins__": pristine_builtins, "__name__": "tests", "_phibook_flush": flush}
-        items = list(dict.items(namespace))
-        harness.copier.graveyard.append(items)
-        for name, value in items:
-            if type(name) is not str or name.startswith("__") or type(value) is ModuleType:
-                continue  # the tests import what they use, afresh
-            if callable(value):
-                tail_ns[name] = harness.guarded(value)
-            else:
+def setup(job: dict) -> None:
+    if job.get("drop_to"):
+        drop_privileges(*job["drop_to"])
+    set_limits(job)
+    sys.dont_write_bytecode = True
+    for path in job.get("extra_paths") or ():
+        sys.path.append(path)  # numpy's folder, bound read-only into the jail
+
+
+# --------------------------------------------------------------------------- the program's process
+
+
+def program_main(job: dict) -> None:
+    """Run the program on the main thread, expose its names, answer the harness's requests."""
+    rfd, wfd = job["from_harness"], job["to_harness"]
+    for fd in (rfd, wfd):
+        os.set_inheritable(fd, False)
+    try:
+        setup(job)
+    except BaseException as exc:  # noqa: BLE001 - the jail is broken: the harness reports it
+        sys.stderr.write(f"phibook-sandbox: the program's process could not be set up: {exc!r}\n")
+        flush()
+        os._exit(3)
+    send(wfd, {"k": "started"})  # from here on, whatever happens is the program's doing
+    peer = Peer(rfd, wfd, serve_all=True)
+    module_name = job["module"]
+    main_module = type(sys)(module_name)
+    main_module.__file__ = "main.py"
+    main_module.__builtins__ = builtins
+    sys.modules["__main__"] = sys.modules[module_name] = main_module
+    sys.argv = ["main.py"]
+    builtins.exit = builtins.quit = sys.exit  # site is not loaded (-S)
+    sys.addaudithook(refuse_spawning)
+    try:
+        exec(compile(job["program"], "main.py", "exec"), main_module.__dict__)
+    except BaseException as exc:  # noqa: BLE001 - reported to the harness as data
+        trace = trace_text(exc)
+        sys.stderr.write(trace if not isinstance(exc, SystemExit) else
+                         f"SystemExit: {exc.code!r} (the program exited before it finished)\n")
+        flush()
+        send(wfd, {"k": "error", "type": builtin_exception(exc), "msg": safe_str(exc),
+                   "code": repr(exc.code)[:200] if isinstance(exc, SystemExit) else None})
+        os._exit(1)
+    names = {}
+    for name, value in list(main_module.__dict__.items()):
+        if type(name) is not str or name.startswith("__") or type(value) is type(sys):
+            continue
+        try:
+            # Callables and iterators stay here (a top-level itertools.count() the program's
+            # functions use must not be drained); other values go across as copies.
+            live = callable(value) or hasattr(type(value), "__next__")
+            names[name] = ["h", peer.export(value)] if live else peer.encode(value)
+        except BaseException:  # noqa: BLE001 - left out of the tests' reach
+            continue
+    flush()
+    send(wfd, {"k": "loaded", "names": names})
+    while True:
+        try:
+            msg = recv(rfd)
+        except Ended:
+            flush()
+            os._exit(2)
+        if msg.get("k") == "end":
+            flush()
+            os._exit(0)
+        peer.serve(msg)
+        flush()
+
+
+SPAWN_EVENTS = frozenset({"os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
+                          "subprocess.Popen"})
+
+
+def refuse_spawning(event: str, args: tuple) -> None:
+    """Spawning fails with PermissionError (the jail's seccomp filter refuses it anyway; this
+    makes os.system fail loudly instead of returning -1). Importing subprocess is fine."""
+    if event in SPAWN_EVENTS:
+        raise PermissionError(f"{event}: the sandbox runs no other programs")
+
+
+def flush() -> None:
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001, S110 - a stream the program replaced or closed
+            pass
+
+
+# --------------------------------------------------------------------------- the harness's process
+
+
+def harness_main(job: dict) -> None:
+    verdict_fd = job["verdict"]
+    nonce = job["nonce"].encode("ascii")
+
+    def say(line: str) -> None:
+        data = nonce + b" " + line.encode("utf-8", "replace")[:MAX_REPORT_BYTES] + b"\n"
+        while data:
+            data = data[os.write(verdict_fd, data):]
+
+    try:
+        setup(job)
+        peer = Peer(job["from_program"], job["to_program"], serve_all=False)
+        tail = compile(job["tests"], "tests.py", "exec") if job.get("tests") is not None else None
+    except BaseException as exc:  # noqa: BLE001 - the jail or the job is broken, not the program
+        say("setup-error " + repr(exc)[:2000])
+        os._exit(3)
+    say("ready")
+    state = {"before": introspect()} if job.get("introspect") else None
+    try:
+        first = recv(peer.rfd)
+    except Ended:
+        first = {}
+    if first.get("k") != "started":  # no program code had run yet: the jail failed, not the program
+        say("setup-error the program's process did not start")
+        os._exit(3)
+    try:
+        msg = recv(peer.rfd)
+        if msg.get("k") == "error":
+            name, text = str(msg.get("type")), str(msg.get("msg"))[:MAX_VALUE_CHARS]
+            if name == "SystemExit":
+                raise ProgramExit(f"SystemExit: {msg.get('code')} (the program exited before it finished)")
+            raise ProgramExit(f"{name}: {text}" if text else name)
+        if msg.get("k") != "loaded" or type(msg.get("names")) is not dict:
+            raise Ended("the program did not say it loaded")
+        allowed = set(job.get("entry") or ())
+        names = {}
+        for name, value in msg["names"].items():
+            if name.isidentifier() and (name not in PRISTINE or name in allowed):
                 try:
-                    tail_ns[name] = harness.copier.copy(value)
-                except TypeError:
-                    pass  # not a plain value: out of the tests' reach
-        exec(tail_code, tail_ns)
-    return run_tail
+                    names[name] = peer.decode(value)
+                except (ValueError, TypeError):
+                    continue
+        if tail is not None:
+            namespace = {"__builtins__": builtins, "__name__": "tests"}
+            namespace.update(names)
+            exec(tail, namespace)
+            line = "pass"
+        elif job.get("call"):
+            fn = names.get(job["call"])
+            if fn is None:
+                raise NameError(f"name {job['call']!r} is not defined")
+            line = "done " + reportable(fn())
+        else:
+            line = "done  None"  # nothing called: no type
+        if state is not None:
+            state["after"] = introspect()
+            say("introspect " + __import__("json").dumps(state))
+        send(peer.wfd, {"k": "end"})
+    except BaseException as exc:  # noqa: BLE001 - any way out before the end is a failure
+        if state is not None:
+            state["after"] = introspect()
+            say("introspect " + __import__("json").dumps(state))
+        say("fail " + failure_reason(exc).replace("\n", " "))
+        trace = getattr(exc, "phibook_trace", "")
+        if trace:
+            sys.stderr.write(trace)
+        elif type(exc) is not Ended and type(exc) is not ProgramExit:
+            import traceback
+
+            tb = exc.__traceback__
+            while tb is not None and tb.tb_frame.f_code.co_filename != "tests.py":
+                tb = tb.tb_next
+            sys.stderr.write("".join(traceback.format_exception(type(exc), exc, tb)))
+        flush()
+        os._exit(1)
+    say(line)
+    flush()
+    os._exit(0)
 
 
-def save_imports() -> tuple:
-    """sys.modules, the import hooks and the import machinery's own globals, before the program."""
-    machinery = [sys.modules[name] for name in ("_frozen_importlib", "_frozen_importlib_external")]
-    return (sys.modules, dict(sys.modules), list(sys.meta_path), list(sys.path_hooks), list(sys.path),
-            [(module, dict(module.__dict__)) for module in machinery])
+def failure_reason(exc: BaseException) -> str:
+    if type(exc) is Ended:
+        return "the program ended before it finished"
+    if type(exc) is ProgramExit:
+        return str(exc)
+    text = safe_str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def restore_imports(state: tuple, graveyard: list) -> None:
-    """Undo what the program did to the import system, so that the tests' imports run stdlib code
-    only: modules it imported or replaced are dropped (imported afresh), finders and importlib's
-    functions put back. What is taken out goes to ``graveyard`` (see Copier)."""
-    modules, before, meta_path, path_hooks, path, saved = state
-    for name in list(modules):
-        if before.get(name) is not modules[name]:
-            graveyard.append(modules[name])
-            del modules[name]
-    modules.update(before)
-    graveyard.extend([sys.modules, sys.meta_path, sys.path_hooks, sys.path, sys.path_importer_cache])
-    # New plain objects, not the program's (a list subclass could run code when assigned into).
-    sys.modules, sys.meta_path, sys.path_hooks, sys.path = modules, list(meta_path), list(path_hooks), list(path)
-    sys.path_importer_cache = {}
-    for module, namespace in saved:
-        graveyard.append(dict(module.__dict__))
-        module.__dict__.clear()
-        module.__dict__.update(namespace)
+def reportable(value: object) -> str:
+    """'<type> <literal>' for the parent: numbers (Fraction, Decimal and numpy ones as int or
+    float), strings, bools and None as literals; anything else as its type and None."""
+    import decimal
+    import fractions
+    import math
+
+    kind = type(value).__name__
+    np = sys.modules.get("numpy")
+    if type(value) is fractions.Fraction or type(value) is decimal.Decimal or (
+            np is not None and isinstance(value, np.generic) and value.dtype.kind in "iuf"):
+        try:
+            value = int(value) if value == int(value) else float(value)
+        except (ValueError, OverflowError, ArithmeticError):
+            value = float("nan")
+    if type(value) is float and not math.isfinite(value):
+        return f"{kind} None"
+    if type(value) in (int, float, str, bool) or value is None:
+        text = repr(value)
+        return f"{kind} {text if len(text) <= MAX_VALUE_CHARS else 'None'}"
+    return f"{kind} None"
+
+
+def introspect() -> dict:
+    """What the harness's process holds: its modules (and their files), its threads, and the
+    files every function object here was compiled from."""
+    import gc
+    import threading
+
+    files = set()
+    for obj in gc.get_objects():
+        code = getattr(obj, "__code__", None) if type(obj).__name__ == "function" else None
+        if code is not None:
+            # exec'd code (namedtuple's __new__) is named by the module that made it
+            files.add(code.co_filename if not code.co_filename.startswith("<string")
+                      else f"{code.co_filename} {getattr(obj, '__module__', None)}")
+    modules = {name: getattr(module, "__file__", None) for name, module in list(sys.modules.items())}
+    return {"modules": modules, "threads": [t.name for t in threading.enumerate()], "code_files": sorted(files)}
 
 
 def main() -> None:
-    write, close, exit_now, modules = os.write, os.close, os._exit, sys.modules
-    job_fd, verdict_fd = int(sys.argv[1]), int(sys.argv[2])
-    os.set_inheritable(verdict_fd, False)  # an exec'd image never holds the channel
-    with os.fdopen(job_fd, "rb") as f:
-        job = marshal.loads(f.read())
-    nonce = job.pop("nonce").encode("ascii")
-    try:
-        if job.get("drop_to"):
-            drop_privileges(*job["drop_to"])
-        set_limits(job)
-        sys.dont_write_bytecode = True
-        import collections
-
-        # Captured before the program runs: it may replace collections.Counter, not these.
-        harness = Harness(Copier((collections.Counter, collections.OrderedDict, collections.defaultdict)))
-        done_event = "phibook.verdict." + os.urandom(8).hex()
-        tail_code = compile(tail_source(job, done_event), "tests.py", "exec")
-        # Checked programs run as module "solution", as in the reference harnesses (whose exec
-        # gives no __name__): an `if __name__ == "__main__":` block there does not run. Either way
-        # the program's module takes this launcher's place as sys.modules["__main__"].
-        module_name = "solution" if job.get("tests") is not None else "__main__"
-        main_module = ModuleType(module_name)
-        main_module.__file__ = "main.py"
-        main_module.__builtins__ = builtins  # the real module, as any program has
-        modules["__main__"] = main_module
-        namespace = main_module.__dict__
-        builtins.exit = builtins.quit = sys.exit  # site is not loaded (-S); a C function: nothing of ours leaks
-        stdout, stderr = sys.stdout, sys.stderr
-
-        def flush() -> None:  # the original streams: the program may have replaced sys.stdout
-            for stream in (stdout, stderr):
-                try:
-                    stream.flush()
-                except (OSError, ValueError):
-                    pass
-
-        modules[module_name] = main_module
-        sys.argv = ["main.py"]
-        import gc
-
-        modules["gc"] = gc_for_programs(gc)
-        run_tail = make_runner(tail_code, namespace, save_imports(), dict(builtins.__dict__), harness, flush)
-        isolated(install_guard)(
-            verdict_fd, nonce, tail_code, run_tail.__code__, done_event, sys.prefix.rstrip("/") + "/",
-            (DENIED_EVENTS, DENIED_IMPORTS, REPORTED_TYPES, MAX_VALUE_CHARS))
-    except BaseException as exc:  # noqa: BLE001 - the jail or the job is broken, not the program
-        write(verdict_fd, nonce + b" setup-error " + repr(exc).encode("utf-8", "replace")[:2000] + b"\n")
-        exit_now(3)
-    del nonce  # from here on only the hook holds it
-    try:
-        harness.call(exec, (compile(job["program"], "main.py", "exec"), namespace), copy_args=False)
-        run_tail()
-        raise RuntimeError("the tests ended without reaching the verdict line")
-    except BaseException as exc:  # noqa: BLE001 - any way out before the verdict is a failure
-        close(verdict_fd)
-        report_failure(exc)
-        exit_now(1)
-
-
-def gc_for_programs(gc) -> ModuleType:
-    """The gc module as programs see it: collection stays manual (a collection the program asks
-    for runs its finalizers on its own thread), and the object walks end the program (audit)."""
-    shown = ModuleType("gc")
-    shown.__dict__.update({k: v for k, v in gc.__dict__.items() if k not in ("enable", "isenabled")})
-    shown.enable, shown.isenabled = int, bool  # C callables: enable() does nothing, isenabled() is False
-    return shown
-
-
-def report_failure(exc: BaseException) -> None:
-    """Why the program failed, on stderr: the traceback from its own code on."""
-    import traceback
-
-    try:
-        trace = getattr(exc, "phibook_trace", None)
-        if isinstance(exc, SystemExit):
-            sys.stderr.write(f"SystemExit: {exc.code!r} (the program exited before it finished)\n")
-        elif type(trace) is str:
-            sys.stderr.write(trace)
-        else:
-            tb = exc.__traceback__
-            while tb is not None and tb.tb_frame.f_code.co_filename not in ("main.py", "tests.py"):
-                tb = tb.tb_next
-            traceback.print_exception(type(exc), exc, tb)
-        sys.stderr.flush()
-    except BaseException:  # noqa: BLE001, S110 - a hostile exception cannot make us report more
-        pass
+    mode, job_fd = sys.argv[1], int(sys.argv[2])
+    job = read_job(job_fd)
+    if mode == "program":
+        program_main(job)
+    else:
+        harness_main(job)
 
 
 if __name__ == "__main__":
