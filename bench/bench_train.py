@@ -35,7 +35,7 @@ round times ``--steps`` steps per system after warm-up (compilation happens in
 warm-up). Tokens per CPU-second (all threads) is reported too: it is less
 sensitive to other load on a shared machine than wall time. The report gives medians
 over rounds, ratios to transformers at the same precision, and MFU: PaLM's
-training FLOPs per token (``phibook.train.trainer.flops_per_token``) over a square
+training FLOPs per token (``phibook.train.peak.flops_per_token``) over a square
 matmul's rate at that precision, measured in every round (the median is used).
 """
 
@@ -90,8 +90,9 @@ class PhibookSystem:
 
     def __init__(self, args, preset: str, precision: str, compile: bool, data: Path, workdir: Path,
                  extra: dict[str, str] | None = None) -> None:
+        from phibook.train.config import resolve_config
         from phibook.train.parallel import init_distributed
-        from phibook.train.trainer import _Trainer, resolve_config
+        from phibook.train.trainer import _Trainer
 
         sets = {
             "model.vocab_size": str(args.vocab), "global_batch": str(args.batch), "micro_batch": str(args.batch),
@@ -131,7 +132,7 @@ class HFSystem:
 
         from phibook.data.loader import PackedLoader
         from phibook.model.config import PhiConfig
-        from phibook.train.trainer import TrainConfig
+        from phibook.train.config import TrainConfig
         from phibook.weights.hf import phi_to_hf, phi_to_hf_config
 
         mcfg = PhiConfig.from_name(preset, vocab_size=args.vocab)
@@ -218,8 +219,7 @@ def bench_config(args, preset: str, precision: str, data: Path, workdir: Path) -
     import multiprocessing as mp
 
     from phibook.model.config import PhiConfig
-    from phibook.train.cpu_peak import cpu_peak
-    from phibook.train.trainer import flops_per_token, measure_matmul_flops
+    from phibook.train.peak import cpu_peak, flops_per_token, measure_matmul_flops
 
     flops_tok = flops_per_token(PhiConfig.from_name(preset, vocab_size=args.vocab), args.seq_len)
     ctx = mp.get_context("spawn")
@@ -263,7 +263,7 @@ def bench_config(args, preset: str, precision: str, data: Path, workdir: Path) -
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    # MFU against the CPU's theoretical peak (cores x FLOPs/cycle x clock, phibook.train.cpu_peak),
+    # MFU against the CPU's theoretical peak (cores x FLOPs/cycle x clock, phibook.train.peak),
     # never against a timing: timed on a shared machine it comes out low and MFU passes 100%. The
     # matmul timings between rounds stay in the output as what a square matmul reached.
     derived = cpu_peak({"fp32": "fp32", "bf16": "bf16"}.get(precision, "fp32"), cores=torch.get_num_threads())

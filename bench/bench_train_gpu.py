@@ -16,7 +16,7 @@ depend on the text). Timing: ``--warmup`` untimed steps (compilation), then
 ``--steps`` timed steps; ``train_step`` returns the loss to the host, so each
 step ends with the GPU idle. MFU = tokens/s x PaLM's 6N + 12 L d T FLOPs per
 token / the GPU's dense bf16 peak (989 TFLOP/s for H100/H200, from
-``phibook.train.trainer.GPU_PEAK_TFLOPS``; a measured matmul rate elsewhere).
+``phibook.train.peak.GPU_PEAK_TFLOPS``; a measured matmul rate elsewhere).
 
 The target in issue 3: MFU >= 50% on one H200; the report's 1.5K A100-hours
 for 150B tokens is about 28K tokens/s per A100.
@@ -75,8 +75,9 @@ def main() -> None:
 
     import torch
 
+    from phibook.train.config import resolve_config
     from phibook.train.parallel import init_distributed
-    from phibook.train.trainer import _Trainer, resolve_config
+    from phibook.train.trainer import _Trainer
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: this benchmark needs a GPU (or pass --device cpu for a smoke run)")

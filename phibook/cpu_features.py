@@ -1,6 +1,6 @@
 """What this CPU has, from /proc/cpuinfo's flags: the one place that reads them.
 
-The trainer's peak (phibook.train.cpu_peak), the demo's precision and inference's dtype
+The trainer's peak (phibook.train.peak), the demo's precision and inference's dtype
 (phibook.inference.load) are all chosen from these features, never from a timing taken at
 start-up (a timing on a shared machine flips from run to run).
 """

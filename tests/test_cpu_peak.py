@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from phibook.train.cpu_peak import (
+from phibook.train.peak import (
     busy_note,
     cpu_clock_hz,
     cpu_flags,
@@ -85,12 +85,12 @@ def test_precision_from_features_not_timing(flags, want):
 
 def test_demo_picks_precision_from_features(monkeypatch):
     from phibook.demo import run
-    from phibook.train import trainer
+    from phibook.train import peak
 
     def no_timing(*a, **k):
         raise AssertionError("the precision must not be chosen by timing matmuls")
 
-    monkeypatch.setattr(trainer, "measure_matmul_flops", no_timing)
+    monkeypatch.setattr(peak, "measure_matmul_flops", no_timing)
     assert run.pick_precision(cpuinfo(AVX2)) == ("fp32", "this CPU has no AVX512-BF16/AMX, so bf16 would be emulated")
     assert run.pick_precision(cpuinfo(AMX))[0] == "bf16"
 
@@ -103,12 +103,13 @@ def test_busy_note_names_the_load():
 def test_trainer_peak_on_cpu_is_derived_not_timed(monkeypatch):
     import torch
 
-    from phibook.train import trainer
-    from phibook.train.cpu_peak import usable_cores
+    from phibook.train import peak
+    from phibook.train.config import TrainConfig
+    from phibook.train.peak import usable_cores
 
-    monkeypatch.setattr(trainer, "measure_matmul_flops", lambda *a, **k: pytest.fail("timed the peak"))
-    cfg = trainer.TrainConfig()
-    got = trainer.peak_flops(cfg, torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(peak, "measure_matmul_flops", lambda *a, **k: pytest.fail("timed the peak"))
+    cfg = TrainConfig()
+    got = peak.peak_flops(cfg, torch.device("cpu"), torch.float32)
     assert got == cpu_peak("fp32", cores=usable_cores(torch.get_num_threads())).flops
     cfg.peak_tflops = 2.0  # the override still wins
-    assert trainer.peak_flops(cfg, torch.device("cpu"), torch.float32) == 2e12
+    assert peak.peak_flops(cfg, torch.device("cpu"), torch.float32) == 2e12

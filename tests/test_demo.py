@@ -134,7 +134,7 @@ def test_demo_numbers_mean_something_on_a_shared_machine(demo_run):
     assert all(0 < r["mfu"] <= 1.0 for r in metrics(demo_run.out / "run"))
     assert "MFU against a peak of" in demo_run.first_log and "FLOPs/cycle" in demo_run.first_log
     # precision from the CPU's features, said in the output
-    from phibook.train.cpu_peak import precision_choice
+    from phibook.train.peak import precision_choice
 
     precision, why = precision_choice()
     assert final["precision"] == precision and f"  precision: {precision} ({why})" in demo_run.first_log

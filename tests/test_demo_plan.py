@@ -79,6 +79,7 @@ def test_exercise_generation_is_capped_by_the_longest_answer():
 
 def test_baseline_scores_fewer_benchmark_items_and_says_so(ctx, monkeypatch, tmp_path):
     import phibook.inference.generate as generate
+    import phibook.train.trainer as trainer
     import phibook.weights.checkpoint as checkpoint
 
     (ctx.out / "eval").mkdir()
@@ -91,7 +92,7 @@ def test_baseline_scores_fewer_benchmark_items_and_says_so(ctx, monkeypatch, tmp
 
     monkeypatch.setattr(checkpoint, "load_model", lambda d: Loaded())
     monkeypatch.setattr(generate, "Generator", lambda m, t: _RecordingGenerator())
-    monkeypatch.setattr(demo, "validation_loss", lambda *a: None)
+    monkeypatch.setattr(trainer, "validation_loss", lambda *a: None)  # the trainer's, which the demo uses
     monkeypatch.setattr(demo, "score_benchmarks",
                         lambda m, t, d, limit, p: limits.append(limit) or {"limit": limit, "results": {}})
     before = demo.evaluate_model(ctx, tmp_path, "before", mc_cap=demo.BASELINE_MC_LIMIT)

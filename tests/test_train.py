@@ -17,7 +17,7 @@ except ImportError:
 
 from phibook.cli import main
 from phibook.errors import PhibookError
-from phibook.train.trainer import TrainConfig, lr_at, model_config, param_groups, resolve_config
+from phibook.train.config import TrainConfig, lr_at, model_config, param_groups, resolve_config
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ examples:
 
 
 def register(subparsers) -> None:
-    from phibook.train.trainer import config_help
+    from phibook.train.config import config_help
 
     parser = subparsers.add_parser(
         "train",
@@ -69,7 +69,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from phibook.train.trainer import parse_sets, resolve_config, train
+    from phibook.train.config import parse_sets, resolve_config
+    from phibook.train.trainer import train
 
     sets = parse_sets(args.sets)
     if args.max_steps is not None:

@@ -424,24 +424,6 @@ def score_benchmarks(model, tokenizer, data_dir: Path | None, limit: int, progre
     return {"limit": limit, "data_dir": str(data_dir), "results": results, "missing": missing}
 
 
-def validation_loss(model, manifest: Path, seq_len: int, sequences: int) -> float | None:
-    """Mean per-token loss over the trainer's fixed validation windows (for the step-0 point)."""
-    import torch
-    import torch.nn.functional as F
-
-    from phibook.data.loader import has_validation, validation_batches
-
-    if not has_validation(manifest):
-        return None
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for x, y in validation_batches(manifest, seq_len, sequences, 8):
-            logits = model(x)
-            total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
-            count += y.numel()
-    return total / count if count else None
-
-
 def evaluate_model(ctx: Demo, model_dir: Path, name: str, mc_cap: int | None = None) -> dict[str, Any]:
     """Held-out exercises + benchmark subsets for one checkpoint -> eval/{name}.json; ``mc_cap``
     bounds the items scored per benchmark (the baseline's cost), recorded beside the limit."""
@@ -464,6 +446,8 @@ def evaluate_model(ctx: Demo, model_dir: Path, name: str, mc_cap: int | None = N
     mc = score_benchmarks(loaded.model, loaded.tokenizer, ctx.benchmarks, limit, ctx.opts.progress)
     mc["limit_uncapped"] = full
     mc_secs = time.perf_counter() - t0
+    from phibook.train.trainer import validation_loss
+
     val = validation_loss(loaded.model, ctx.out / "shards/manifest.json", TRAIN_SETTINGS["seq_len"], EVAL_SEQUENCES)
     result = {"model": str(model_dir), "exercises": ex, "benchmarks": mc, "val_loss": val,
               "seconds": {"exercises": round(ex_secs, 2), "benchmarks": round(mc_secs, 2)}}
@@ -476,11 +460,9 @@ def evaluate_model(ctx: Demo, model_dir: Path, name: str, mc_cap: int | None = N
 
 def stage_baseline(ctx: Demo) -> tuple[list[str], dict[str, Any]]:
     """The step-0 model (the trainer's own init, same seed) saved to init/ and scored."""
-    import torch
-
-    from phibook.model.model import PhiModel
     from phibook.model.tokenizer import Tokenizer
-    from phibook.train.trainer import model_config
+    from phibook.train.config import model_config
+    from phibook.train.trainer import build_model
     from phibook.weights.checkpoint import save_checkpoint
 
     (ctx.out / "eval").mkdir(exist_ok=True)
@@ -491,11 +473,7 @@ def stage_baseline(ctx: Demo) -> tuple[list[str], dict[str, Any]]:
     tok = Tokenizer.from_file(ctx.out / "tokenizer/tokenizer.json")
     cfg = ctx.train_config(max_steps=1)
     mcfg = model_config(cfg, tok.vocab_size, log=lambda m: None)
-    with torch.device("meta"):
-        model = PhiModel(mcfg)
-    model.to_empty(device="cpu")
-    model.init_weights(generator=torch.Generator().manual_seed(cfg.seed))  # as train.py does at step 0
-    model.reset_rope()
+    model = build_model(mcfg, cfg.seed)  # the trainer's own step-0 model
     save_checkpoint(ctx.out / "init", model, tok)
     say(f"  step-0 model: {PRESET}, {mcfg.num_params() / 1e6:.1f}M parameters -> init/")
     res = evaluate_model(ctx, ctx.out / "init", "before", mc_cap=BASELINE_MC_LIMIT)
@@ -531,7 +509,7 @@ def pick_precision(cpuinfo: str | None = None) -> tuple[str, str]:
     """(bf16 | fp32, why) from the CPU's features, not from a timing (under load a timing flips):
     bf16 autocast where bf16 matmuls run on bf16 units (AVX512-BF16 or AMX), else fp32, since
     bf16 would be converted to fp32 and back around every multiply."""
-    from phibook.train.cpu_peak import precision_choice
+    from phibook.train.peak import precision_choice
 
     return precision_choice(cpuinfo)
 
@@ -561,7 +539,7 @@ def main_train_config(ctx: Demo, plan: dict[str, Any]):
 
 
 def stage_train(ctx: Demo) -> tuple[list[str], dict[str, Any]]:
-    from phibook.train.cpu_peak import busy_note
+    from phibook.train.peak import busy_note
     from phibook.train.trainer import train
 
     run_dir = ctx.out / "run"
@@ -697,12 +675,12 @@ class Demo:
             self.opts.minutes = recorded
 
     def train_config(self, **overrides):
-        from phibook.train.trainer import resolve_config
+        from phibook.train.config import resolve_config
 
-        sets = {**TRAIN_SETTINGS, "seed": self.opts.seed, "eval_sequences": EVAL_SEQUENCES,
-                "precision": self.state.data.get("precision", "fp32"), "progress": self.opts.progress,
-                **overrides}
-        return resolve_config(preset=PRESET, sets={k: str(v) for k, v in sets.items()})
+        values = {**TRAIN_SETTINGS, "seed": self.opts.seed, "eval_sequences": EVAL_SEQUENCES,
+                  "precision": self.state.data.get("precision", "fp32"), "progress": self.opts.progress,
+                  **overrides}
+        return resolve_config(preset=PRESET, values=values)
 
     def train_budget(self) -> float:
         """Seconds left for training: the budget minus the stages done, minus what the stages

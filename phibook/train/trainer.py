@@ -1,4 +1,4 @@
-"""Pretraining: ``TrainConfig`` (the report's recipe as defaults) and the training loop.
+"""Pretraining: the training loop (the configuration is phibook.train.config).
 
 One function, ``train``, runs the same way under ``python``/``phibook train``
 (one process) and under ``torchrun`` (DDP or FSDP2 across processes and
@@ -10,9 +10,8 @@ so changing the number of processes changes only ``grad_accum``, not the
 optimisation: every process reads its contiguous slice of the same global
 batch (``PackedLoader.next_batch``).
 
-Config precedence: TrainConfig defaults < model preset < config file (TOML)
-< ``--set key=value``. Model fields are set under ``model.`` (e.g.
-``--set model.n_layer=2``, or a ``[model]`` table in the TOML file).
+``build_model`` (the model at step 0) and ``validation_loss`` (the mean loss over the
+fixed validation windows) are public: the demo scores its step-0 model with them.
 """
 
 from __future__ import annotations
@@ -24,418 +23,62 @@ import os
 import shutil
 import sys
 import time
-import tomllib
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from collections import deque
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
 from phibook import faults
+from phibook.data.loader import PackedLoader, has_validation, validation_batches
+from phibook.data.mixture import load_data
 from phibook.errors import PhibookError
-from phibook.model.config import PRESETS, PhiConfig, padded_vocab_size
-
-METRICS_FILE = "metrics.jsonl"
-RESOLVED_CONFIG = "config.resolved.json"
-TOKENIZER_FILE = "tokenizer.json"
-
-
-def _f(default: Any, help: str, choices: tuple[str, ...] | None = None):
-    meta = {"help": help}
-    if choices:
-        meta["choices"] = choices
-    if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-@dataclass
-class TrainConfig:
-    """Every training option; ``phibook train --help`` prints this list with defaults."""
-
-    preset: str = _f("phi-1.5", "model preset to build from scratch: " + ", ".join(PRESETS))
-    model: dict = _f(
-        {},
-        "PhiConfig overrides on top of the preset (model.n_layer=2, model.vocab_size=auto|N, ...). "
-        "vocab_size=auto: the preset's rows for phi-1.5 when the tokenizer fits (the report's 51,200), "
-        "otherwise the data tokenizer's vocab padded to a multiple of 64",
-    )
-    max_steps: int = _f(36000, "optimizer steps to train for (report: 150B tokens / (2048 x 2048) ~ 35.8K)")
-    global_batch: int = _f(2048, "sequences per optimizer step, across all processes (report: 2048)")
-    micro_batch: int = _f(8, "sequences per forward/backward on one process; accumulation fills the rest")
-    seq_len: int = _f(0, "tokens per sequence; 0 = min(2048, model.max_seq_len) (report: 2048)")
-    lr: float = _f(2e-4, "peak learning rate (report: 2e-4, constant)")
-    lr_schedule: str = _f("constant", "constant or cosine (decays to min_lr at max_steps)", ("constant", "cosine"))
-    warmup_steps: int = _f(0, "linear warm-up steps from 0 to lr (report: none)")
-    min_lr: float = _f(2e-5, "final learning rate of the cosine schedule")
-    weight_decay: float = _f(0.1, "AdamW decoupled weight decay on matrices (not norms or biases)")
-    decay_embedding: bool = _f(
-        False,
-        "also decay the token embedding; off by default: an embedding row only gets gradient when its "
-        "token appears, so decay would shrink rare tokens' rows toward zero between updates",
-    )
-    beta1: float = _f(0.9, "AdamW beta1 (report: 0.9)")
-    beta2: float = _f(0.98, "AdamW beta2 (report: 0.98)")
-    eps: float = _f(1e-7, "AdamW epsilon (report: 1e-7)")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 = off")
-    precision: str = _f(
-        "auto",
-        "fp32, bf16 or fp16 autocast (fp16 uses a dynamic loss scaler); auto = bf16 on CUDA with bf16, "
-        "else fp32",
-        ("auto", "fp32", "bf16", "fp16"),
-    )
-    activation_checkpointing: bool = _f(False, "recompute each block in backward to save activation memory")
-    compile: bool = _f(False, "torch.compile each block")
-    cpu_keep_memory: bool = _f(
-        True,
-        "on CPU (glibc): keep freed memory in the process instead of unmapping it, so the large "
-        "per-step tensors reuse pages rather than page-faulting fresh ones every step (phibook/train/cpu_malloc.py)",
-    )
-    fused_adamw: bool = _f(
-        True, "AdamW as one fused kernel per parameter group (CPU and CUDA); false = torch's default loop"
-    )
-    fused_loss: bool = _f(
-        True,
-        "compute the LM head and cross entropy together in chunks of rows, never holding the full "
-        "(tokens x vocab) logits; false = F.cross_entropy on materialized fp32 logits (slower, more memory)",
-    )
-    distributed: str = _f(
-        "fsdp",
-        "with several processes: ddp, fsdp (FSDP2, ZeRO-2 equivalent: grads + optimizer state sharded) "
-        "or fsdp-zero3 (parameters sharded too)",
-        ("ddp", "fsdp", "fsdp-zero3"),
-    )
-    eval_every: int = _f(500, "validation loss every N steps and at the last step; 0 = off")
-    eval_sequences: int = _f(256, "held-out sequences per validation (the manifest's val split)")
-    save_every: int = _f(1000, "checkpoint every N steps (and always at the last step); 0 = only at the end")
-    keep_last: int = _f(3, "keep the newest K checkpoints; 0 = keep all")
-    log_every: int = _f(10, "print a log line every N steps (metrics.jsonl gets every step)")
-    tensorboard: bool = _f(True, "write TensorBoard events to RUN_DIR/tb")
-    seed: int = _f(0, "seed for the init and the data order (runtime RNG is offset by rank)")
-    device: str = _f("auto", "auto (cuda when present), cuda or cpu", ("auto", "cuda", "cpu"))
-    peak_tflops: float = _f(
-        0.0,
-        "peak TFLOP/s of one device at the training precision, for MFU; 0 = a table for known GPUs, "
-        "else on CPU the theoretical peak from its features: cores x FLOPs/cycle x max clock "
-        "(phibook/train/cpu_peak.py)",
-    )
-    time_budget_s: float = _f(
-        0.0,
-        "stop at the first step where the training time (metrics' elapsed, continued across resumes) "
-        "reaches this many seconds, with validation and a checkpoint there; max_steps stays the upper "
-        "bound and the progress bar's total follows the measured rate; 0 = off",
-    )
-    min_steps: int = _f(0, "with time_budget_s: train at least this many steps, even past the budget")
-    save_every_s: float = _f(
-        0.0, "also checkpoint when this many seconds of training passed since the last checkpoint; 0 = off"
-    )
-    progress: bool = _f(True, "a tqdm progress bar on stderr (rank 0); false = log lines only")
-
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def _field_types(cls) -> dict[str, str]:
-    return {f.name: str(f.type) for f in fields(cls)}
-
-
-def _coerce(key: str, value: Any, typ: str, where: str) -> Any:
-    """Turn a TOML value or a --set string into the field's type, naming the key on failure."""
-    try:
-        if typ == "bool":
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in _TRUE:
-                return True
-            if str(value).lower() in _FALSE:
-                return False
-            raise ValueError("want true/false")
-        if typ == "int":
-            if isinstance(value, bool):
-                raise ValueError("want an integer")
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError("want an integer")
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        if typ == "float":
-            if isinstance(value, bool):
-                raise ValueError("want a number")
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError) as exc:
-        raise PhibookError(f"{where}: {key}={value!r} is not a valid {typ} ({exc})") from None
-
-
-def _model_value(key: str, value: Any, where: str) -> Any:
-    types = _field_types(PhiConfig)
-    if key not in types:
-        raise PhibookError(f"{where}: unknown model field model.{key}; valid: {', '.join(types)}")
-    if key == "vocab_size" and str(value).lower() == "auto":
-        return "auto"
-    return _coerce(f"model.{key}", value, types[key], where)
-
-
-def _apply(values: dict[str, Any], cfg: dict[str, Any], where: str) -> None:
-    types = _field_types(TrainConfig)
-    for key, value in values.items():
-        if key == "model" and isinstance(value, dict):
-            for mk, mv in value.items():
-                cfg["model"][mk] = _model_value(mk, mv, where)
-        elif key.startswith("model."):
-            mk = key.split(".", 1)[1]
-            cfg["model"][mk] = _model_value(mk, value, where)
-        elif key in types and key != "model":
-            cfg[key] = _coerce(key, value, types[key], where)
-        else:
-            raise PhibookError(
-                f"{where}: unknown training option {key!r}; valid: {', '.join(types)} "
-                "(model fields as model.NAME)"
-            )
-
-
-def parse_sets(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise PhibookError(f"--set {item!r}: want key=value")
-        out[key.strip()] = value.strip()
-    return out
-
-
-def resolve_config(
-    preset: str | None = None,
-    config_file: str | Path | None = None,
-    sets: dict[str, str] | None = None,
-) -> TrainConfig:
-    """Defaults < preset < config file < --set. --preset beats a ``preset`` key in the file."""
-    cfg = asdict(TrainConfig())
-    file_values: dict[str, Any] = {}
-    if config_file:
-        path = Path(config_file)
-        try:
-            file_values = tomllib.loads(path.read_text())
-        except OSError as exc:
-            raise PhibookError(f"cannot read config file {path}: {exc}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise PhibookError(f"{path}: not valid TOML: {exc}") from exc
-        _apply(file_values, cfg, str(path))
-    if sets:
-        _apply(sets, cfg, "--set")
-    if preset:
-        cfg["preset"] = preset
-    config = TrainConfig(**cfg)
-    check_config(config)
-    return config
-
-
-def check_config(cfg: TrainConfig) -> None:
-    for f in fields(TrainConfig):
-        choices = f.metadata.get("choices")
-        if choices and getattr(cfg, f.name) not in choices:
-            raise PhibookError(f"{f.name}={getattr(cfg, f.name)!r}; choose one of {', '.join(choices)}")
-    if cfg.preset not in PRESETS:
-        raise PhibookError(f"unknown preset {cfg.preset!r}; valid presets: {', '.join(PRESETS)}")
-    for name in ("max_steps", "global_batch", "micro_batch"):
-        if getattr(cfg, name) < 1:
-            raise PhibookError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("seq_len", "warmup_steps", "eval_every", "eval_sequences", "save_every", "keep_last",
-                 "min_steps", "time_budget_s", "save_every_s"):
-        if getattr(cfg, name) < 0:
-            raise PhibookError(f"{name} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.lr <= 0 or cfg.grad_clip < 0 or cfg.weight_decay < 0:
-        raise PhibookError("lr must be > 0, grad_clip and weight_decay >= 0")
-
-
-def config_help() -> str:
-    """The option list for --help: key, default, meaning."""
-    lines = ["training options (set with --set KEY=VALUE or in the --config TOML file):"]
-    for f in fields(TrainConfig):
-        default = f.default if f.default is not MISSING else f.default_factory()
-        lines.append(f"  {f.name} = {default!r}")
-        lines.append(f"      {f.metadata['help']}")
-    lines.append("model fields (--set model.NAME=VALUE or a [model] table): " + ", ".join(_field_types(PhiConfig)))
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- model config
-
-
-def model_config(cfg: TrainConfig, data_vocab: int, log=print) -> PhiConfig:
-    """The preset plus model overrides, with vocab_size resolved against the data's tokenizer."""
-    overrides = dict(cfg.model)
-    preset = PRESETS[cfg.preset]
-    vocab = overrides.pop("vocab_size", "auto")
-    if vocab == "auto":
-        if cfg.preset == "phi-1.5" and preset["vocab_size"] >= data_vocab:
-            vocab = preset["vocab_size"]
-        else:
-            vocab = padded_vocab_size(data_vocab)
-            if vocab != preset["vocab_size"]:
-                log(
-                    f"vocab_size=auto: {vocab} embedding rows for the data's {data_vocab}-token tokenizer "
-                    f"(preset {cfg.preset} has {preset['vocab_size']})"
-                )
-    elif vocab < data_vocab:
-        raise PhibookError(
-            f"model.vocab_size={vocab} is smaller than the data tokenizer's vocabulary of {data_vocab}: "
-            "token ids would index past the embedding (use model.vocab_size=auto)"
-        )
-    return PhiConfig.from_name(cfg.preset, **overrides, vocab_size=int(vocab))
-
-
-def param_groups(model, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups: matrices decay; LayerNorm weights and biases (1-D) never do, and the
-    token embedding only with decay_embedding. Each group lists its parameter names."""
-    groups = {True: {"params": [], "names": [], "weight_decay": cfg.weight_decay},
-              False: {"params": [], "names": [], "weight_decay": 0.0}}
-    for name, p in model.named_parameters():
-        name = name.replace("_checkpoint_wrapped_module.", "")
-        decay = p.dim() >= 2 and (cfg.decay_embedding or name != "embed.weight")
-        groups[decay]["params"].append(p)
-        groups[decay]["names"].append(name)
-    return [groups[True], groups[False]]
-
-
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): warm-up, then constant or cosine."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def flops_per_token(mcfg: PhiConfig, seq_len: int) -> float:
-    """Training FLOPs per token, PaLM's count: 6N for the weights' matmuls (forward + backward)
-    plus 12 * n_layer * d_model * seq_len for attention scores and values. N leaves out the
-    embedding table (a lookup, not a matmul) but keeps the LM head."""
-    n = mcfg.num_params() - mcfg.vocab_size * mcfg.d_model
-    return 6 * n + 12 * mcfg.n_layer * mcfg.d_model * seq_len
-
-
-# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by device name; fp32 runs count TF32 at half of it.
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
-
-
-def peak_flops(cfg: TrainConfig, device, dtype) -> float:
-    """Peak FLOP/s of one device, for MFU (see the peak_tflops option)."""
-    return peak_info(cfg, device, dtype)[0]
-
-
-def peak_info(cfg: TrainConfig, device, dtype) -> tuple[float, str]:
-    """(peak FLOP/s of one device, where it comes from): ``peak_tflops``, the GPU table, else
-    on CPU the theoretical peak from the CPU's features (never a timing: timed while other
-    processes share the machine, it comes out too low and MFU reads above 100%)."""
-    import torch
-
-    if cfg.peak_tflops > 0:
-        return cfg.peak_tflops * 1e12, f"peak_tflops={cfg.peak_tflops:g}"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                half = dtype == torch.float32
-                return tflops * 1e12 * (0.5 if half else 1.0), f"{key} table, {tflops:g} TFLOP/s" + (
-                    " bf16, TF32 at half" if half else "")
-        # An unknown GPU: a sustained matmul (a GPU is not shared the way a CPU is).
-        return measure_matmul_flops(device, dtype), f"a matmul timed on {name}"
-    from phibook.train.cpu_peak import cpu_peak
-
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    peak = cpu_peak(names.get(dtype, "fp32"), cores=_cpu_cores())
-    return peak.flops, peak.describe()
-
-
-def _cpu_cores() -> int:
-    import torch
-
-    from phibook.train.cpu_peak import usable_cores
-
-    return usable_cores(torch.get_num_threads())
-
-
-def measure_matmul_flops(device, dtype, seconds: float = 1.0) -> float:
-    """Sustained FLOP/s of a square matmul at ``dtype`` (the MFU denominator where no table applies)."""
-    import torch
-
-    n = 1024
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    for _ in range(2):
-        a @ b
-    iters, start = 0, time.perf_counter()
-    while True:
-        a @ b
-        iters += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if time.perf_counter() - start >= seconds / 4 and iters >= 3:
-            break
-    return 2 * n**3 * iters / (time.perf_counter() - start)
-
-
-# --------------------------------------------------------------------------- run directory
-
-
-def find_tokenizer_file(data: str | Path) -> Path | None:
-    """The tokenizer.json that made the shards: the manifest's tokenizer path, or one beside a manifest."""
-    from phibook.data.mixture import load_data
-
-    mixture = load_data(data)
-    for source in mixture.sources:
-        manifest = source.manifest
-        for key in ("path", "file", "tokenizer_path"):
-            value = manifest.tokenizer.get(key)
-            if value:
-                p = Path(value)
-                p = p if p.is_absolute() else manifest.directory / p
-                if p.is_dir():
-                    p = p / TOKENIZER_FILE
-                if p.is_file():
-                    return p
-        beside = manifest.directory / TOKENIZER_FILE
-        if beside.is_file():
-            return beside
-    return None
-
-
-def prepare_run_dir(out: Path, resume: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise PhibookError(f"--out {out} exists and is not a directory")
-    if not resume and out.is_dir() and any(out.iterdir()):
-        raise PhibookError(
-            f"run directory {out} is not empty; pass --resume to continue it, or choose a new --out"
-        )
-
-
-def rewrite_metrics(path: Path, keep_through: int) -> None:
-    """Drop metrics lines past the step we resume from (and any torn last line), atomically."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and int(rec.get("step", 0)) <= keep_through:
-            kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    os.replace(tmp, path)
-
-
-def _finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
+from phibook.model.config import PhiConfig
+from phibook.model.model import PhiModel
+from phibook.model.tokenizer import Tokenizer
+from phibook.train.config import (
+    METRICS_FILE,
+    RESOLVED_CONFIG,
+    TOKENIZER_FILE,
+    TrainConfig,
+    lr_at,
+    model_config,
+    param_groups,
+)
+from phibook.train.cpu_malloc import keep_freed_memory
+from phibook.train.parallel import (
+    all_reduce_mean,
+    barrier,
+    broadcast_object,
+    destroy_distributed,
+    gather_objects,
+    init_distributed,
+    parallelize,
+    set_grad_sync,
+    unwrap,
+)
+from phibook.train.peak import busy_note, flops_per_token, peak_info
+from phibook.train.rundir import find_tokenizer_file, finite_or_none, prepare_run_dir, rewrite_metrics
+from phibook.train.state import (
+    CHECKPOINTS,
+    latest_checkpoint,
+    load_checkpoint,
+    read_train_state,
+    remove_stale_tmp,
+    save_checkpoint,
+    write_json_atomic,
+)
+from phibook.weights.checkpoint import write_model_files
 
 # --------------------------------------------------------------------------- the loop
 
 
 def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool = False) -> int:
     """Train per ``cfg`` on ``data`` into the run directory ``out``; returns the exit code."""
-    from phibook.train.parallel import destroy_distributed, init_distributed
 
     info = init_distributed(cfg.device)
     try:
@@ -452,22 +95,17 @@ class _Trainer:
 
     def log(self, msg: str) -> None:
         if self.info.is_main:
-            from tqdm import tqdm
 
             tqdm.write(f"phibook train: {msg}", file=sys.stderr)
 
     # -- setup ----------------------------------------------------------------
 
     def setup(self) -> None:
-        import torch
 
-        from phibook.data.loader import PackedLoader, has_validation
-        from phibook.train.parallel import barrier, parallelize
 
         cfg, info = self.cfg, self.info
         prepare_run_dir(self.out, self.resume)
         if cfg.cpu_keep_memory and info.device.type == "cpu":
-            from phibook.train.cpu_malloc import keep_freed_memory
 
             keep_freed_memory()
         world = info.world_size
@@ -479,7 +117,6 @@ class _Trainer:
             )
         self.accum = cfg.global_batch // (cfg.micro_batch * world)
 
-        from phibook.data.mixture import load_data
 
         mixture = load_data(self.data)
         mcfg = model_config(cfg, mixture.vocab_size, log=self.log)
@@ -506,11 +143,7 @@ class _Trainer:
         self.fused_loss = cfg.fused_loss and self.precision != "fp16"
 
         # Same init on every rank (same seed): DDP and FSDP need identical starting weights.
-        with torch.device("meta"):
-            model = _build_model(mcfg)
-        model.to_empty(device=info.device)
-        gen = torch.Generator(device=info.device).manual_seed(cfg.seed)
-        model.init_weights(generator=gen)
+        model = build_model(mcfg, cfg.seed, info.device)
         self.raw_model = model
         self.model = parallelize(
             model,
@@ -529,7 +162,6 @@ class _Trainer:
         self.tokenizer_src = self._tokenizer_file()
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            from phibook.train.state import CHECKPOINTS, remove_stale_tmp, write_json_atomic
 
             for p in remove_stale_tmp(self.out, names=(f".{TOKENIZER_FILE}.tmp", f".{METRICS_FILE}.tmp")):
                 what = "checkpoint" if p.parent.name == CHECKPOINTS else "file"
@@ -553,7 +185,6 @@ class _Trainer:
                 "and config only"
             )
             return None
-        from phibook.model.tokenizer import Tokenizer
 
         fp = Tokenizer.from_file(src).fingerprint
         if fp != self.loader.tokenizer_fingerprint:
@@ -564,9 +195,7 @@ class _Trainer:
         return src
 
     def _optimizer(self):
-        import torch
 
-        from phibook.train.parallel import unwrap
 
         groups = param_groups(unwrap(self.model), self.cfg)
         for g in groups:
@@ -579,7 +208,6 @@ class _Trainer:
         )
 
     def _maybe_resume(self) -> None:
-        from phibook.train.state import latest_checkpoint, load_checkpoint, read_train_state
 
         if not self.resume:
             return
@@ -624,7 +252,6 @@ class _Trainer:
     # -- one step -------------------------------------------------------------
 
     def autocast(self):
-        import torch
 
         if self.precision == "fp32":
             return contextlib.nullcontext()
@@ -633,10 +260,7 @@ class _Trainer:
     def train_step(self, step: int) -> tuple[float, float]:
         """Forward/backward over the accumulation micro-batches, then the optimizer step.
         Returns (global mean loss, gradient norm before clipping)."""
-        import torch
-        import torch.nn.functional as F
 
-        from phibook.train.parallel import all_reduce_mean, set_grad_sync
 
         cfg, info = self.cfg, self.info
         lr = lr_at(cfg, step - 1)
@@ -674,11 +298,6 @@ class _Trainer:
 
     def evaluate(self) -> float:
         """Mean loss per token over the fixed validation sequences (same set every time)."""
-        import torch
-        import torch.nn.functional as F
-
-        from phibook.data.loader import validation_batches
-        from phibook.train.parallel import gather_objects
 
         info = self.info
         batch = self.cfg.micro_batch * info.world_size
@@ -689,24 +308,10 @@ class _Trainer:
         )
         # FSDP forwards are collectives: every rank must run the same number of them.
         n = max(gather_objects(len(batches), info))
-        total = torch.zeros(2, device=info.device, dtype=torch.float64)
         self.model.eval()
-        with torch.no_grad():
-            for i in range(n):
-                real = i < len(batches)
-                x, y = batches[i] if real else batches[0]
-                x, y = x.to(info.device), y.to(info.device)
-                with self.autocast():
-                    if self.fused_loss:
-                        loss = self.model(x, targets=y) * y.numel()
-                    else:
-                        logits = self.model(x)
-                        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-                if real:
-                    total += torch.stack([loss.double(), torch.tensor(y.numel(), device=info.device).double()])
+        total = loss_sums(self.model, batches, info.device, self.autocast, self.fused_loss, steps=n)
         self.model.train()
         if info.distributed:
-            import torch.distributed as dist
 
             dist.all_reduce(total)
         return float(total[0] / total[1])
@@ -714,7 +319,6 @@ class _Trainer:
     # -- checkpoints ----------------------------------------------------------
 
     def save(self, step: int, elapsed: float) -> None:
-        from phibook.train.state import save_checkpoint
 
         state = {
             "step": step,
@@ -733,16 +337,12 @@ class _Trainer:
 
     def _export(self, state_dict: dict, directory: Path) -> None:
         """Write model.safetensors + config.json (+ tokenizer.json) from a full CPU state dict."""
-        import torch
-
-        from phibook.weights.checkpoint import write_model_files
 
         with torch.device("meta"):
-            model = _build_model(self.mcfg)
+            model = PhiModel(self.mcfg)
         model.load_state_dict(state_dict, assign=True)
         tokenizer = None
         if self.tokenizer_src is not None:
-            from phibook.model.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.from_file(self.tokenizer_src)
         write_model_files(directory, model, tokenizer=tokenizer)
@@ -761,7 +361,6 @@ class _Trainer:
             return 0
         writer = self._tensorboard()
         metrics = open(self.out / METRICS_FILE, "a") if info.is_main else None  # noqa: SIM115
-        from tqdm import tqdm
 
         bar = tqdm(
             total=None if cfg.time_budget_s else cfg.max_steps,
@@ -799,7 +398,7 @@ class _Trainer:
                 tps = tokens_per_step / dt
                 mfu = tps * self.flops_token / (self.peak * info.world_size)
                 if mfu > 1.0:
-                    # The peak is an upper bound by construction (cpu_peak.py); above it, the clock or
+                    # The peak is an upper bound by construction (phibook.train.peak); above it, the clock or
                     # the peak_tflops given is wrong. Say so once, and never report more than 100%.
                     if not mfu_warned:
                         self.log(f"warning: measured {100 * mfu:.0f}% of the peak ({self.peak_source}); the peak "
@@ -812,7 +411,7 @@ class _Trainer:
                     "loss": loss,
                     "lr": lr_at(cfg, step - 1),
                     "tokens_per_s": tps,
-                    "grad_norm": _finite_or_none(grad_norm),
+                    "grad_norm": finite_or_none(grad_norm),
                     "mfu": mfu,
                     "tokens": self.tokens,
                     "elapsed": self.elapsed0 + time.perf_counter() - start,
@@ -822,7 +421,6 @@ class _Trainer:
                 if cfg.time_budget_s or cfg.save_every_s:
                     stop = self._budget_spent(record["elapsed"], step)
                     if info.distributed:  # every rank must stop and save at the same step: rank 0's clock decides
-                        from phibook.train.parallel import broadcast_object
 
                         stop, save_due = broadcast_object((stop, save_due), info)
                     last = last or stop
@@ -836,7 +434,6 @@ class _Trainer:
                         need = (cfg.min_steps - step) * pace.seconds_per_step()
                         over = record["elapsed"] + need - cfg.time_budget_s
                         if over > 0:
-                            from phibook.train.cpu_peak import busy_note
 
                             why = busy_note() or "this machine is too slow for the budget"
                             self.log(f"{why}: at {pace.seconds_per_step():.2f} s/step, min_steps={cfg.min_steps} "
@@ -883,7 +480,6 @@ class _Trainer:
         return bool(cfg.time_budget_s) and elapsed >= cfg.time_budget_s and step >= cfg.min_steps
 
     def _nonfinite_message(self, exc: NonFiniteLoss) -> str:
-        from phibook.train.state import latest_checkpoint
 
         last = latest_checkpoint(self.out)
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
@@ -910,7 +506,6 @@ class _Pace:
     (allocator and thread warm-up) left out once there are others."""
 
     def __init__(self, step: int, elapsed: float, window: int = 50) -> None:
-        from collections import deque
 
         self.points: deque[tuple[int, float]] = deque(maxlen=window + 1)
         self.first = (step, elapsed)
@@ -940,7 +535,44 @@ class NonFiniteLoss(Exception):
         self.step, self.loss = step, loss
 
 
-def _build_model(mcfg: PhiConfig):
-    from phibook.model.model import PhiModel
+def build_model(mcfg: PhiConfig, seed: int, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The model at step 0: built on the meta device (no memory touched twice), then
+    materialized on ``device`` and initialized from ``seed`` (the same on every rank)."""
 
-    return PhiModel(mcfg)
+    with torch.device("meta"):
+        model = PhiModel(mcfg)
+    device = torch.device(device)
+    model.to_empty(device=device)
+    model.init_weights(generator=torch.Generator(device=device).manual_seed(seed))
+    return model
+
+
+def loss_sums(model, batches: list, device: torch.device, autocast=contextlib.nullcontext,
+              fused_loss: bool = False, steps: int | None = None) -> torch.Tensor:
+    """[summed loss, token count] (float64) over ``batches`` of (x, y). ``steps`` > len(batches)
+    runs the first batch again without counting it (FSDP ranks must run equal forwards)."""
+    total = torch.zeros(2, device=device, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(len(batches) if steps is None else steps):
+            real = i < len(batches)
+            x, y = batches[i] if real else batches[0]
+            x, y = x.to(device), y.to(device)
+            with autocast():
+                if fused_loss:
+                    loss = model(x, targets=y) * y.numel()
+                else:
+                    logits = model(x)
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+            if real:
+                total += torch.stack([loss.double(), torch.tensor(y.numel(), device=device).double()])
+    return total
+
+
+def validation_loss(model, data, seq_len: int, sequences: int, batch_size: int = 8) -> float | None:
+    """Mean per-token loss of ``model`` over the trainer's fixed validation windows of ``data``
+    (a manifest, mixture or shard directory) in one process; None without a validation split."""
+
+    if not has_validation(data):
+        return None
+    total = loss_sums(model, list(validation_batches(data, seq_len, sequences, batch_size)), torch.device("cpu"))
+    return float(total[0] / total[1]) if total[1] else None

@@ -1,4 +1,5 @@
-"""What this CPU can do at most, from what it is, not from a timing taken while it is busy.
+"""Peak FLOP/s for MFU: the CPU's from what it is (never a timing taken while it is busy), a
+GPU's from a table, and the training FLOPs per token they are divided into.
 
 The peak FLOP/s that MFU divides by, and the demo's bf16-or-fp32 choice, are read from
 the CPU's features (``/proc/cpuinfo`` flags, the core count, the clock), never timed: a
@@ -33,11 +34,17 @@ trainer clamps at 100% and warns if that ever happens.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # The CPU's features are read in the base layer (inference chooses its dtype from them too).
 from phibook.cpu_features import bf16_native, cpu_flags, precision_choice, read_cpuinfo  # noqa: F401
+
+if TYPE_CHECKING:
+    from phibook.model.config import PhiConfig
+    from phibook.train.config import TrainConfig
 
 MAX_FREQ = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
 DEFAULT_CLOCK_HZ = 5.0e9
@@ -148,3 +155,71 @@ def busy_note(cores: int | None = None, load: float | None = None) -> str | None
     if load is not None and load > cores:
         return f"the machine is busy (load {load:.1f} on {cores} cores)"
     return None
+
+
+# --------------------------------------------------------------------------- MFU
+
+
+def flops_per_token(mcfg: PhiConfig, seq_len: int) -> float:
+    """Training FLOPs per token, PaLM's count: 6N for the weights' matmuls (forward + backward)
+    plus 12 * n_layer * d_model * seq_len for attention scores and values. N leaves out the
+    embedding table (a lookup, not a matmul) but keeps the LM head."""
+    n = mcfg.num_params() - mcfg.vocab_size * mcfg.d_model
+    return 6 * n + 12 * mcfg.n_layer * mcfg.d_model * seq_len
+
+
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by device name; fp32 runs count TF32 at half of it.
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
+
+
+def peak_flops(cfg: TrainConfig, device, dtype) -> float:
+    """Peak FLOP/s of one device, for MFU (see the peak_tflops option)."""
+    return peak_info(cfg, device, dtype)[0]
+
+
+def peak_info(cfg: TrainConfig, device, dtype) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where it comes from): ``peak_tflops``, the GPU table, else
+    on CPU the theoretical peak from the CPU's features (never a timing: timed while other
+    processes share the machine, it comes out too low and MFU reads above 100%)."""
+    import torch
+
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops * 1e12, f"peak_tflops={cfg.peak_tflops:g}"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                half = dtype == torch.float32
+                return tflops * 1e12 * (0.5 if half else 1.0), f"{key} table, {tflops:g} TFLOP/s" + (
+                    " bf16, TF32 at half" if half else "")
+        # An unknown GPU: a sustained matmul (a GPU is not shared the way a CPU is).
+        return measure_matmul_flops(device, dtype), f"a matmul timed on {name}"
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    peak = cpu_peak(names.get(dtype, "fp32"), cores=_cpu_cores())
+    return peak.flops, peak.describe()
+
+
+def _cpu_cores() -> int:
+    import torch
+
+    return usable_cores(torch.get_num_threads())
+
+
+def measure_matmul_flops(device, dtype, seconds: float = 1.0) -> float:
+    """Sustained FLOP/s of a square matmul at ``dtype`` (the MFU denominator where no table applies)."""
+    import torch
+
+    n = 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    iters, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        iters += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if time.perf_counter() - start >= seconds / 4 and iters >= 3:
+            break
+    return 2 * n**3 * iters / (time.perf_counter() - start)
