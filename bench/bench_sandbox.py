@@ -5,7 +5,7 @@
 
 Systems, in ALTERNATING rounds (the machine is shared; medians are reported):
 
-- ``jail``: ``phibook.eval.sandbox.run_python`` / ``check_many`` as phibook eval runs them: two
+- ``jail``: ``phibook.sandbox.runner.run_python`` / ``check_many`` as phibook eval runs them: two
   bubblewrap jails per program (namespaces, read-only binds, tmpfs, seccomp, uid 65534), one
   for the program and one for the harness that runs the tests and calls it across a pipe
   (issue 22), RLIMITs.
@@ -48,7 +48,7 @@ def bare_run(code: str, timeout_s: float = 10.0, flags: tuple[str, ...] = ()) ->
 
 def trivial_round(system: str, n: int) -> float:
     """Milliseconds per trivial program, run one after another."""
-    from phibook.eval.sandbox import run_python
+    from phibook.sandbox.runner import run_python
 
     t = time.perf_counter()
     for _ in range(n):
@@ -70,7 +70,7 @@ def humaneval_programs() -> list[tuple[str, str]]:
 
 def humaneval_round(system: str, pairs: list[tuple[str, str]], workers: int) -> tuple[float, int]:
     """(programs per second, programs passed) over all pairs, `workers` at a time."""
-    from phibook.eval.sandbox import check_many
+    from phibook.sandbox.runner import check_many
 
     t = time.perf_counter()
     if system == "bare":
@@ -90,7 +90,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
 
-    from phibook.eval.sandbox import capabilities
+    from phibook.sandbox.runner import capabilities
 
     caps = capabilities()
     systems = ["jail", "launcher", "floor", "bare"]

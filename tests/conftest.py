@@ -28,9 +28,9 @@ def shared_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def jail() -> dict:
-    """The verified bubblewrap jail (phibook.eval.sandbox.capabilities()); tests that run model
+    """The verified bubblewrap jail (phibook.sandbox.runner.capabilities()); tests that run model
     code skip without bubblewrap (.ci/run installs it, and fails if it cannot)."""
-    from phibook.eval import sandbox
+    from phibook.sandbox import runner as sandbox
 
     try:
         sandbox.bwrap()

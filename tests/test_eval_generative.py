@@ -25,8 +25,8 @@ from phibook.eval.generative import (
     token_f1,
     truncate_at_stops,
 )
-from phibook.eval.sandbox import check_many
 from phibook.eval.task import get_task
+from phibook.sandbox.runner import check_many
 
 FIXTURE = Path(__file__).parent / "fixtures" / "squad_mini.json"
 

@@ -23,7 +23,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "phibook"
 # a package of a strictly lower layer; packages of one layer never import each other.
 LAYERS: list[list[str]] = [
     ["phibook.version", "phibook.errors", "phibook.faults", "phibook.cpu_features"],
-    ["phibook.model"],
+    ["phibook.model", "phibook.sandbox"],
     ["phibook.weights"],
     ["phibook.inference"],
     ["phibook.data"],
@@ -350,3 +350,16 @@ def test_docs_check_catches_a_gone_path(tmp_path):
     (tmp_path / "phibook" / "a.py").write_text("X = 1\n")
     text = "phibook/a.py phibook.a.X phibook/gone.py phibook.a.nothing phibook.gone `phibook eval`"
     assert missing_references(text, tmp_path) == ["phibook/gone.py", "phibook.a.nothing", "phibook.gone"]
+
+
+def test_eval_task_modules_are_listed_eval_modules() -> None:
+    """The task registry imports its families by name (they import it back): each listed name is a
+    module of phibook.eval, and every module that registers a task is listed."""
+    from phibook.eval.task import TASK_MODULES
+
+    eval_dir = PACKAGE_DIR / "eval"
+    registering = {f"phibook.eval.{p.stem}" for p in eval_dir.glob("*.py")
+                   if p.stem != "task" and "@register" in p.read_text(encoding="utf-8")}
+    assert all(name.startswith("phibook.eval.") and (eval_dir / f"{name.rsplit('.', 1)[1]}.py").is_file()
+               for name in TASK_MODULES), TASK_MODULES
+    assert registering == set(TASK_MODULES)

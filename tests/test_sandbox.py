@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from phibook.eval import sandbox
-from phibook.eval.sandbox import capabilities, check_many, check_program, remove_tree, run_many, run_python
+from phibook.sandbox import runner as sandbox
+from phibook.sandbox.runner import capabilities, check_many, check_program, remove_tree, run_many, run_python
 
 needs_jail = pytest.mark.usefixtures("jail")
 
@@ -27,7 +27,7 @@ def test_normal_program_stdout_stdin_and_status():
     assert r.status == "error" and "SystemExit: 3" in r.reason
     r = run_python("1/0")
     assert r.status == "error" and r.reason.startswith("ZeroDivisionError")
-    assert "sandbox_launcher" not in r.stderr and 'File "main.py", line 1' in r.stderr
+    assert "launcher.py" not in r.stderr and 'File "main.py", line 1' in r.stderr
 
 
 @needs_jail
@@ -147,7 +147,7 @@ def test_work_dir_is_writable_and_capped():
 def test_work_dir_inodes_are_capped_when_root():
     # Issue 22: a flood of empty files took hundreds of MB of host kernel memory; as root the
     # program's /work is a tmpfs with nr_inodes (bwrap's own --tmpfs has no such option).
-    from phibook.eval import jail
+    from phibook.sandbox import jail
 
     if not jail.CappedWork.available():
         pytest.skip("the inode cap needs root and util-linux's unshare and mount")
@@ -236,7 +236,7 @@ def test_capabilities_are_verified_inside_the_jail():
 
 
 def test_seccomp_filter_shape():
-    from phibook.eval import jail
+    from phibook.sandbox import jail
 
     prog = jail.seccomp_filter("x86_64")
     assert len(prog) % 8 == 0 and len(prog) // 8 < 200

@@ -22,9 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from phibook.eval import jail
 from phibook.eval.generative import GSM8K, MBPP, HumanEval, answers_match, last_number
-from phibook.eval.sandbox import check_program
+from phibook.sandbox import jail
+from phibook.sandbox.runner import check_program
 
 pytestmark = pytest.mark.usefixtures("jail")
 
@@ -514,7 +514,7 @@ assert next_id() == 1 and next_id() == 2
 
 
 def test_only_numpy_of_the_environment_and_read_only():
-    from phibook.eval.sandbox import run_python
+    from phibook.sandbox.runner import run_python
 
     r = run_python("import numpy, os\nprint(numpy.__version__)\ntry:\n    open(os.path.join(os.path.dirname("
                    "numpy.__file__), 'x.py'), 'w')\nexcept OSError as e:\n    print('read-only', e.errno)\n"

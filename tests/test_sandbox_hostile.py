@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from phibook.eval import sandbox
 from phibook.eval.generative import GSM8K, MBPP, HumanEval
+from phibook.sandbox import runner as sandbox
 
 pytestmark = pytest.mark.usefixtures("jail")
 

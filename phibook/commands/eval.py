@@ -129,7 +129,7 @@ def build_tasks(names: list[str], samples: int | None, temperature: float | None
 def check_sandbox(tasks: list, unsafe: bool) -> dict | None:
     """For tasks that run model-written code: the verified jail (or the unsafe mode), else a
     clear error now, before the model loads. None when no task runs code."""
-    from phibook.eval import sandbox
+    from phibook.sandbox import runner as sandbox
 
     code_tasks = [task for task in tasks if task.runs_code]
     if not code_tasks:

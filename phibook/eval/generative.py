@@ -1,6 +1,6 @@
 """Generative tasks of the report's Tables 3-4: SQuAD (EM/F1), GSM8K "via coding", HumanEval, MBPP.
 
-The model writes text (one `GenerationRequest` per sample); code is run in phibook.eval.sandbox.
+The model writes text (one `GenerationRequest` per sample); code is run in phibook.sandbox (runner).
 Prompts are fixed here and recorded in each task's `prompt_settings`:
 
   humaneval  the task's prompt verbatim (function signature + docstring); the program is
@@ -145,7 +145,7 @@ class CodeTask(Task):
         ]
 
     def process_results(self, doc: dict, results: list) -> dict[str, float]:
-        from phibook.eval.sandbox import check_many
+        from phibook.sandbox.runner import check_many
 
         entry = self.entry(doc)
         pairs = [(*self.program(doc, truncate_at_stops(str(text), self.stops)), entry) for text in results]
@@ -325,7 +325,7 @@ class GSM8K(Task):
                                                                     stop=self.stops))]
 
     def process_results(self, doc: dict, results: list) -> dict[str, float]:
-        from phibook.eval.sandbox import run_python
+        from phibook.sandbox.runner import run_python
 
         # The sandbox calls solution() after the program's top level; its value comes back on the
         # launcher's channel. A program that crashes, exits or times out is wrong, whatever it printed.

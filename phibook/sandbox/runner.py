@@ -1,8 +1,8 @@
 """Run model-written Python where it can neither forge its verdict nor see the host.
 
-Each program runs in a fresh bubblewrap jail (phibook.eval.jail: namespaces, a bare read-only
+Each program runs in a fresh bubblewrap jail (phibook.sandbox.jail: namespaces, a bare read-only
 root, seccomp, uid 65534, rlimits, a size-capped tmpfs) through a small launcher
-(phibook/eval/sandbox_launcher.py). Its tests run in a second jail, the harness's process, which
+(phibook/sandbox/launcher.py). Its tests run in a second jail, the harness's process, which
 holds no program code: it calls the program's functions across a pipe, where only tagged data
 crosses, and compares the answers itself. The parent trusts one thing only: a line on the
 harness's private pipe carrying a random nonce. A crash, a signal, a limit, a timeout or a
@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from phibook.errors import PhibookError
-from phibook.eval import jail
+from phibook.sandbox import jail
 
-LAUNCHER = str(Path(__file__).with_name("sandbox_launcher.py"))
+LAUNCHER = str(Path(__file__).with_name("launcher.py"))
 MAX_OUTPUT_BYTES = 1 << 20  # stdout/stderr kept per program; the rest is read and discarded
 MAX_VERDICT_BYTES = 1 << 20  # the harness's lines (its introspection when asked for)
 SETUP_ATTEMPTS = 2  # a jail that fails to start is retried once before the run stops
@@ -156,7 +156,7 @@ def run_python(
 def check_program(program: str, tests: str, *, entry: list[str] | None = None, timeout_s: float = 10.0,
                   memory_mb: int = 512, unsafe: bool = False, report_harness: bool = False) -> CheckOutcome:
     """HumanEval/MBPP check: passed means ``tests`` ran to their end in the harness's process,
-    calling the program's functions in the program's process (see sandbox_launcher.py for what
+    calling the program's functions in the program's process (see launcher.py for what
     crosses). The program runs as module "solution", so an ``if __name__ == "__main__":`` block
     in it does not run. The tests see the builtins; a name of the program's that is a builtin's
     name reaches them only when listed in ``entry`` (the function under test, as MBPP's ``sum``).

@@ -2,8 +2,8 @@
 
 Started twice per program, each in a jail of its own (standard library only: no phibook import):
 
-    python -I -S sandbox_launcher.py program JOB_FD     the model-written program
-    python -I -S sandbox_launcher.py harness JOB_FD     the benchmark's tests (trusted code only)
+    python -I -S launcher.py program JOB_FD     the model-written program
+    python -I -S launcher.py harness JOB_FD     the benchmark's tests (trusted code only)
 
 The parent connects the two by a pair of pipes and reads the verdict from the harness alone,
 on a private pipe, as lines carrying a random nonce:

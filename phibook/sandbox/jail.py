@@ -119,7 +119,7 @@ DENIED_SYSCALLS = {
 # back to clone (its flags are in memory, where a filter cannot look); socket and socketpair only
 # for the families a test program needs (the network namespace is empty; AF_VSOCK would reach the
 # VM host, AF_NETLINK the kernel's event and routing sockets). Signal handlers are allowed: the
-# verdict is decided in another process (sandbox_launcher.py), so a handler reaches nothing.
+# verdict is decided in another process (phibook/sandbox/launcher.py), so a handler reaches nothing.
 CLONE = {"x86_64": 56, "aarch64": 220}
 CLONE3 = 435
 SOCKET = {"x86_64": 41, "aarch64": 198}
