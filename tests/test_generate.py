@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from phibook.errors import PhibookError
-from phibook.inference.generate import Completion, Generator, SamplingParams, _RowText, top_k_top_p_filter
+from phibook.inference.generate import Completion, Generator, SamplingParams, top_k_top_p_filter
+from phibook.inference.sampling import StopText
 from phibook.inference.templates import TEMPLATES, get_template
 from phibook.model.config import PhiConfig, padded_vocab_size
 from phibook.model.model import PhiModel
@@ -173,7 +174,7 @@ def test_on_delta_pieces_concatenate_to_text(tiny: Generator) -> None:
 
 def test_row_text_holds_back_possible_stop_start(tiny: Generator) -> None:
     tok = tiny.tokenizer
-    row = _RowText(tok, ["Alice:", "\n\n"])
+    row = StopText(tok, ["Alice:", "\n\n"])
     released = []
     text = "so the apples. Alicia said hi. Alice: no"
     for t in tok.encode(text):
@@ -265,7 +266,7 @@ def test_chunked_prefill_matches_whole(tiny: Generator) -> None:
 
 def test_row_text_multibyte_characters_and_stop(tiny: Generator) -> None:
     # The small BPE saw only ASCII: each of these characters spans several byte tokens.
-    row = _RowText(tiny.tokenizer, ["🙂"])
+    row = StopText(tiny.tokenizer, ["🙂"])
     pieces = []
     for t in tiny.tokenizer.encode("naïve café 日本語 🙂 end"):
         delta, stopped = row.push(t)
