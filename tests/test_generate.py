@@ -186,6 +186,21 @@ def test_row_text_holds_back_possible_stop_start(tiny: Generator) -> None:
     assert stopped and "".join(released) == "so the apples. Alicia said hi. "
 
 
+def test_truncate_left_cuts_a_long_prompt_instead_of_refusing_it(tiny: Generator) -> None:
+    from phibook.inference.generate import prompt_keep
+
+    long = "Alice had three apples. " * 40  # well past the 96-token context
+    params = SamplingParams(max_new_tokens=8, stop_at_eos=False)
+    with pytest.raises(PhibookError, match="context"):
+        tiny.generate([long], params)
+    gen = Generator(tiny.model, tiny.tokenizer, truncate="left")
+    short = gen.generate([long, "Alice had"], params)
+    assert short[0].prompt_tokens == prompt_keep(96, 8) and gen.n_truncated == 1
+    assert [c.completion_tokens for c in short] == [8, 8]
+    with pytest.raises(PhibookError, match="truncate"):
+        Generator(tiny.model, tiny.tokenizer, truncate="right")
+
+
 def test_padded_vocab_rows_never_produced(tiny: Generator) -> None:
     model = copy.deepcopy(tiny.model)
     with torch.no_grad():

@@ -10,9 +10,8 @@ by token sequence and neighbours are merged into a group while sharing their com
 fewer token-passes than running them apart. A group's prefix runs once; its K/V is copied to one row per member, and each member's tail (the
 rest of its sequence) runs after it. The LM head (51k rows of phi-1.5, as costly per token as
 several layers) runs once per batch, over the final hidden states of the scored positions only,
-gathered from both passes (see hidden_at, which asks the model for its hidden states instead of
-logits): a small head call per pass would read its 150 MB of
-weights for a handful of rows.
+gathered from both passes (hidden_at: the model's forward with return_hidden=True): a small head
+call per pass would read its 150 MB of weights for a handful of rows.
 
 Batches hold up to batch_size rows (lm-eval's meaning of --batch-size). A batch of one-member
 groups skips the cache: one right-padded forward (causal attention makes the padding harmless).
@@ -49,16 +48,23 @@ def token_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     return picked - torch.logsumexp(logits, dim=-1), logits.argmax(-1) == targets
 
 
-def hidden_at(model: PhiModel, positions: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """The final hidden states (after ln_f) at ``positions`` (flat indices into B*T), (N, d_model).
+def hidden_at(
+    model: PhiModel,
+    rows: torch.Tensor,
+    idx: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    cache: KVCache | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The final hidden states (after ln_f) at ``rows`` (flat indices into B*T), (N, d_model).
 
-    ``model(*args, **kwargs, return_hidden=True)`` skips the LM head: positions that score
+    The forward runs with ``return_hidden=True``, which skips the LM head: positions that score
     nothing (context tokens, padding) need no logits, and with a 51k vocabulary the head costs
     as much as several Transformer layers per position (the (B, T, vocab) tensor would be 3 GB
     for 16 x 1000 tokens of phi-1.5). The caller runs ``model.lm_head`` once over the rows it kept.
     """
-    out = model(*args, **kwargs, return_hidden=True)
-    return out.reshape(-1, out.shape[-1]).index_select(0, positions)
+    out = model(idx, positions, cache, attention_mask, return_hidden=True)
+    return out.reshape(-1, out.shape[-1]).index_select(0, rows)
 
 
 @dataclass
