@@ -1,6 +1,6 @@
 """The phi-1.5 Transformer (report section 2.1), in one file.
 
-Order: rotary helpers -> KVCache -> Attention -> MLP -> Block -> PhiModel.
+Order: rotary helpers, causal_mask -> KVCache -> Attention -> MLP -> Block -> PhiModel -> DecoderForward.
 A phi block has ONE LayerNorm whose output feeds attention and the MLP in
 parallel; both results are added to the residual. Rotary embeddings touch only
 the first ``rotary_dim`` (32) channels of each 64-wide head, in the

@@ -297,7 +297,6 @@ class Engine:
         self.stats = stats or ServeStats()
         self.step_hook = step_hook  # tests: called at the top of every iteration, in the worker
         self.n_real = generator.n_real_vocab
-        self.eos = self.tokenizer.eos_id
         # The generator's forward (model or fast path): a phibook.model.model.DecoderForward.
         self.forward = generator.forward
         self.waiting: deque[Job] = deque()
