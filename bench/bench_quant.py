@@ -249,7 +249,7 @@ def cmd_compile(args) -> None:
         out, t = [], time.perf_counter()
         for _ in range(n):
             if compiled:
-                token = step(token, pos, cache, keep).argmax(-1, keepdim=True)
+                token = step(token, pos, cache, keep)[:, -1].argmax(-1, keepdim=True)
                 pos = pos + 1
             else:
                 token = model(token, cache=cache)[:, -1].argmax(-1, keepdim=True)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from phibook.errors import PhibookError
-from phibook.inference.generate import Completion, Generator, SamplingParams, _RowText, top_k_top_p_filter
+from phibook.inference.generate import Completion, Generator, SamplingParams, top_k_top_p_filter
+from phibook.inference.sampling import StopText
 from phibook.inference.templates import TEMPLATES, get_template
 from phibook.model.config import PhiConfig, padded_vocab_size
 from phibook.model.model import PhiModel
@@ -173,7 +174,7 @@ def test_on_delta_pieces_concatenate_to_text(tiny: Generator) -> None:
 
 def test_row_text_holds_back_possible_stop_start(tiny: Generator) -> None:
     tok = tiny.tokenizer
-    row = _RowText(tok, ["Alice:", "\n\n"])
+    row = StopText(tok, ["Alice:", "\n\n"])
     released = []
     text = "so the apples. Alicia said hi. Alice: no"
     for t in tok.encode(text):
@@ -183,6 +184,21 @@ def test_row_text_holds_back_possible_stop_start(tiny: Generator) -> None:
         if stopped:
             break
     assert stopped and "".join(released) == "so the apples. Alicia said hi. "
+
+
+def test_truncate_left_cuts_a_long_prompt_instead_of_refusing_it(tiny: Generator) -> None:
+    from phibook.inference.generate import prompt_keep
+
+    long = "Alice had three apples. " * 40  # well past the 96-token context
+    params = SamplingParams(max_new_tokens=8, stop_at_eos=False)
+    with pytest.raises(PhibookError, match="context"):
+        tiny.generate([long], params)
+    gen = Generator(tiny.model, tiny.tokenizer, truncate="left")
+    short = gen.generate([long, "Alice had"], params)
+    assert short[0].prompt_tokens == prompt_keep(96, 8) and gen.n_truncated == 1
+    assert [c.completion_tokens for c in short] == [8, 8]
+    with pytest.raises(PhibookError, match="truncate"):
+        Generator(tiny.model, tiny.tokenizer, truncate="right")
 
 
 def test_padded_vocab_rows_never_produced(tiny: Generator) -> None:
@@ -265,7 +281,7 @@ def test_chunked_prefill_matches_whole(tiny: Generator) -> None:
 
 def test_row_text_multibyte_characters_and_stop(tiny: Generator) -> None:
     # The small BPE saw only ASCII: each of these characters spans several byte tokens.
-    row = _RowText(tiny.tokenizer, ["🙂"])
+    row = StopText(tiny.tokenizer, ["🙂"])
     pieces = []
     for t in tiny.tokenizer.encode("naïve café 日本語 🙂 end"):
         delta, stopped = row.push(t)

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     generator = Generator.from_path(path, device=device, dtype=args.dtype, fast=use_fast(args, device),
                                     quant=args.quant, save_quant=args.save_quant)
     dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
-        next(generator.forward.parameters()).dtype, "?")
+        generator.dtype, "?")
     app = create_app(generator, model_name=name, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                      prefill_chunk=args.prefill_chunk, request_timeout=args.request_timeout)
 

@@ -24,8 +24,9 @@ import torch
 from tqdm import tqdm
 
 from phibook.errors import PhibookError
-from phibook.eval.scoring import LoglikelihoodScorer, TokenPair, logits_at, token_scores  # noqa: F401 (re-exported)
+from phibook.eval.scoring import LoglikelihoodScorer, TokenPair, token_scores  # noqa: F401 (re-exported)
 from phibook.eval.task import GenerationRequest, LoglikelihoodRequest, RollingLoglikelihoodRequest
+from phibook.inference.generate import prompt_keep  # noqa: F401 (re-exported: commands/eval.py, tests)
 from phibook.model.model import PhiModel
 
 
@@ -61,42 +62,6 @@ def rolling_windows(tokens: list[int], prefix_id: int, max_len: int) -> list[Tok
         done += n
     # make_disjoint: the context keeps only what precedes the first predicted token.
     return [TokenPair(ctx[: len(ctx) - (len(pred) - 1)], pred) for ctx, pred in windows]
-
-
-def prompt_keep(context: int, max_new_tokens: int) -> int:
-    """How many prompt tokens a generation request keeps (its last ones) when it is too long.
-
-    lm-evaluation-harness keeps the last (context - max_new_tokens) tokens, so the whole token
-    budget fits. When the budget is more than half the context (a toy model with HumanEval's
-    512 new tokens) that would leave little or nothing, so the prompt keeps at least half.
-    """
-    return max(context - max_new_tokens, context // 2, 1)
-
-
-def _truncating_generator(model: PhiModel, tokenizer):
-    """A phibook.inference.generate.Generator whose prompts are left-truncated to fit instead of refused.
-
-    Overrides Generator._encode (token ids + per-row budget); counts the prompts it cut in
-    `.n_truncated`. The task still builds programs and scores from its original prompt.
-    """
-    from phibook.inference.generate import Generator
-
-    class TruncatingGenerator(Generator):
-        n_truncated = 0
-
-        def _encode(self, prompts, params):
-            ids, budgets = [], []
-            for prompt, p in zip(prompts, params, strict=True):
-                row = (self.tokenizer.encode(prompt) if prompt else []) or [self.tokenizer.eos_id]
-                keep = prompt_keep(self.context, p.max_new_tokens)
-                if len(row) > keep:
-                    row = row[-keep:]
-                    self.n_truncated += 1
-                ids.append(row)
-                budgets.append(min(p.max_new_tokens, self.context - len(row)))
-            return ids, budgets
-
-    return TruncatingGenerator(model, tokenizer)
 
 
 class Runner:
@@ -136,7 +101,11 @@ class Runner:
     def generate(self, requests: Sequence[GenerationRequest], desc: str = "generate") -> list[str]:
         """Generated text per request, in batches of batch_size, longest prompts first."""
         if self._generator is None:
-            self._generator = _truncating_generator(self.model, self.tokenizer)
+            from phibook.inference.generate import Generator
+
+            # Too-long prompts are cut from the left, not refused; the task still builds programs
+            # and scores from its original prompt.
+            self._generator = Generator(self.model, self.tokenizer, truncate="left")
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt))
         out: list[str] = [""] * len(requests)
         bar = tqdm(total=len(requests), desc=desc, disable=not self.progress, file=sys.stderr, unit="req")

@@ -10,8 +10,8 @@ by token sequence and neighbours are merged into a group while sharing their com
 fewer token-passes than running them apart. A group's prefix runs once; its K/V is copied to one row per member, and each member's tail (the
 rest of its sequence) runs after it. The LM head (51k rows of phi-1.5, as costly per token as
 several layers) runs once per batch, over the final hidden states of the scored positions only,
-gathered from both passes (see hidden_at): a small head call per pass would read its 150 MB of
-weights for a handful of rows.
+gathered from both passes (hidden_at: the model's forward with return_hidden=True): a small head
+call per pass would read its 150 MB of weights for a handful of rows.
 
 Batches hold up to batch_size rows (lm-eval's meaning of --batch-size). A batch of one-member
 groups skips the cache: one right-padded forward (causal attention makes the padding harmless).
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -39,26 +38,6 @@ class TokenPair:
     continuation: list[int]
 
 
-@contextmanager
-def logits_at(model: PhiModel, positions: torch.Tensor) -> Iterator[None]:
-    """Within the block, the model's LM head runs only at `positions` (flat indices into B*T).
-
-    The forward then returns logits of shape (1, len(positions), vocab). Positions that score
-    nothing (context tokens, padding) need no logits; with a 51k vocabulary the LM head costs as
-    much as several Transformer layers per position, and the (B, T, vocab) tensor would be 3 GB for
-    16 x 1000 tokens of phi-1.5. A forward hook on ln_f selects the rows, so the model is untouched.
-    """
-
-    def pick(module, args, out):
-        return out.reshape(-1, out.shape[-1]).index_select(0, positions).unsqueeze(0)
-
-    handle = model.ln_f.register_forward_hook(pick)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def token_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(target), target is the argmax) per row of logits (N, V), in float32.
 
@@ -69,21 +48,23 @@ def token_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     return picked - torch.logsumexp(logits, dim=-1), logits.argmax(-1) == targets
 
 
-@contextmanager
-def hidden_at(model: PhiModel, positions: torch.Tensor, sink: list[torch.Tensor]) -> Iterator[None]:
-    """Within the block, the final hidden states (after ln_f) at `positions` (flat indices into B*T)
-    are appended to `sink` and the LM head runs on no rows; the caller runs model.lm_head once."""
+def hidden_at(
+    model: PhiModel,
+    rows: torch.Tensor,
+    idx: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    cache: KVCache | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The final hidden states (after ln_f) at ``rows`` (flat indices into B*T), (N, d_model).
 
-    def keep(module, args, out):
-        flat = out.reshape(-1, out.shape[-1])
-        sink.append(flat.index_select(0, positions))
-        return flat[:0].unsqueeze(0)
-
-    handle = model.ln_f.register_forward_hook(keep)
-    try:
-        yield
-    finally:
-        handle.remove()
+    The forward runs with ``return_hidden=True``, which skips the LM head: positions that score
+    nothing (context tokens, padding) need no logits, and with a 51k vocabulary the head costs
+    as much as several Transformer layers per position (the (B, T, vocab) tensor would be 3 GB
+    for 16 x 1000 tokens of phi-1.5). The caller runs ``model.lm_head`` once over the rows it kept.
+    """
+    out = model(idx, positions, cache, attention_mask, return_hidden=True)
+    return out.reshape(-1, out.shape[-1]).index_select(0, rows)
 
 
 @dataclass
@@ -229,8 +210,7 @@ class LoglikelihoodScorer:
             # positions n_ctx - 1 .. len(seq) - 2 predict seq[n_ctx:]
             at.extend(range(i * width + r.n_ctx - 1, i * width + len(r.seq) - 1))
             targets.extend(r.seq[r.n_ctx :])
-        with logits_at(self.model, torch.tensor(at, device=dev)):
-            logits = self.model(ids.to(dev))[0]
+        logits = self.model.lm_head(hidden_at(self.model, torch.tensor(at, device=dev), ids.to(dev)))
         return self._collect(logits, targets, rows)
 
     def _collect(self, logits: torch.Tensor, targets: list[int], rows: list[_Row]):
@@ -272,8 +252,7 @@ class LoglikelihoodScorer:
             p_ids[g, : p_lens[g]] = torch.tensor(grp.prefix, dtype=torch.long)
             p_mask[g, : p_lens[g]] = 1
         last = torch.tensor([g * L + p_lens[g] - 1 for g in from_prefix], dtype=torch.long, device=dev)
-        with hidden_at(self.model, last, hidden):
-            self.model(p_ids.to(dev), None, cache)
+        hidden.append(hidden_at(self.model, last, p_ids.to(dev), None, cache))
         p_mask = p_mask.to(dev)
 
         # where each row's scored hidden states will be, in the order of its targets
@@ -333,6 +312,6 @@ class LoglikelihoodScorer:
         mask = None
         if p_mask is not None:
             mask = torch.cat([p_mask[g_of_row], torch.ones(R, T, dtype=torch.long, device=dev)], dim=1)
-        with hidden_at(self.model, torch.tensor(at, dtype=torch.long, device=dev), hidden):
-            self.model(ids.to(dev), pos, big, attention_mask=mask)
+        hidden.append(hidden_at(self.model, torch.tensor(at, dtype=torch.long, device=dev), ids.to(dev), pos, big,
+                                attention_mask=mask))
         return counts

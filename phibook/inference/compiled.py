@@ -40,15 +40,18 @@ def bucket_length(needed: int, context: int) -> int:
 
 
 class StaticStep:
-    """step(token, slot, positions, keep, cache) -> logits (B, vocab) for one new token per row.
+    """step(token, positions, cache, keep) -> logits (B, 1, vocab) for one new token per row.
 
-    token (B, 1) long; slot (1,) long: the cache slot to write (same for every row, as in the
-    eager cache); positions (B, 1): rotary positions; keep (B, L) bool: cache slots a row may
-    attend to besides the causal limit (its padding is False); cache: a KVCache of length L.
+    The call is phibook.model.model.DecoderForward's, restricted to what a decode step is:
+    token (B, 1) long; positions (B, 1): rotary positions; cache: a KVCache of length L
+    (bucketed), written at slot ``cache.pos`` (same for every row, as in the eager cache);
+    attention_mask (B, L) bool, required: the cache slots a row may attend to besides the
+    causal limit (its padding is False). Prefill is not its job (``Generator`` runs it eagerly).
     """
 
     def __init__(self, model: PhiModel, compile: bool = True) -> None:
         self.model = model
+        self.config = model.config
         # inductor's generated code is a kernel like any other: used only once proven on this CPU.
         self.compiled = compile and kernel_ok("inductor")
         self._fn = torch.compile(self._step, dynamic=False, fullgraph=False) if self.compiled else self._step
@@ -72,11 +75,25 @@ class StaticStep:
             cache_v[i].index_copy_(2, slot, v)
             y = F.scaled_dot_product_attention(q, cache_k[i], cache_v[i], attn_mask=mask)
             x = x + a.out(y.transpose(1, 2).reshape(B, 1, -1)) + block.mlp(h)
-        return m.lm_head(m.ln_f(x))[:, -1]
+        return m.lm_head(m.ln_f(x))
 
-    def __call__(self, token: Tensor, positions: Tensor, cache: KVCache, keep: Tensor) -> Tensor:
-        """One step at slot ``cache.pos``; advances it like the eager forward does."""
-        slot = torch.tensor([cache.pos], device=token.device)
-        logits = self._fn(token, slot, positions, keep, cache.k, cache.v)
+    def __call__(
+        self,
+        idx: Tensor,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        last_only: bool = False,
+    ) -> Tensor:
+        """One step at slot ``cache.pos``; advances it like the eager forward does.
+
+        One token per row, so ``last_only`` changes nothing. The step has no defaults for the
+        rest (fixed shapes need the bucketed cache and its full mask), so they are checked.
+        """
+        if cache is None or positions is None or attention_mask is None or idx.shape[1] != 1:
+            raise ValueError("StaticStep runs one decode step: idx (B, 1), positions, a cache and its (B, L) mask")
+        slot = torch.tensor([cache.pos], device=idx.device)
+        logits = self._fn(idx, slot, positions, attention_mask, cache.k, cache.v)
         cache.pos += 1
         return logits

@@ -17,7 +17,8 @@ with g = gelu(fc1). Fewer, larger matmuls stream better and cut per-op
 overhead (24 blocks x a dozen small ops is the rest of a decode step).
 
 The call signature and semantics are PhiModel.forward's (positions, the same
-``KVCache``, the same padding mask), so ``Generator(fast=True)`` swaps it in
+``KVCache``, the same padding mask, ``last_only``): both satisfy
+phibook.model.model.DecoderForward, so ``Generator(fast=True)`` swaps it in
 for prefill and decode alike. Weights are copies: the model stays usable
 unless ``release_model=True`` frees its block and head weights as they are
 packed (peak memory = model + one block, not two models).
@@ -37,7 +38,7 @@ from torch import Tensor
 
 from phibook.inference.kernels import DTYPE_SHORT, kernel_ok
 from phibook.inference.pages import dontneed, drop_file_pages, file_page_range, malloc_trim
-from phibook.model.model import KVCache, PhiModel
+from phibook.model.model import KVCache, PhiModel, apply_rotary, causal_mask
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
@@ -110,7 +111,7 @@ class _FusedBlock:
         B, T, d = x.shape
         h = F.layer_norm(x, (d,), self.ln_weight, self.ln_bias, self.eps)
         u = self.proj_in(h)  # (B, T, 3d + d_ff)
-        qk = _rotate(u[..., : 2 * d].view(B, T, 2 * self.n_head, self.head_dim), cos, sin)
+        qk = apply_rotary(u[..., : 2 * d].view(B, T, 2 * self.n_head, self.head_dim), cos, sin)
         q, k = qk.transpose(1, 2).split(self.n_head, dim=1)  # (B, H, T, D) each
         v = u[..., 2 * d : 3 * d].view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if cache is not None:
@@ -131,16 +132,6 @@ class _Stacked:
 
     def __call__(self, x: Tensor) -> Tensor:
         return torch.cat([self.a(x), self.b(x)], dim=-1)
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """phibook.model.model.apply_rotary's math on (B, T, heads, D) with cos/sin (B|1, T, 1, R)."""
-    r = cos.shape[-1]
-    x_rot, x_pass = x[..., :r], x[..., r:]
-    x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    x_rot = (x_rot.float() * cos + rotated.float() * sin).to(x.dtype)
-    return torch.cat([x_rot, x_pass], dim=-1)
 
 
 class FastForward:
@@ -200,10 +191,6 @@ class FastForward:
         loaded = load_model(path, dtype=dtype)
         return cls(loaded.model, pack=pack, release_model=True), loaded
 
-    def parameters(self):
-        """The embedding (so callers that read ``next(model.parameters()).dtype`` keep working)."""
-        yield self.embed
-
     @torch.inference_mode()
     def __call__(
         self,
@@ -211,6 +198,7 @@ class FastForward:
         positions: Tensor | None = None,
         cache: KVCache | None = None,
         attention_mask: Tensor | None = None,
+        *,
         last_only: bool = False,
     ) -> Tensor:
         """Logits (B, T, vocab) as PhiModel.forward; (B, 1, vocab) for the last position
@@ -227,7 +215,7 @@ class FastForward:
             positions = positions.unsqueeze(0)
         cos = self.rope_cos[positions].unsqueeze(2)  # (B|1, T, 1, R): heads are dim 2 here
         sin = self.rope_sin[positions].unsqueeze(2)
-        mask = PhiModel._mask(T, start, attention_mask, idx.device)
+        mask = causal_mask(T, start, attention_mask, idx.device)
         x = F.embedding(idx, self.embed)
         if self._embed_pages is not None:
             dontneed(self._embed_pages)

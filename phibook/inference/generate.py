@@ -18,19 +18,23 @@ The flow of a batch:
 
 Context rule: a prompt longer than the model's context (or one that fills it
 while tokens are still wanted) is a PhibookError naming the prompt index and
-lengths. ``max_new_tokens`` beyond the context is clamped: the row ends with
-finish_reason "length" when prompt + output reach the context.
+lengths, or, with ``truncate="left"``, is cut from the left to its last
+``prompt_keep(context, max_new_tokens)`` tokens (eval's rule). ``max_new_tokens``
+beyond the context is clamped: the row ends with finish_reason "length" when
+prompt + output reach the context.
+
+Sampling and the per-token text/finish rules are phibook.inference.sampling's, shared
+with the serve engine; the forward is any phibook.model.model.DecoderForward.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,211 +42,41 @@ import torch
 from torch import Tensor
 
 from phibook.errors import PhibookError
-from phibook.model.model import KVCache, PhiModel
+from phibook.inference.sampling import (  # noqa: F401 (SamplingParams, Completion, the filter: re-exported)
+    Completion,
+    RowDecoder,
+    RowSampling,
+    SamplingParams,
+    build_sampling,
+    next_tokens,
+    top_k_top_p_filter,
+)
+from phibook.model.model import DecoderForward, KVCache, PhiModel
 
 if TYPE_CHECKING:
     from phibook.inference.fast_decode import FastForward
     from phibook.model.tokenizer import Tokenizer
 
 
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 => greedy (argmax)
-    top_k: int = 0  # 0 => off
-    top_p: float = 1.0  # 1 => off
-    repetition_penalty: float = 1.0  # 1 => off; CTRL style, as transformers
-    seed: int | None = None  # per-row RNG; None => drawn from torch's global RNG
-    stop: list[str] = field(default_factory=list)  # the stop text is not included in the output
-    stop_at_eos: bool = True
-
-    def validate(self) -> SamplingParams:
-        """Raise PhibookError naming the first bad field; return self so calls chain."""
-
-        def bad(name: str, why: str) -> PhibookError:
-            return PhibookError(f"sampling parameter {name}={getattr(self, name)!r}: {why}")
-
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            raise bad("max_new_tokens", "must be an integer >= 0")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise bad("temperature", "must be a finite number >= 0 (0 means greedy)")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise bad("top_k", "must be an integer >= 0 (0 means off)")
-        if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
-            raise bad("top_p", "must be in (0, 1] (1 means off)")
-        rp = self.repetition_penalty
-        if not isinstance(rp, (int, float)) or not math.isfinite(rp) or rp <= 0:
-            raise bad("repetition_penalty", "must be a finite number > 0 (1 means off)")
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
-        ):
-            raise bad("seed", "must be an integer in [0, 2**63) or None")
-        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
-            raise bad("stop", "must be a list of non-empty strings")
-        return self
-
-
-@dataclass
-class Completion:
-    text: str  # the continuation, without the stop string or EOS
-    token_ids: list[int]  # every sampled token, including the one that ended the row
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" (stop string or EOS) | "length"
-
-
-# --------------------------------------------------------------------------- text
-
-
-class _RowText:
-    """One row's decoded text, with stop-string search and safe release."""
-
-    def __init__(self, tokenizer: Tokenizer, stops: list[str]) -> None:
-        from phibook.model.tokenizer import StreamDecoder
-
-        self.decoder = StreamDecoder(tokenizer)
-        self.stops = stops
-        self.longest = max((len(s) for s in stops), default=0)
-        self.text = ""
-        self.sent = 0  # characters already released
-
-    def push(self, token_id: int) -> tuple[str, bool]:
-        """Add one token; return (newly final text, hit a stop string)."""
-        return self._extend(self.decoder.push(token_id))
-
-    def finish(self) -> str:
-        """End of row: flush the decoder and release everything left."""
-        delta, stopped = self._extend(self.decoder.flush())
-        if stopped:
-            return delta
-        delta += self.text[self.sent :]
-        self.sent = len(self.text)
-        return delta
-
-    def _extend(self, piece: str) -> tuple[str, bool]:
-        if not piece:
-            return "", False
-        old = len(self.text)
-        self.text += piece
-        if self.stops:
-            # A new match must end inside the new piece, so it starts at most
-            # len(stop) - 1 characters before it.
-            start = max(0, old - self.longest + 1)
-            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-            if hits:
-                self.text = self.text[: min(hits)]
-                delta = self.text[self.sent :]
-                self.sent = len(self.text)
-                return delta, True
-        safe = len(self.text) - self._held()
-        delta = self.text[self.sent : safe]
-        self.sent = max(self.sent, safe)
-        return delta, False
-
-    def _held(self) -> int:
-        """Length of the longest tail of the text that could start a stop string."""
-        best = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.text)), best, -1):
-                if self.text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
-
-
-# --------------------------------------------------------------------------- sampling
-
-
-@dataclass
-class _RowSampling:
-    """The batch's sampling settings as tensors, built once per batch."""
-
-    temperature: Tensor  # (B, 1)
-    top_k: Tensor  # (B, 1) long, vocab size where off
-    top_p: Tensor  # (B, 1)
-    penalty: Tensor | None  # (B, 1), None when no row uses one
-    any_sampled: bool
-    any_filtered: bool  # some sampled row uses top-k or top-p
-    generators: list[torch.Generator | None]
-
-
-def _build_sampling(params: list[SamplingParams], n_vocab: int, device: torch.device) -> _RowSampling:
-    greedy = [p.temperature == 0 for p in params]
-    generators: list[torch.Generator | None] = []
-    for p, g in zip(params, greedy):
-        if g:
-            generators.append(None)
-            continue
-        gen = torch.Generator(device=device)
-        # Unseeded rows draw their seed from the global RNG, so torch.manual_seed
-        # still makes a whole run reproducible.
-        seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item())
-        gen.manual_seed(seed)
-        generators.append(gen)
-    sampled = [p for p, g in zip(params, greedy) if not g]
-    return _RowSampling(
-        temperature=torch.tensor([[p.temperature or 1.0] for p in params], device=device),
-        top_k=torch.tensor([[min(p.top_k, n_vocab) or n_vocab] for p in params], device=device),
-        top_p=torch.tensor([[float(p.top_p)] for p in params], device=device),
-        penalty=(
-            torch.tensor([[float(p.repetition_penalty)] for p in params], device=device)
-            if any(p.repetition_penalty != 1.0 for p in params)
-            else None
-        ),
-        any_sampled=bool(sampled),
-        any_filtered=any(p.top_k > 0 or p.top_p < 1.0 for p in sampled),
-        generators=generators,
-    )
-
-
-def top_k_top_p_filter(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
-    """Set to -inf every logit outside each row's top-k and nucleus (top-p) set.
-
-    logits (B, V); top_k (B, 1) long, V meaning off; top_p (B, 1), 1.0 meaning
-    off. Top-k is applied first, then top-p over the renormalized survivors
-    (transformers' order). The top token always survives.
-    """
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)
-    drop = ranks >= top_k
-    probs = sorted_logits.masked_fill(drop, -math.inf).softmax(dim=-1)
-    # Nucleus: drop a token when the tokens ranked above it already hold
-    # top_p of the mass: the smallest set whose mass reaches top_p remains.
-    # (top_p == 1 is off: a cumsum rounded up to 1.0 must not cut the tail.)
-    drop |= ((probs.cumsum(dim=-1) - probs) >= top_p) & (top_p < 1.0)
-    drop[:, 0] = False
-    return torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
-
-
-def _next_tokens(logits: Tensor, seen: Tensor | None, s: _RowSampling) -> Tensor:
-    """Pick one token per row from logits (B, V) already masked to the real vocab."""
-    if s.penalty is not None and seen is not None:
-        # CTRL / transformers: shrink the logit of every token already present
-        # (prompt or output) toward "less likely", whatever its sign.
-        penalized = torch.where(logits > 0, logits / s.penalty, logits * s.penalty)
-        logits = torch.where(seen, penalized, logits)
-    greedy_pick = logits.argmax(dim=-1)
-    if not s.any_sampled:
-        return greedy_pick
-    scaled = logits / s.temperature
-    if s.any_filtered:
-        scaled = top_k_top_p_filter(scaled, s.top_k, s.top_p)
-    probs = scaled.softmax(dim=-1)
-    picks = greedy_pick.clone()
-    for i, gen in enumerate(s.generators):
-        if gen is not None:  # one draw per row from its own RNG: independent of the batch
-            picks[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
-    return picks
-
-
 # --------------------------------------------------------------------------- batch
+
+
+def prompt_keep(context: int, max_new_tokens: int) -> int:
+    """How many prompt tokens a too-long prompt keeps (its last ones) under ``truncate="left"``.
+
+    lm-evaluation-harness keeps the last (context - max_new_tokens) tokens, so the whole token
+    budget fits. When the budget is more than half the context (a toy model with HumanEval's
+    512 new tokens) that would leave little or nothing, so the prompt keeps at least half.
+    """
+    return max(context - max_new_tokens, context // 2, 1)
+
 
 
 class _Batch:
     """Tensors of one running batch; every tensor op happens in inference mode here."""
 
-    def __init__(self, gen: Generator, prompt_ids: list[list[int]], budgets: list[int], sampling: _RowSampling):
-        self.model, self.device = gen.model, gen.device
+    def __init__(self, gen: Generator, prompt_ids: list[list[int]], budgets: list[int], sampling: RowSampling):
+        self.model, self.device, self.dtype = gen.model, gen.device, gen.dtype
         self.forward = gen.forward  # the model itself, or the fast path (phibook.inference.fast_decode)
         self.n_real = gen.n_real_vocab
         self.sampling = sampling
@@ -269,7 +103,6 @@ class _Batch:
     @torch.inference_mode()
     def prefill(self) -> Tensor:
         B, S, dev = self.B, self.pad_to, self.device
-        param = next(self.forward.parameters())
         idx = torch.full((B, S), 0, dtype=torch.long, device=dev)
         self.mask = torch.ones((B, self.cache_len), dtype=torch.long, device=dev)
         for i, ids in enumerate(self.prompt_ids):
@@ -278,7 +111,7 @@ class _Batch:
         prompt_mask = self.mask[:, :S]
         positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
         self.positions = positions[:, -1:].clone()  # (B, 1): position of the last token fed
-        self.cache = KVCache(self.model.config, B, self.cache_len, dtype=param.dtype, device=dev)
+        self.cache = KVCache(self.model.config, B, self.cache_len, dtype=self.dtype, device=dev)
         if self.sampling.penalty is not None:
             self.seen = torch.zeros((B, self.model.config.vocab_size), dtype=torch.bool, device=dev)
             # Padding slots point at the row's last (real) token, so only real ids are marked.
@@ -289,12 +122,17 @@ class _Batch:
         # exact and faster; with padding the mask hides the pad slots.
         if all(n == S for n in self.lengths):
             self.mask = None
+        # Decode steps: the static step is the same call on its own fixed-shape mask (padding and
+        # unwritten slots), chosen here once rather than per token.
+        self.step_forward, self.step_mask = (self.static, self.keep) if self.static is not None else (
+            self.forward, self.mask)
         # Chunks bound the (B, chunk, vocab) logits and the attention scores of
         # a long prompt; only the last position's logits are used.
         for start in range(0, S, self.chunk):
             end = min(S, start + self.chunk)
             logits = self.forward(
-                idx[:, start:end], positions=positions[:, start:end], cache=self.cache, attention_mask=self.mask
+                idx[:, start:end], positions=positions[:, start:end], cache=self.cache, attention_mask=self.mask,
+                last_only=True,
             )
         return self._pick(logits[:, -1])
 
@@ -304,16 +142,15 @@ class _Batch:
         # A finished row keeps riding along; clamp so its positions stay inside
         # the rotary table (active rows never get there: budgets are clamped).
         self.positions = (self.positions + 1).clamp(max=self.model.config.max_seq_len - 1)
-        if self.static is not None:
-            return self._pick(self.static(tokens.unsqueeze(1), self.positions, self.cache, self.keep))
-        logits = self.forward(tokens.unsqueeze(1), positions=self.positions, cache=self.cache, attention_mask=self.mask)
+        logits = self.step_forward(tokens.unsqueeze(1), positions=self.positions, cache=self.cache,
+                                   attention_mask=self.step_mask, last_only=True)
         return self._pick(logits[:, -1])
 
     def _pick(self, logits: Tensor) -> Tensor:
         logits = logits.float()
         # Rows past the tokenizer's vocabulary are padding: never produce them.
         logits[:, self.n_real :] = -math.inf
-        tokens = _next_tokens(logits, self.seen, self.sampling)
+        tokens = next_tokens(logits, self.seen, self.sampling)
         if self.seen is not None:
             self.seen.scatter_(1, tokens.unsqueeze(1), True)
         return tokens
@@ -361,28 +198,36 @@ class Generator:
         device: torch.device | str | None = None,
         fast: bool | FastForward = False,
         compile: bool = False,
+        truncate: str = "error",
     ) -> None:
         """fast=True runs prefill and decode through phibook.inference.fast_decode.FastForward
         (prepacked, fused weights: a second copy of them unless a FastForward built
         with release_model=True is passed instead of True).
         compile=True runs each decode step through phibook.inference.compiled.StaticStep
         (torch.compile over a fixed-size cache) on the model's own modules; prefill stays on
-        ``fast`` or the model."""
+        ``fast`` or the model.
+        truncate: what a prompt that leaves no room to generate gets: "error" (a PhibookError) or
+        "left" (its first tokens cut, keeping ``prompt_keep(context, max_new_tokens)``; counted
+        in ``n_truncated``), as lm-eval's generate_until does."""
+        if truncate not in ("error", "left"):
+            raise PhibookError(f"truncate must be 'error' or 'left', got {truncate!r}")
+        self.truncate = truncate
+        self.n_truncated = 0  # prompts cut from the left (truncate="left")
         self.model = model.eval()
         self.static_step = None
         if compile:
             from phibook.inference.compiled import StaticStep
 
             self.static_step = StaticStep(model, compile=True)
-        self.forward: Callable[..., Tensor] = model
+        self.forward: DecoderForward = model
+        self.dtype: torch.dtype = next(model.parameters()).dtype  # the KV cache's dtype
         if fast is True:
             from phibook.inference.fast_decode import FastForward
 
             fast = FastForward(model)
         if fast:
-            # Only the last position's logits are ever used (prefill included).
-            self.forward = functools.partial(fast, last_only=True)
-            self.forward.parameters = fast.parameters  # type: ignore[attr-defined]
+            # The model's weights may be freed (release_model): the dtype is the fast path's.
+            self.forward, self.dtype = fast, fast.dtype
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if tokenizer.vocab_size > model.config.vocab_size:
@@ -501,6 +346,11 @@ class Generator:
             row = self.tokenizer.encode(prompt) if prompt else []
             if not row:
                 row = [self.tokenizer.eos_id]
+            if self.truncate == "left":
+                keep = prompt_keep(self.context, p.max_new_tokens)
+                if len(row) > keep:
+                    row = row[-keep:]
+                    self.n_truncated += 1
             room = self.context - len(row)
             if room < 0 or (room == 0 and p.max_new_tokens > 0):
                 raise PhibookError(
@@ -526,16 +376,9 @@ class Generator:
         for p in params:
             p.validate()
         prompt_ids, budgets = self._encode(prompts, params)
-        eos = self.tokenizer.eos_id
-        rows = [_RowText(self.tokenizer, list(p.stop)) for p in params]
-        outputs: list[list[int]] = [[] for _ in prompts]
-        finish: list[str | None] = [None] * len(prompts)
-        for i, b in enumerate(budgets):
-            if b == 0:
-                finish[i] = "length"
-
-        batch = _Batch(self, prompt_ids, budgets, _build_sampling(params, self.n_real_vocab, self.device))
-        active = [i for i in range(len(prompts)) if finish[i] is None]
+        rows = [RowDecoder(self.tokenizer, p, b) for p, b in zip(params, budgets)]
+        batch = _Batch(self, prompt_ids, budgets, build_sampling(params, self.n_real_vocab, self.device))
+        active = [i for i in range(len(prompts)) if rows[i].finish is None]
         stats = RunStats(rows=len(prompts), prompt_tokens=sum(len(r) for r in prompt_ids))
         self.last_stats = stats
         t_start = time.perf_counter()
@@ -552,35 +395,15 @@ class Generator:
                 stats.decode_seconds = now - t_decode
             still = []
             for i in active:
-                t = picked[i]
-                outputs[i].append(t)
-                if t == eos and params[i].stop_at_eos:
-                    finish[i] = "stop"
-                else:
-                    delta, stopped = rows[i].push(t)
-                    if delta:
-                        yield i, delta
-                    if stopped:
-                        finish[i] = "stop"
-                    elif len(outputs[i]) >= budgets[i]:
-                        finish[i] = "length"
-                if finish[i] is None:
+                delta, tail = rows[i].push(picked[i])
+                if delta:
+                    yield i, delta
+                if tail:
+                    yield i, tail
+                if rows[i].finish is None:
                     still.append(i)
-                elif finish[i] == "length" or t == eos:
-                    tail = rows[i].finish()
-                    if tail:
-                        yield i, tail
             active = still
             if active:
                 tokens = batch.step(tokens)
 
-        return [
-            Completion(
-                text=rows[i].text,
-                token_ids=outputs[i],
-                prompt_tokens=len(prompt_ids[i]),
-                completion_tokens=len(outputs[i]),
-                finish_reason=finish[i] or "length",
-            )
-            for i in range(len(prompts))
-        ]
+        return [row.completion(len(ids)) for row, ids in zip(rows, prompt_ids)]

@@ -1,6 +1,6 @@
 """The phi-1.5 Transformer (report section 2.1), in one file.
 
-Order: rotary helpers -> KVCache -> Attention -> MLP -> Block -> PhiModel.
+Order: rotary helpers, causal_mask -> KVCache -> Attention -> MLP -> Block -> PhiModel -> DecoderForward.
 A phi block has ONE LayerNorm whose output feeds attention and the MLP in
 parallel; both results are added to the residual. Rotary embeddings touch only
 the first ``rotary_dim`` (32) channels of each 64-wide head, in the
@@ -9,12 +9,16 @@ the first ``rotary_dim`` (32) channels of each 64-wide head, in the
 ``PhiModel.forward(idx, positions=None, cache=None, attention_mask=None)``
 serves training (no cache: causal SDPA fast path), prefill and decode (a
 preallocated ``KVCache`` passed in by the caller, so the model itself holds no
-inference state between calls).
+inference state between calls). What a caller needs back is asked for, not
+patched in: ``last_only`` (the last position's logits) or ``return_hidden`` (the
+final LayerNorm's output, the LM head not run). ``DecoderForward`` is that call
+as a Protocol, which the inference fast path and the compiled step also satisfy.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -37,13 +41,41 @@ def rotary_tables(cfg: PhiConfig, length: int, device: torch.device | None = Non
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the first cos.shape[-1] channels of x (B, H, T, D); cos/sin are (B or 1, 1, T, R)."""
+    """Rotate the first cos.shape[-1] channels of x's last (head) dimension.
+
+    Any layout works whose cos/sin broadcast against it: the model's (B, H, T, D) with cos/sin
+    (B|1, 1, T, R), or fast_decode's (B, T, H, D) with (B|1, T, 1, R); the math reads only the
+    last dimension, so one function serves both.
+    """
     r = cos.shape[-1]
     x_rot, x_pass = x[..., :r], x[..., r:]
     x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
     rotated = torch.cat([-x2, x1], dim=-1)
     x_rot = (x_rot.float() * cos + rotated.float() * sin).to(x.dtype)
     return torch.cat([x_rot, x_pass], dim=-1)
+
+
+def causal_mask(T: int, start: int, attention_mask: Tensor | None, device: torch.device) -> Tensor | None:
+    """Boolean (B|1, 1, T, start+T) attention mask for T queries at positions start..start+T-1.
+
+    Query i sees key j when j <= start + i and (with ``attention_mask``, (B, >= start+T), 1 for
+    real tokens) key j is real. None where SDPA's own causal path is exact: no padding and
+    either a fresh start (prefill) or one query (a decode step sees the whole cache).
+
+    Every query also sees its own key, padded or not: a padded query would otherwise have an
+    all-masked row, whose softmax is NaN and would leak into the cache. The serve engine's
+    scratch column relies on this rule (phibook/serve/engine.py).
+    """
+    if attention_mask is None and (start == 0 or T == 1):
+        return None
+    S = start + T
+    q_pos = torch.arange(start, S, device=device).unsqueeze(1)
+    k_pos = torch.arange(S, device=device).unsqueeze(0)
+    mask = (k_pos <= q_pos).unsqueeze(0)  # (1, T, S)
+    if attention_mask is not None:
+        keep = attention_mask[:, :S].bool().unsqueeze(1)  # (B, 1, S)
+        mask = (mask & keep) | (k_pos == q_pos).unsqueeze(0)
+    return mask.unsqueeze(1)
 
 
 # --------------------------------------------------------------------------- cache
@@ -185,6 +217,9 @@ class PhiModel(nn.Module):
         cache: KVCache | None = None,
         attention_mask: Tensor | None = None,
         targets: Tensor | None = None,
+        *,
+        last_only: bool = False,
+        return_hidden: bool = False,
     ) -> Tensor:
         """Logits (B, T, vocab) for token ids ``idx`` (B, T).
 
@@ -197,6 +232,10 @@ class PhiModel(nn.Module):
             (an fp32 scalar) instead of the logits, computed through the LM head in
             chunks without materializing them (phibook/model/fused_ce.py). It is inside
             forward so DDP/FSDP hooks see the LM head used.
+        last_only: logits (B, 1, vocab) of the last position only; the LM head (51200 x 2048 for
+            phi-1.5) is as costly per position as several layers, and prefill needs one row.
+        return_hidden: the final LayerNorm's output (B, T, d_model), the LM head not run, for a
+            caller that picks its own rows first (eval's scorer runs the head once per batch).
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -210,7 +249,7 @@ class PhiModel(nn.Module):
             positions = positions.unsqueeze(0)
         cos = self.rope_cos[positions].unsqueeze(1)  # (B or 1, 1, T, R)
         sin = self.rope_sin[positions].unsqueeze(1)
-        mask = self._mask(T, start, attention_mask, idx.device)
+        mask = causal_mask(T, start, attention_mask, idx.device)
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x, cos, sin, cache, mask)
@@ -220,20 +259,33 @@ class PhiModel(nn.Module):
             from phibook.model.fused_ce import linear_cross_entropy
 
             return linear_cross_entropy(self.ln_f(x), self.lm_head.weight, self.lm_head.bias, targets)
-        return self.lm_head(self.ln_f(x))
+        if last_only:
+            x = x[:, -1:]
+        h = self.ln_f(x)
+        return h if return_hidden else self.lm_head(h)
 
-    @staticmethod
-    def _mask(T: int, start: int, attention_mask: Tensor | None, device: torch.device) -> Tensor | None:
-        """Boolean (B|1, 1, T, start+T) mask, or None where SDPA's own causal path suffices."""
-        if attention_mask is None and (start == 0 or T == 1):
-            return None
-        S = start + T
-        q_pos = torch.arange(start, S, device=device).unsqueeze(1)
-        k_pos = torch.arange(S, device=device).unsqueeze(0)
-        mask = (k_pos <= q_pos).unsqueeze(0)  # (1, T, S)
-        if attention_mask is not None:
-            keep = attention_mask[:, :S].bool().unsqueeze(1)  # (B, 1, S)
-            # A padded query must still see one key, or its softmax row is all
-            # -inf and NaNs leak into the cache; let every query see itself.
-            mask = (mask & keep) | (k_pos == q_pos).unsqueeze(0)
-        return mask.unsqueeze(1)
+
+# --------------------------------------------------------------------------- the forward contract
+
+
+@runtime_checkable
+class DecoderForward(Protocol):
+    """What generation and serving call: ``PhiModel``, ``FastForward`` (phibook.inference.fast_decode)
+    and ``StaticStep`` (phibook.inference.compiled) all satisfy it.
+
+    ``forward(idx, positions, cache, attention_mask, last_only=True)`` writes the new tokens' K/V
+    into ``cache`` at ``cache.pos``, advances it, and returns logits (B, T, vocab), or (B, 1,
+    vocab) with ``last_only``. ``config`` is the model's PhiConfig (context, vocabulary).
+    """
+
+    config: PhiConfig
+
+    def __call__(
+        self,
+        idx: Tensor,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        last_only: bool = False,
+    ) -> Tensor: ...

@@ -20,21 +20,21 @@ the fast path) call (``update(layer, k, v)`` and ``pos``), but every slot keeps 
 own length. Slot s holds its history at columns [0, lengths[s]). For a decode step
 over slots [0, hi) the model is called with ``pos = m`` and a padding mask, where m is
 one past the longest history in that range. The model's mask lets every query see
-column m (``PhiModel._mask``: "let every query see itself"), so each row's new key is
+column m (phibook.model.model.causal_mask: every query sees its own key), so each row's new key is
 written twice: at its own next column (kept for later steps) and at scratch column m
 (what this step attends to), while the mask hides the own-column copy and every
 column past the row's history. Columns past m are never read, so a scratch write
 never clobbers history. The cache therefore has up to context + 1 columns; it starts
 smaller and doubles when a row needs more (``SlotCache.reserve``).
 
-Per-row sampling, stop strings and the text hold-back are generate.py's own helpers
-(``_build_sampling``, ``_next_tokens``, ``_RowText``), so a row decodes exactly as
+Per-row sampling and each token's text and finish reason (EOS, stop strings, length, the
+held-back tail) are phibook.inference.sampling's (``build_sampling``, ``next_tokens``,
+``RowDecoder``), the same that ``Generator`` uses, so a row decodes exactly as
 ``Generator.run`` would decode it alone.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import math
@@ -49,14 +49,14 @@ import torch
 from torch import Tensor
 
 from phibook.errors import PhibookError
-from phibook.inference.generate import (
-    Completion,
-    Generator,
+from phibook.inference.generate import Generator
+from phibook.inference.sampling import (
+    RowDecoder,
+    RowSampling,
     SamplingParams,
-    _build_sampling,
-    _next_tokens,
-    _RowSampling,
-    _RowText,
+    build_sampling,
+    next_tokens,
+    stack_sampling,
 )
 from phibook.model.config import PhiConfig
 
@@ -259,14 +259,12 @@ class _Row:
 
     serials = itertools.count()
 
-    def __init__(self, job: Job, slot: int, budget: int, sampling: _RowSampling, text: _RowText) -> None:
+    def __init__(self, job: Job, slot: int, sampling: RowSampling, decoder: RowDecoder) -> None:
         self.serial = next(_Row.serials)  # admission order; a key that, unlike id(), is never reused
-        self.job, self.slot, self.budget = job, slot, budget
-        self.sampling, self.text = sampling, text
+        self.job, self.slot = job, slot
+        self.sampling, self.decoder = sampling, decoder
         self.read = 0  # prompt tokens prefilled
-        self.out: list[int] = []
         self.last: int | None = None  # the token to feed at the next decode step
-        self.finish: str | None = None
 
     @property
     def decoding(self) -> bool:
@@ -299,14 +297,8 @@ class Engine:
         self.stats = stats or ServeStats()
         self.step_hook = step_hook  # tests: called at the top of every iteration, in the worker
         self.n_real = generator.n_real_vocab
-        self.eos = self.tokenizer.eos_id
-        # The generator's forward (model or fast path); the fast path's default returns the last
-        # position only, so scoring a prompt needs its all-positions form.
+        # The generator's forward (model or fast path): a phibook.model.model.DecoderForward.
         self.forward = generator.forward
-        self.forward_all = (
-            functools.partial(generator.forward.func) if isinstance(generator.forward, functools.partial)
-            else generator.forward
-        )
         self.waiting: deque[Job] = deque()
         self.rows: list[_Row | None] = [None] * max_slots
         self.cond = threading.Condition()
@@ -315,14 +307,13 @@ class Engine:
         self.cache: SlotCache | None = None
         self.seen: Tensor | None = None  # (slots, vocab) bool: tokens present per row (repetition penalty)
         self._sampling_key: tuple = ()
-        self._sampling: _RowSampling | None = None
+        self._sampling: RowSampling | None = None
         self._tokens_window: deque[tuple[float, int]] = deque()
 
     # ------------------------------------------------------------------ event-loop side
 
     def start(self) -> None:
-        dtype = next(self.forward.parameters()).dtype
-        self.cache = SlotCache(self.cfg, self.max_slots, dtype=dtype, device=self.device)
+        self.cache = SlotCache(self.cfg, self.max_slots, dtype=self.gen.dtype, device=self.device)
         self.thread = threading.Thread(target=self._loop, name="phibook-engine", daemon=True)
         self.thread.start()
 
@@ -433,8 +424,8 @@ class Engine:
     def _new_row(self, job: Job, slot: int) -> _Row:
         room = self.cfg.max_seq_len - len(job.prompt_ids)
         budget = max(0, min(job.params.max_new_tokens, room))
-        sampling = _build_sampling([job.params], self.n_real, self.device)
-        row = _Row(job, slot, budget, sampling, _RowText(self.tokenizer, list(job.params.stop)))
+        sampling = build_sampling([job.params], self.n_real, self.device)
+        row = _Row(job, slot, sampling, RowDecoder(self.tokenizer, job.params, budget))
         assert self.cache is not None
         self.cache.lengths[slot] = 0
         if job.prompt_logprobs:
@@ -477,28 +468,26 @@ class Engine:
         job, cache = row.job, self.cache
         assert cache is not None
         ids = job.prompt_ids
-        if row.budget == 0 and not job.prompt_logprobs:
-            row.finish = "length"
-            self._end(row)
+        if row.decoder.budget == 0 and not job.prompt_logprobs:
+            self._end(row)  # its decoder already says "length"
             return
         start, end = row.read, min(len(ids), row.read + limit)
         idx = torch.tensor([ids[start:end]], dtype=torch.long, device=self.device)
         positions = torch.arange(start, end, device=self.device)
         cache.bind_prefill(row.slot, end - start)
         if job.prompt_logprobs:
-            logits = self.forward_all(idx, positions=positions, cache=cache)[0]  # (T, V)
+            logits = self.forward(idx, positions=positions, cache=cache)[0]  # (T, V): every position scored
             targets = ids[start + 1 : end + 1]
             if targets:
                 job.prompt_entries.extend(self._entries(logits[: len(targets)], targets, job.logprobs or 0))
         else:
-            logits = self.forward(idx, positions=positions, cache=cache)[0]
+            logits = self.forward(idx, positions=positions, cache=cache, last_only=True)[0]  # (1, V)
         cache.lengths[row.slot] = end
         row.read = end
         self.stats.prefill_chunks += 1
         if end < len(ids):
             return
-        if row.budget == 0:
-            row.finish = "length"
+        if row.decoder.budget == 0:
             self._end(row)
             return
         # The prompt is read: its last position gives the first token, sampled now.
@@ -514,29 +503,17 @@ class Engine:
         hi = positions.shape[0]
         tokens = torch.zeros((hi, 1), dtype=torch.long, device=self.device)
         tokens[torch.tensor(slots, device=self.device), 0] = torch.tensor([r.last for r in rows], device=self.device)
-        logits = self.forward(tokens, positions=positions, cache=cache, attention_mask=keep)[:, -1]
+        logits = self.forward(tokens, positions=positions, cache=cache, attention_mask=keep, last_only=True)[:, -1]
         for s in slots:
             cache.lengths[s] += 1
         self.stats.decode_steps += 1
         self._accept(rows, logits[torch.tensor(slots, device=self.device)].float())
 
-    def _sampling_for(self, rows: list[_Row]) -> _RowSampling:
+    def _sampling_for(self, rows: list[_Row]) -> RowSampling:
         """The rows' sampling settings stacked in row order (rebuilt only when the rows change)."""
         key = tuple(r.serial for r in rows)
         if key != self._sampling_key or self._sampling is None:
-            parts = [r.sampling for r in rows]
-            any_penalty = any(p.penalty is not None for p in parts)
-            one = torch.ones((1, 1), device=self.device)
-            self._sampling = _RowSampling(
-                temperature=torch.cat([p.temperature for p in parts]),
-                top_k=torch.cat([p.top_k for p in parts]),
-                top_p=torch.cat([p.top_p for p in parts]),
-                penalty=torch.cat([p.penalty if p.penalty is not None else one for p in parts]) if any_penalty
-                else None,
-                any_sampled=any(p.any_sampled for p in parts),
-                any_filtered=any(p.any_filtered for p in parts),
-                generators=[g for p in parts for g in p.generators],
-            )
+            self._sampling = stack_sampling([r.sampling for r in rows], self.device)
             self._sampling_key = key
         return self._sampling
 
@@ -549,7 +526,7 @@ class Engine:
         seen = None
         if sampling.penalty is not None and self.seen is not None:
             seen = self.seen[torch.tensor([r.slot for r in rows], device=self.device)]
-        picked = _next_tokens(logits, seen, sampling)
+        picked = next_tokens(logits, seen, sampling)
         if self.seen is not None:
             self.seen[torch.tensor([r.slot for r in rows], device=self.device), picked] = True
         tokens = picked.tolist()  # the one host sync per step
@@ -584,25 +561,15 @@ class Engine:
         if job.first_token is None:
             job.first_token = now
             self.stats.ttft.observe(now - job.submitted)
-        row.out.append(t)
         n_lp = len(job.token_logprobs)
-        if t == self.eos and job.params.stop_at_eos:
-            row.finish = "stop"
-        else:
-            delta, stopped = row.text.push(t)
-            if delta:
-                job.post("delta", (delta, n_lp))
-            if stopped:
-                row.finish = "stop"
-            elif len(row.out) >= row.budget:
-                row.finish = "length"
-        if row.finish is None:
+        delta, tail = row.decoder.push(t)
+        if delta:
+            job.post("delta", (delta, n_lp))
+        if tail:
+            job.post("delta", (tail, n_lp))
+        if row.decoder.finish is None:
             row.last = t
             return
-        if row.finish == "length" or t == self.eos:
-            tail = row.text.finish()
-            if tail:
-                job.post("delta", (tail, n_lp))
         self._end(row)
 
     # -- leaving
@@ -621,13 +588,7 @@ class Engine:
             return
         self.stats.finished_jobs += 1
         self.stats.latency.observe(time.monotonic() - job.submitted)
-        job.post("done", Completion(
-            text=row.text.text,
-            token_ids=row.out,
-            prompt_tokens=len(job.prompt_ids),
-            completion_tokens=len(row.out),
-            finish_reason=row.finish or "length",
-        ))
+        job.post("done", row.decoder.completion(len(job.prompt_ids)))
 
     def _fail(self, row: _Row, exc: BaseException) -> None:
         self.stats.failed_jobs += 1
