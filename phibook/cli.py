@@ -1,4 +1,4 @@
-"""The ``phibook`` command: one verb per pipeline stage (see DESIGN map in README)."""
+"""The ``phibook`` command: one verb per pipeline stage (the map of stages is in README.md and docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,6 @@ from phibook.eval.runner import (
     Runner,
     TokenPair,
     encode_pair,
-    naive_loglikelihood,
     rolling_windows,
     run_task,
 )
@@ -30,6 +29,18 @@ from phibook.eval.task import (
     get_task,
 )
 from phibook.weights.checkpoint import load_model
+
+
+def naive_loglikelihood(model, pair: TokenPair) -> tuple[float, bool]:
+    """Reference: one unbatched full forward of context + continuation (harness truncation)."""
+    max_len = model.config.max_seq_len
+    seq = (pair.context + pair.continuation)[-(max_len + 1) :]
+    idx = torch.tensor([seq[:-1]], device=next(model.parameters()).device)
+    with torch.no_grad():
+        logp = model(idx).float().log_softmax(-1)[0, -len(pair.continuation) :]
+    target = torch.tensor(pair.continuation, device=idx.device)
+    return float(logp.gather(1, target.unsqueeze(1)).sum()), bool((logp.argmax(-1) == target).all())
+
 
 
 @pytest.fixture(scope="module")

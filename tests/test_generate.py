@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import math
+import queue
+import threading
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -24,6 +27,25 @@ CORPUS = (
     "Let's think step by step. First we count, then we add, then we check the answer.\n"
 )
 PROMPTS = ["Alice had three", "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\nThe weather"]
+
+def stream_in_thread(gen: Generator, prompt: str, params: SamplingParams) -> Iterator[str]:
+    """Like ``gen.stream``, but the model runs in a worker thread (as an async server would run it)."""
+    pieces: queue.Queue = queue.Queue()
+    done = object()
+
+    def work() -> None:
+        try:
+            gen.run([prompt], params, on_delta=lambda _i, d: pieces.put(d))
+            pieces.put(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            pieces.put(exc)
+
+    threading.Thread(target=work, daemon=True).start()
+    while (item := pieces.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +191,7 @@ def test_on_delta_pieces_concatenate_to_text(tiny: Generator) -> None:
         assert "".join(pieces[i]) == r.text and all(pieces[i])
     assert results[1].finish_reason == "stop" and stop not in results[1].text
     assert "".join(tiny.stream(PROMPTS[1], params[1])) == results[1].text
-    assert "".join(tiny.stream_in_thread(PROMPTS[1], params[1])) == results[1].text
+    assert "".join(stream_in_thread(tiny, PROMPTS[1], params[1])) == results[1].text
 
 
 def test_row_text_holds_back_possible_stop_start(tiny: Generator) -> None:

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from phibook.sandbox import runner as sandbox
-from phibook.sandbox.runner import capabilities, check_many, check_program, remove_tree, run_many, run_python
+from phibook.sandbox.runner import (
+    capabilities,
+    check_many,
+    check_program,
+    default_workers,
+    remove_tree,
+    run_python,
+)
 
 needs_jail = pytest.mark.usefixtures("jail")
 
@@ -96,6 +103,14 @@ def test_memory_bomb_fails_instead_of_hanging():
     assert r.status == "oom"
     r = run_python("x = bytearray(8 * 2**30)", memory_mb=256)
     assert r.status == "oom"
+
+def run_many(codes: list[str], *, workers: int | None = None, **limits) -> list:
+    """``run_python`` over many programs, ``workers`` at a time; results in input order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
+        return list(pool.map(lambda c: run_python(c, **limits), codes))
+
 
 
 @pytest.mark.parametrize("code", [

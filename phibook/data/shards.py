@@ -154,13 +154,6 @@ class Manifest:
                     f"x {itemsize} bytes ({self.dtype}) = {expected} bytes, the file has {actual} bytes"
                 )
 
-    def verify_checksums(self) -> None:
-        """Recompute every shard's sha256 (slow; the size check at open is the cheap guard)."""
-        self.validate_files()
-        for shard in self.shards:
-            if shard.sha256 and file_sha256(self.shard_path(shard)) != shard.sha256:
-                raise PhibookError(f"shard {self.shard_path(shard)} does not match its sha256 in {self.path}")
-
     def open_shard(self, shard: ShardInfo) -> np.ndarray:
         """A read-only memory map: only the pages a reader touches are loaded."""
         if shard.tokens == 0:

@@ -294,7 +294,9 @@ def accuracy_plot(before: dict[str, Any], after: dict[str, Any]) -> bytes | None
     ax.bar([x + 0.2 for x in xs], a, width=0.4, color="#3182bd", label="after training")
     for x, v in zip(xs, a, strict=True):
         ax.text(x + 0.2, v + 1, bar_label(v), ha="center", fontsize=8)
-    ax.set_xticks(list(xs), [k.replace("_", " ") for k in kinds])
+    # One word a line: ten kinds side by side in 10.5 inches leave no room for "word problem" next
+    # to "unit conversion" on one line (their labels ran together).
+    ax.set_xticks(list(xs), [k.replace("_", "\n") for k in kinds], fontsize=8)
     ax.set_ylabel("exact-answer accuracy (%)")
     ax.set_ylim(0, max(10, max(a + b) * 1.2))
     ax.legend(fontsize=8)

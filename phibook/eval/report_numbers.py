@@ -128,8 +128,3 @@ def report_cell(model: str, task: str) -> str:
     if value is None:
         return "<0.03" if note and note.startswith("<") else "-"
     return f"{value:.3f}" + (f" ({note})" if note else "")
-
-
-def peers_for(task: str) -> list[str]:
-    """Models other than phi-1.5 that report a number for `task`, in the report's row order."""
-    return [m for m, row in REPORT_NUMBERS.items() if m != PHI15 and (task in row)]

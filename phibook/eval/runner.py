@@ -20,7 +20,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-import torch
 from tqdm import tqdm
 
 from phibook.errors import PhibookError
@@ -135,18 +134,6 @@ class Runner:
         if unknown:
             raise TypeError(f"unknown request type(s): {sorted(set(unknown))}")
         return out
-
-
-def naive_loglikelihood(model: PhiModel, pair: TokenPair) -> tuple[float, bool]:
-    """Reference: one unbatched full forward of context + continuation (harness truncation)."""
-    max_len = model.config.max_seq_len
-    seq = (pair.context + pair.continuation)[-(max_len + 1) :]
-    idx = torch.tensor([seq[:-1]], device=next(model.parameters()).device)
-    with torch.no_grad():
-        logp = model(idx).float().log_softmax(-1)[0, -len(pair.continuation) :]
-    target = torch.tensor(pair.continuation, device=idx.device)
-    return float(logp.gather(1, target.unsqueeze(1)).sum()), bool((logp.argmax(-1) == target).all())
-
 
 
 def run_task(runner: Runner, task, data_dir, limit: int | None, log_samples: bool = False) -> dict:

@@ -30,8 +30,6 @@ with the serve engine; the forward is any phibook.model.model.DecoderForward.
 from __future__ import annotations
 
 import math
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -316,24 +314,6 @@ class Generator:
         """Yield the text of one prompt's continuation piece by piece."""
         for _, delta in self._events([prompt], params):
             yield delta
-
-    def stream_in_thread(self, prompt: str, params: SamplingParams) -> Iterator[str]:
-        """Like ``stream``, but the model runs in a worker thread (for async servers)."""
-        pieces: queue.Queue = queue.Queue()
-        done = object()
-
-        def work() -> None:
-            try:
-                self.run([prompt], params, on_delta=lambda _i, d: pieces.put(d))
-                pieces.put(done)
-            except BaseException as exc:  # handed to the consumer, raised there
-                pieces.put(exc)
-
-        threading.Thread(target=work, daemon=True).start()
-        while (item := pieces.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
 
     # ------------------------------------------------------------------ core
 

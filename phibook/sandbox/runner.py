@@ -170,15 +170,6 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def run_many(codes: list[str], *, workers: int | None = None, **limits: Any) -> list[SandboxResult]:
-    """``run_python`` over many programs, ``workers`` at a time (default: the usable CPU cores);
-    results in input order. Threads only wait on child processes."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-        return list(pool.map(lambda c: run_python(c, **limits), codes))
-
-
 def check_many(pairs: list[tuple[str, str]] | list[tuple[str, str, list[str]]], *, workers: int | None = None,
                **limits: Any) -> list[CheckOutcome]:
     """``check_program`` over many (program, tests) or (program, tests, entry) tuples in parallel;

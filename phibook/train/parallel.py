@@ -25,7 +25,6 @@ FSDP goes last so its hooks see the final module tree.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -96,15 +95,6 @@ def destroy_distributed() -> None:
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()
-
-
-def print0(*args, info: DistInfo | None = None, **kwargs) -> None:
-    """Print on rank 0 only (to stderr by default, so stdout stays machine-readable)."""
-    rank = info.rank if info is not None else _env_int("RANK", 0)
-    if rank == 0:
-        kwargs.setdefault("file", sys.stderr)
-        kwargs.setdefault("flush", True)
-        print(*args, **kwargs)
 
 
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -397,25 +397,24 @@ KINDS: dict[str, KindInfo] = {
     "theory_of_mind": KindInfo(
         false_belief, "minutes", 1 / 2,
         "it is learnable at this scale (the answer is the first of the two places the story names, found "
-        "by attention), but only after several hundred steps (on the demo's 15-minute corpus: 58% at 400 "
-        "steps, 92% at 600, 100% at 800); a run this short or this loaded stopped before"),
+        "by attention), but only after several hundred training steps; a shorter or more loaded run stops "
+        "before it forms"),
     "who_has": KindInfo(
         who_has_what, "beyond", 1 / 3,
         "the model must find which of three names the question asks about and copy the object after that "
-        "name: a lookup keyed on content, which phi-tiny had not formed after 1,100 steps (it copies one "
-        "of the three objects, about chance), while the positional copy of theory of mind and the "
-        "copy-what-followed of patterns were learned; small transformers learn it with more steps or layers"),
+        "name: a lookup keyed on content, which a model of phi-tiny's size forms later than the positional "
+        "copy of theory of mind or the copy-what-followed of patterns (until then it copies one of the "
+        "three objects, about chance); small transformers learn it with more steps or layers"),
     "pattern": KindInfo(
         repeating_pattern, "minutes", 1 / 3,
         "it is learnable at this scale (copy the word that followed the last word earlier in the sequence, "
-        "an induction-style lookup small transformers learn early), but only after several hundred steps "
-        "(on the demo's 15-minute corpus: about chance at 400 steps, 62% at 600, 64% at 800, 86% at 1,100); "
-        "a run this short or this loaded stopped before"),
+        "an induction-style lookup small transformers learn early), but only after several hundred "
+        "training steps; a shorter or more loaded run stops before it forms"),
     "compare": KindInfo(
         compare_numbers, "minutes", 1 / 2,
         "each two-digit number is one token, so the model must learn an order over ninety token embeddings "
-        "from pairwise examples; it does, but late (on the demo's 15-minute corpus: 10% at 600 steps, "
-        "80-88% from 800 to 1,100), so a run this short or this loaded stopped before"),
+        "from pairwise examples; it does, but late (after several hundred training steps), so a shorter or "
+        "more loaded run stops before"),
     "python": KindInfo(
         python_function, "memorized", 0.0,
         "there are ten Python functions and training shows every one of them, so no held-out question "
