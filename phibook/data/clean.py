@@ -278,8 +278,9 @@ def clean(
     report_path: str | Path | None = None,
     progress: bool = True,
 ) -> CleanReport:
-    from datasketch import MinHash, MinHashLSH
     from tqdm import tqdm
+
+    from phibook.data.minhash import NearDupIndex, text_signature
 
     cfg = cfg or CleanConfig()
     if not 0 < cfg.near_dup_threshold < 1:
@@ -292,10 +293,10 @@ def clean(
     start = time.perf_counter()
     contaminated = benchmark_ngrams(benchmarks, cfg.ngram) if benchmarks else None
     report.benchmark_ngrams = 0 if contaminated is None else len(contaminated)
-    lsh = MinHashLSH(threshold=cfg.near_dup_threshold, num_perm=cfg.num_perm)
+    # The one near-duplicate rule (phibook.data.minhash), shared with `phibook pipeline run`.
+    lsh = NearDupIndex(cfg.near_dup_threshold, cfg.num_perm)
     seen: dict[str, str] = {}  # normalized hash -> id of the kept document
     lsh_ids: dict[int, str] = {}
-    signatures: dict[int, np.ndarray] = {}
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -322,21 +323,14 @@ def clean(
                 sink.write(json.dumps(doc, ensure_ascii=False) + "\n")
                 report.kept += 1
                 continue
-            m = MinHash(num_perm=cfg.num_perm)
-            m.update_batch([s.encode() for s in shingle_set(tokens, cfg.shingle)])
-            sig = m.hashvalues.astype(np.uint32)  # datasketch hashes live in 32 bits
-            # LSH candidates are probabilistic; confirm with the estimated Jaccard
-            # so the threshold means what it says.
-            match = next(
-                (k for k in lsh.query(m) if float(np.mean(signatures[k] == sig)) >= cfg.near_dup_threshold), None
-            )
+            sig = text_signature(shingle_set(tokens, cfg.shingle), cfg.num_perm)
+            match = lsh.match(sig)
             if match is not None:
                 report.note("near_duplicate", did, f"near duplicate of {lsh_ids[match]}")
                 continue
-            # LSH keys must be unique even when input ids are not.
-            lsh.insert(report.read, m)
+            # Keys are the read count: unique even when input ids are not, and growing in input order.
+            lsh.add(report.read, sig)
             lsh_ids[report.read] = did
-            signatures[report.read] = sig
             seen[h] = did
             sink.write(json.dumps(doc, ensure_ascii=False) + "\n")
             report.kept += 1

@@ -43,6 +43,7 @@ from phibook.data.clean import (
     shingle_set,
     words,
 )
+from phibook.data.minhash import NearDupIndex, lsh_shape, shingle_hashes, signature
 from phibook.data.shards import atomic_write_json
 from phibook.errors import PhibookError
 
@@ -307,12 +308,13 @@ class QualityFilter(RecordedFilter):
 
 
 def minhash_config(cfg: CleanConfig) -> MinhashConfig:
-    """phibook's threshold -> datatrove's LSH shape: the (buckets, rows) that datasketch's MinHashLSH
-    picks for (threshold, num_perm), i.e. exactly the candidate step of `phibook clean`."""
-    from datasketch import MinHashLSH
+    """phibook's threshold -> datatrove's LSH shape: phibook.data.minhash's (bands, rows), the
+    candidate step of `phibook clean`; 32-bit values, as phibook's signatures are."""
+    from datatrove.utils.hashing import HashConfig
 
-    lsh = MinHashLSH(threshold=cfg.near_dup_threshold, num_perm=cfg.num_perm)
-    return MinhashConfig(n_grams=cfg.shingle, num_buckets=lsh.b, hashes_per_bucket=lsh.r)
+    bands, rows = lsh_shape(cfg.near_dup_threshold, cfg.num_perm)
+    return MinhashConfig(n_grams=cfg.shingle, num_buckets=bands, hashes_per_bucket=rows,
+                         hash_config=HashConfig(precision=32))
 
 
 EXACT_DTYPE = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("ordinal", "<u8")])
@@ -336,13 +338,14 @@ class DedupSignature(MinhashDedupSignature):
         self._full = None
 
     def get_shingles(self, text: str) -> np.ndarray:
-        grams = shingle_set(words(text), self.cfg.shingle)
-        return np.fromiter((self._hash_func(s.encode()) for s in sorted(grams)), dtype=np.uint64, count=len(grams)).reshape(-1, 1)
+        return shingle_hashes(shingle_set(words(text), self.cfg.shingle)).reshape(-1, 1)
 
     def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
-        sig = super().get_signature(shingles)
-        self._full.write(np.asarray(sig, dtype="<u8").tobytes())
-        return sig
+        # phibook's signature, not datatrove's hashes: the verb computes the very same array.
+        sig = signature(shingles, self.cfg.num_perm)
+        self._full.write(sig.astype("<u4").tobytes())
+        c = self.config
+        return sig[: c.num_buckets * c.hashes_per_bucket].reshape(c.num_buckets, -1).tolist()
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         work = Path(self.work) / "sig"
@@ -441,35 +444,40 @@ class DedupCluster(PipelineStep):
         pairs = np.concatenate(pairs) if pairs else np.zeros((0, 4), dtype="<u4")
         a = offsets[pairs[:, 0].astype(np.int64)] + pairs[:, 1]
         b = offsets[pairs[:, 2].astype(np.int64)] + pairs[:, 3]
-        both = np.unique(np.stack([np.minimum(a, b), np.maximum(a, b)], 1), axis=0) if len(a) else np.zeros((0, 2))
-        both = both.astype(np.int64)
-        # Documents removed as exact duplicates took no part in `phibook clean`'s LSH index either.
-        alive = np.array([int(x) not in removed and int(y) not in removed for x, y in both], dtype=bool)
-        both = both[alive] if len(both) else both
-        if not len(both):
+        if not len(a):
             return
-        nh = minhash_config(self.cfg).num_buckets * minhash_config(self.cfg).hashes_per_bucket
-        sigs = [np.memmap(work / "sig" / f"full-{r:05d}.bin", dtype="<u8", mode="r").reshape(-1, nh)
+        # datatrove's bucket step chains the documents sharing a band (each to the previous one in
+        # sort order), so documents sharing any band land in one connected component. Inside each,
+        # phibook.data.minhash's index decides in input order: the verb's rule on the verb's candidates.
+        parent: dict[int, int] = {}
+
+        def root(x: int) -> int:
+            while parent.setdefault(x, x) != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for x, y in zip(a.tolist(), b.tolist()):
+            parent[root(x)] = root(y)
+        groups: dict[int, list[int]] = {}
+        for g in parent:
+            groups.setdefault(root(g), []).append(g)
+        sigs = [np.memmap(work / "sig" / f"full-{r:05d}.bin", dtype="<u4", mode="r").reshape(-1, self.cfg.num_perm)
                 if offsets[r + 1] > offsets[r] else None for r in range(len(offsets) - 1)]
-        task = np.searchsorted(offsets, both, side="right") - 1
-        sim = np.zeros(len(both))
-        for ta, tb in {(int(x), int(y)) for x, y in task}:
-            sel = (task[:, 0] == ta) & (task[:, 1] == tb)
-            rows_a = sigs[ta][both[sel, 0] - offsets[ta]]
-            rows_b = sigs[tb][both[sel, 1] - offsets[tb]]
-            sim[sel] = (rows_a == rows_b).mean(axis=1)
-        edges = both[sim >= self.cfg.near_dup_threshold]
-        # Orient each edge earlier -> later (input order), then decide documents in input order.
-        later_first = ordinal[edges[:, 0]] > ordinal[edges[:, 1]]
-        edges[later_first] = edges[later_first][:, ::-1]
-        earlier: dict[int, list[int]] = {}
-        for u, v in edges.tolist():
-            earlier.setdefault(v, []).append(u)
-        for v in sorted(earlier, key=lambda g: int(ordinal[g])):
-            for u in sorted(earlier[v], key=lambda g: int(ordinal[g])):
-                if u not in removed:
-                    removed[v] = ("near_duplicate", u)
-                    break
+        for members in groups.values():
+            index = NearDupIndex(self.cfg.near_dup_threshold, self.cfg.num_perm)
+            by_ordinal: dict[int, int] = {}
+            for g in sorted(members, key=lambda g: int(ordinal[g])):
+                if g in removed:  # exact duplicates took no part in `phibook clean`'s index either
+                    continue
+                r = int(np.searchsorted(offsets, g, side="right")) - 1
+                sig = np.asarray(sigs[r][g - int(offsets[r])])
+                match = index.match(sig)
+                if match is not None:
+                    removed[g] = ("near_duplicate", by_ordinal[match])
+                else:
+                    index.add(int(ordinal[g]), sig)
+                    by_ordinal[int(ordinal[g])] = g
 
     @staticmethod
     def _ids(work: Path, offsets: np.ndarray, wanted: set[int]) -> dict[int, str]:
