@@ -6,9 +6,9 @@ expensive checks see fewer documents):
 2. exact duplicates: SHA-1 of the text lowercased with whitespace collapsed;
 3. decontamination: any word 13-gram shared with the benchmark files
    (questions and answers) under --benchmarks drops the document;
-4. near duplicates: MinHash over word 5-gram shingles with datasketch's LSH
-   index at a Jaccard threshold (0.8 by default); the first document of a
-   cluster is kept.
+4. near duplicates: MinHash over word 5-gram shingles and an LSH index at a
+   Jaccard threshold (0.8 by default), both from phibook.data.minhash, which
+   `phibook pipeline run` calls too; the first document of a cluster is kept.
 
 State lives in memory (one hash per kept document plus the LSH index), which
 is fine to tens of millions of documents on one machine; past that,

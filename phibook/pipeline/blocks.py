@@ -321,8 +321,8 @@ EXACT_DTYPE = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("ordinal", "<u8")])
 
 
 class DedupSignature(MinhashDedupSignature):
-    """datatrove's MinHash stage 1 over phibook's shingles (word 5-grams of phibook.data.clean.words),
-    plus what the cluster step needs besides: per task, the exact-dedup key (phibook's normalized
+    """datatrove's MinHash stage 1 with phibook's shingles and signatures (phibook.data.minhash, the
+    functions `phibook clean` calls), plus what the cluster step needs besides: per task, the exact-dedup key (phibook's normalized
     hash, 128 bits) and ordinal of each document, the full signature (to confirm LSH candidates
     at the threshold), and the ids (for the report's examples)."""
 
@@ -378,10 +378,10 @@ class DedupCluster(PipelineStep):
     """One task over all tasks' signatures: which documents are exact or near duplicates.
 
     Exact: per normalized hash, the document with the smallest ordinal (the first in input
-    order) is kept. Near: datatrove's bucket step found pairs sharing a whole LSH band; a pair
-    counts only when its signatures agree on at least `near_dup_threshold` of their hashes (the
-    estimated Jaccard, as `phibook clean` confirms), and then, as in `phibook clean`, a document
-    is removed when it is similar to an earlier document that was kept. Writes datatrove's
+    order) is kept. Near: datatrove's bucket step links documents sharing a whole LSH band; in
+    each linked group, phibook.data.minhash.NearDupIndex (the index `phibook clean` uses) drops a
+    document when an earlier kept one shares a band with it and agrees on at least
+    `near_dup_threshold` of the signature. Writes datatrove's
     ``NNNNNN.remove`` files (read by MinhashDedupFilter) and a JSON summary for the report."""
 
     name = "phibook dedup cluster"
