@@ -41,13 +41,12 @@ from typing import Any
 
 import numpy as np
 
-from phibook import faults
+from phibook import faults, io
 from phibook.data.shards import (
     MANIFEST,
     SPLITS,
     Manifest,
     ShardWriter,
-    atomic_write_json,
     dtype_for_vocab,
     dtype_name,
     load_manifest,
@@ -394,7 +393,7 @@ def run_unit(
         for f in files.values():
             f.close()
     meta = {"key": key, "itemsize": np.dtype(dtype).itemsize, "input": unit.display, "part": unit.part, **counts}
-    atomic_write_json(paths["meta"], meta)
+    io.write_json(paths["meta"], meta)
     faults.point("tokenize.unit_done", unit.index)
     return meta
 
@@ -504,16 +503,11 @@ def tokenize_inputs(
 
 
 def remove_partial_files(out: Path) -> list[Path]:
-    """Delete what the writers of this stage leave when a run is killed mid-write, and only that:
-    shards under their temporary names (``.train-NNNNN.bin.tmp``), the temporary files of the
-    manifest and of the tokenizer copy in OUT, and of the unit sidecars in OUT/.work. (A unit's
-    token files need no sweep: a unit without its sidecar is redone from its start.)"""
-    patterns = [f".{split}-*.bin.tmp" for split in SPLITS] + [f".{MANIFEST}.*.tmp", ".tokenizer.*.json.tmp"]
-    found = [p for pattern in patterns for p in out.glob(pattern)]
-    found += list((out / WORK_DIR).glob(".unit-*.json.*.tmp"))
-    for p in found:
-        p.unlink(missing_ok=True)
-    return found
+    """Delete what the writers of this stage leave when a run is killed mid-write (phibook.io's
+    stale temporary names, in OUT and OUT/.work): shards not yet renamed, the manifest, the
+    tokenizer copy and the unit sidecars. (A unit's token files need no sweep: a unit without
+    its sidecar is redone from its start.)"""
+    return io.sweep(out) + io.sweep(out / WORK_DIR)
 
 
 def _say(msg: str) -> None:

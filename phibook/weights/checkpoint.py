@@ -15,8 +15,6 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +23,7 @@ import torch
 from torch import Tensor
 
 from phibook.errors import PhibookError
+from phibook.io import atomic_directory
 from phibook.model.config import PhiConfig
 from phibook.model.model import PhiModel
 from phibook.version import __version__
@@ -63,35 +62,6 @@ class LoadedModel:
 
 
 # --------------------------------------------------------------------------- writing
-
-
-@contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield an empty temporary directory that replaces ``target`` when the block succeeds.
-
-    The files are written into ``<target>.tmp-<pid>``; on success an existing
-    ``target`` is first renamed aside (``<target>.old-<pid>``), the new one is
-    renamed into place, then the old one is deleted. On an exception the
-    temporary directory is removed and ``target`` is untouched.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    _remove(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        _remove(tmp)
-        raise
-    old = None
-    if target.exists() or target.is_symlink():
-        old = target.with_name(f"{target.name}.old-{os.getpid()}")
-        _remove(old)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        _remove(old)
 
 
 def _remove(path: Path) -> None:
