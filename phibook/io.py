@@ -84,20 +84,28 @@ def commit(tmp: str | os.PathLike[str], target: str | os.PathLike[str], *, synce
     the directory after the rename. For writers that can only write to a path (a
     library's ``save_file``, a file that grows over many calls); everything else uses
     ``open_atomic`` / ``write_*`` / ``atomic_directory``, which call this."""
-    global _commits
     tmp, target = Path(tmp), Path(target)
     if not synced:
-        if tmp.is_dir():
-            for f in tmp.rglob("*"):
-                if f.is_file() and not f.is_symlink():
-                    _fsync_file(f)
-            fsync_dir(tmp)
-        else:
-            _fsync_file(tmp)
-    _commits += 1
-    faults.point("io.write", _commits)  # test hook: the data is durable under its temporary name
+        _sync(tmp)
+    _fault_point()
     os.replace(tmp, target)
     fsync_dir(target.parent)
+
+
+def _sync(path: Path) -> None:
+    if path.is_dir():
+        for f in path.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                _fsync_file(f)
+        fsync_dir(path)
+    else:
+        _fsync_file(path)
+
+
+def _fault_point() -> None:
+    global _commits
+    _commits += 1
+    faults.point("io.write", _commits)  # test hook: the data is durable under its temporary name
 
 
 @contextmanager
@@ -159,7 +167,8 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     On success the files are fsynced, an existing ``target`` is renamed aside to another
     temporary name (POSIX cannot rename a directory over a non-empty one), the new one
     is renamed into place and the old one deleted; a crash between the two renames
-    leaves the old directory under a sweepable temporary name. On an exception the
+    leaves the old directory under a sweepable temporary name (the window the old
+    checkpoint writers had too; POSIX offers no portable swap). On an exception the
     temporary directory is removed and ``target`` is untouched."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -170,13 +179,16 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
-    old = None
-    if target.exists() or target.is_symlink():
-        old = temp_path(target)
-        os.replace(target, old)
-    commit(tmp, target)
-    if old is not None:
-        _remove(old)
+    _sync(tmp)
+    if not (target.exists() or target.is_symlink()):
+        commit(tmp, target, synced=True)
+        return
+    _fault_point()  # before the old one moves: a kill here leaves the old directory in place
+    old = temp_path(target)
+    os.replace(target, old)
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+    _remove(old)
 
 
 def pid_alive(pid: int) -> bool:
