@@ -10,6 +10,7 @@ pytorch_model.bin, single-file or sharded.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -117,7 +118,8 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     """The checkpoint directory that ``path`` names: itself, or a run dir's newest step_* checkpoint."""
     path = Path(path).expanduser()
     if not path.exists():
-        leftovers = sorted(path.parent.glob(f"{path.name}.old-*")) if path.parent.is_dir() else []
+        # phibook.io.atomic_directory's temporaries (the new copy, or the old one moved aside).
+        leftovers = sorted(path.parent.glob(f".{glob.escape(path.name)}.tmp-*")) if path.parent.is_dir() else []
         hint = f" (an interrupted save left {leftovers[0]})" if leftovers else ""
         raise PhibookError(f"model path {path} does not exist{hint}")
     if path.is_file():
