@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from phibook import io
+from phibook.data.documents import doc_id
 from phibook.errors import PhibookError
 
 WORD = re.compile(r"[a-z0-9]+")
@@ -266,7 +267,8 @@ def read_documents(paths: list[str | Path], cfg: CleanConfig, report: CleanRepor
                     raise PhibookError(
                         f"{path}:{lineno}: not a document JSON line ({exc}); pass --skip-bad to count and skip"
                     ) from exc
-                doc.setdefault("id", f"{path.name}:{lineno}")
+                if doc.get("id") in (None, ""):
+                    doc["id"] = doc_id(doc)  # the one id rule (phibook.data.documents)
                 yield doc
 
 

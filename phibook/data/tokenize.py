@@ -20,8 +20,8 @@ A run first deletes the temporary files that a killed run's writers left (see
 ``remove_partial_files``); the fault points ``tokenize.unit_done`` and
 ``shards.*`` (phibook.faults) let tests kill a run exactly where they choose.
 
-A document goes to the validation split when a stable hash of its id (or its
-text, when it has no id) falls below ``val_fraction``: the split is the same
+A document goes to the validation split when a stable hash of its id (the one
+id rule of phibook.data.documents) falls below ``val_fraction``: the split is the same
 for any worker count, chunking or input order.
 """
 
@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from phibook import faults, io
+from phibook.data.documents import doc_id
 from phibook.data.shards import (
     MANIFEST,
     SPLITS,
@@ -241,9 +242,8 @@ def _read_jsonl(unit: Unit, options: Options) -> Iterator[tuple[str, str, int]]:
             if not isinstance(text, str):
                 what = "missing" if text is None else f"of type {type(text).__name__}, not a string"
                 raise fail(f"field {options.text_field!r} is {what}")
-            doc_id = doc.get("id")
             # Progress for .gz counts compressed bytes, reported once at the end of the unit.
-            yield (str(doc_id) if doc_id not in (None, "") else text), text, 0 if gz else len(raw)
+            yield doc_id(doc, options.text_field), text, 0 if gz else len(raw)
         if gz:
             yield None, None, unit.weight
 
@@ -289,7 +289,7 @@ def _read_parquet(unit: Unit, options: Options) -> Iterator[tuple[str, str, int]
     for batch in pf.iter_batches(batch_size=BATCH_DOCS, row_groups=[unit.start], columns=columns):
         texts = batch.column(0).to_pylist()
         ids = batch.column(1).to_pylist() if len(columns) > 1 else [None] * len(texts)
-        for text, doc_id in zip(texts, ids):
+        for text, own_id in zip(texts, ids):
             if text is not None and not isinstance(text, str):
                 raise PhibookError(
                     f"{unit.display}: row group {unit.start} row {row}: column {options.text_field!r} is not text"
@@ -298,7 +298,7 @@ def _read_parquet(unit: Unit, options: Options) -> Iterator[tuple[str, str, int]
             weight = unit.weight * (row + 1) // rows - unit.weight * row // rows
             row += 1
             text = text or ""
-            yield (str(doc_id) if doc_id not in (None, "") else text), text, weight
+            yield doc_id({"id": own_id, "text": text}), text, weight
 
 
 READERS = {"jsonl": _read_jsonl, "jsonl.gz": _read_jsonl, "text": _read_text, "parquet": _read_parquet}

