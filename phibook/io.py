@@ -205,7 +205,16 @@ def pid_alive(pid: int) -> bool:
         return True
     except OSError:
         return False
-    return True
+    # A SIGKILLed writer whose parent died too is reaped by PID 1, which in a container may do so
+    # late or never: a zombie writes nothing more, so it counts as dead (Linux: its /proc state).
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+    except FileNotFoundError:  # gone since the signal, or a system without /proc
+        return not os.path.isdir("/proc/self")
+    except OSError:
+        return True
 
 
 def sweep(directory: str | os.PathLike[str], names: Iterable[str] | None = None) -> list[Path]:

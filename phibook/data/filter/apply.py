@@ -339,4 +339,7 @@ def apply_filter(
         "chunks_scored_this_run": len(todo), "seconds": round(time.perf_counter() - t0, 3),
     }
     io.write_json(out / SUMMARY, summary)
+    # Again at the end: a worker of a killed earlier run may still have been dying (alive, so
+    # kept) at the first sweep, and left its temporary file after it.
+    remove_partial_files(out, output_names(paths))
     return summary
