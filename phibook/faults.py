@@ -26,8 +26,9 @@ Points (N as each passes it):
 ``train.checkpoint_write@K`` (also spelled ``kill_during_checkpoint@K``, or a
 bare ``kill_during_checkpoint`` for the first checkpoint)
     phibook.train.state: the checkpoint of step K has model.safetensors and
-    optimizer.pt written in ``checkpoints/.tmp-step_XXXXXXXX`` but no rng.pt or
-    train_state.json, and is not renamed.
+    optimizer.pt written in its temporary directory
+    ``checkpoints/.step_XXXXXXXX.tmp-PID-RANDOM`` (phibook.io.temp_path) but no
+    rng.pt or train_state.json, and is not renamed.
 ``synth.record_done@K``
     phibook.data.synth.run: the K-th document (1-based) that this process
     appends to the output is written and flushed.
@@ -40,7 +41,7 @@ bare ``kill_during_checkpoint`` for the first checkpoint)
     done-marker written.
 ``filter.chunk_write@K``
     phibook.data.filter.apply: chunk K's scores are written and flushed to
-    their temporary file ``.work/<name>/.chunk-NNNNN.npy.*.tmp``, which is not
+    their temporary file ``.work/<name>/.chunk-NNNNN.npy.tmp-PID-RANDOM``, which is not
     yet renamed (no done-marker).
 ``tokenize.unit_done@K``
     phibook.data.tokenize: work unit K (0-based, the ``unit-0000K`` files) has
@@ -48,9 +49,13 @@ bare ``kill_during_checkpoint`` for the first checkpoint)
 ``shards.train_tmp_written@K``, ``shards.val_tmp_written@K``
     phibook.data.shards.ShardWriter (``phibook tokenize``'s assembly and
     ``write_shard_set``): shard K of that split is complete and fsynced under
-    its temporary name ``.train-0000K.bin.tmp``, not yet renamed.
+    its temporary name ``.train-0000K.bin.tmp-PID-RANDOM``, not yet renamed.
 ``shards.train_done@K``, ``shards.val_done@K``
     the same shard right after its rename to ``train-0000K.bin``.
+``io.write@K``
+    phibook.io: the K-th atomic commit of this process (a file or a directory,
+    1-based) has its data written and fsynced under its temporary name
+    ``.NAME.tmp-PID-RANDOM`` and is not yet renamed over NAME.
 ``pipeline.doc_written@K``
     phibook.pipeline.blocks.PhibookWriter: a task has written (and flushed) its
     K-th document (1-based) to its temporary output file; the task is unfinished.

@@ -271,7 +271,7 @@ def test_export_refuses_to_overwrite_without_force(tiny_checkpoint: Path, tmp_pa
 
 
 def test_missing_path_mentions_interrupted_save(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    _copy(tiny_checkpoint, tmp_path / "ckpt.old-4242")
+    _copy(tiny_checkpoint, tmp_path / ".ckpt.tmp-4242-0badc0de")  # phibook.io.temp_path
     with pytest.raises(PhibookError, match="interrupted save"):
         load_model(tmp_path / "ckpt")
 

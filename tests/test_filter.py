@@ -429,7 +429,7 @@ def _assert_resumes_to(ref: Path, out: Path, inputs: list[Path], clf: Path, caps
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
     ref_s = json.loads((ref / "summary.json").read_text())
     assert [(f["total"], f["kept"]) for f in ref_s["files"]] == [(f["total"], f["kept"]) for f in summary["files"]]
-    assert sorted(p.name for p in out.rglob("*.tmp")) == [], "partial files left behind"
+    assert sorted(p.name for p in out.rglob("*.tmp-*")) == [], "partial files left behind"
     return summary
 
 
@@ -451,7 +451,7 @@ def test_apply_killed_midway_resumes_to_same_output(apply_ref, tmp_path: Path, c
     _killed_apply(inputs, clf, out, "filter.chunk_write@2")
     work = out / ".work" / "fresh_edu.jsonl"
     assert _markers(out) == ["fresh_edu.jsonl/chunk-00000.json", "fresh_edu.jsonl/chunk-00001.json"]
-    assert len(list(work.glob(".chunk-00002.npy.*.tmp"))) == 1 and not (work / "chunk-00002.npy").exists()
+    assert len(list(work.glob(".chunk-00002.npy.tmp-*"))) == 1 and not (work / "chunk-00002.npy").exists()
     _assert_resumes_to(ref, out, inputs, clf, capsys, workers=2)  # a spawn pool this time
 
     # Killed right after chunk 5 is done: 0..5 are kept, the rest is scored by the rerun.

@@ -179,7 +179,7 @@ def test_killed_pipeline_reruns_to_identical_output(planted: dict, local_run: Pa
     # Killed inside a task (a half-written output file on disk) ...
     r = _run(toml, "--tasks", "4", "--workers", "2", env={"PHIBOOK_FAULT_INJECT": "pipeline.doc_written@4"})
     assert r.returncode == -9, r.stderr[-2000:]
-    assert list((out / ".work" / "clean" / "filtered").glob(".*.tmp")), "the kill left no partial file"
+    assert list((out / ".work" / "clean" / "filtered").glob(".*.tmp-*")), "the kill left no partial file"
     assert not (out / "clean" / "report.json").exists()
     # ... then, on the rerun, after task 2 of some later step has finished but before it is marked done.
     r = _run(toml, "--tasks", "4", "--workers", "2", env={"PHIBOOK_FAULT_INJECT": "pipeline.task_done@2"})

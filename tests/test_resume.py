@@ -61,7 +61,7 @@ def assert_resume_is_exact(cmd: list[str], out: Path, straight: Path, steps: int
     assert [m["tokens"] for m in got] == [m["tokens"] for m in want]
     name = f"step_{steps:08d}"
     assert_same_weights(out / "checkpoints" / name, straight / "checkpoints" / name)
-    leftovers = [p.name for p in [*out.glob(".tmp-*"), *(out / "checkpoints").glob(".tmp-*")]]
+    leftovers = [p.name for p in [*out.glob(".*.tmp-*"), *(out / "checkpoints").glob(".*.tmp-*")]]
     assert leftovers == [], "partial files left behind"
     return res.stderr
 
@@ -109,19 +109,20 @@ def test_kill_during_checkpoint_keeps_previous_and_resume_uses_it(
     res = run(cmd, PHIBOOK_FAULT_INJECT="kill_during_checkpoint@4")
     assert res.returncode == -signal.SIGKILL, res.stderr
     ckpts = out / "checkpoints"
-    assert (ckpts / ".tmp-step_00000004" / "model.safetensors").is_file()  # the half-written one
+    [half] = ckpts.glob(".step_00000004.tmp-*")  # the half-written one (phibook.io.temp_path)
+    assert (half / "model.safetensors").is_file()
     assert not (ckpts / "step_00000004").exists()
     assert (ckpts / "latest").read_text().strip() == "step_00000002"
     loaded = load_model(out)  # what eval/generate would pick: the last complete checkpoint
     assert loaded.model.embed.weight.shape[0] == 384
     assert_same_weights(ckpts / "step_00000002", straight / "checkpoints" / "step_00000002")
 
-    # What a kill inside the run directory's other atomic writes leaves (write_json_atomic, the tokenizer copy).
-    (out / ".tmp-config.resolved.json.999999").write_text("{")
-    (out / ".tokenizer.json.tmp").write_text("{")
+    # What a kill inside the run directory's other atomic writes leaves (the resolved config, the tokenizer copy).
+    (out / ".config.resolved.json.tmp-999999-0badc0de").write_text("{")
+    (out / ".tokenizer.json.tmp-999999-0badc0de").write_text("{")
     log = assert_resume_is_exact(cmd, out, straight, steps=6, from_step=2)
-    assert "unfinished checkpoint .tmp-step_00000004" in log and "unfinished file .tokenizer.json.tmp" in log
-    assert not (out / ".tokenizer.json.tmp").exists()
+    assert f"unfinished checkpoint {half.name}" in log and "unfinished file .tokenizer.json.tmp-999999-0badc0de" in log
+    assert not (out / ".tokenizer.json.tmp-999999-0badc0de").exists()
 
 
 def test_keep_last_prunes_old_checkpoints(data: Path, tmp_path: Path) -> None:

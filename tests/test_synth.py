@@ -332,7 +332,7 @@ def test_torn_last_line_is_dropped_and_redone(tmp_path: Path) -> None:
     lines = full.splitlines(keepends=True)
     out.write_text("".join(lines[:6]) + lines[6][: len(lines[6]) // 2])
     # What a kill leaves of the side files: the stats file's temporary copy, a torn failures line.
-    stale = Path(f"{out}.stats.json.tmp-999999")
+    stale = out.parent / f".{out.name}.stats.json.tmp-999999-0badc0de"
     stale.write_text('{"planned": ')
     failures = Path(f"{out}.failures.jsonl")
     failures.write_text('{"index": 3, "id": "x", "error": "e", "attempts": 1}\n{"index": 4, "id"')

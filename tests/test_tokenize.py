@@ -166,7 +166,7 @@ def _assert_resumes_to(reference: Path, out: Path, args: list[str], done: int) -
     assert proc.returncode == 0, err
     assert f"resuming: {done} of" in err
     assert _shard_bytes(out) == _shard_bytes(reference)
-    assert not (out / WORK_DIR).exists() and [p.name for p in out.rglob("*.tmp")] == []
+    assert not (out / WORK_DIR).exists() and [p.name for p in out.rglob("*.tmp-*")] == []
 
 
 def test_killed_run_resumes_to_identical_output(corpus: dict, reference: Path, tmp_path: Path) -> None:
@@ -182,12 +182,12 @@ def test_killed_run_resumes_to_identical_output(corpus: dict, reference: Path, t
     out = tmp_path / "killed-in-shard"
     args = _killed_args(corpus, out)
     _kill_at(args, "shards.train_tmp_written@1")
-    assert (out / "train-00000.bin").is_file() and (out / ".train-00001.bin.tmp").is_file()
+    assert (out / "train-00000.bin").is_file() and len(list(out.glob(".train-00001.bin.tmp-*"))) == 1
     assert not (out / "train-00001.bin").exists()
     assert len(list((out / WORK_DIR).glob("unit-*.json"))) == units
     # What a kill in the other writers of the stage leaves: the tokenizer copy's and a sidecar's temporary files.
-    (out / ".tokenizer.k1ll3d.json.tmp").write_text("{")
-    (out / WORK_DIR / ".unit-00001.json.k1ll3d.tmp").write_text("{")
+    (out / ".tokenizer.json.tmp-999999-0badc0de").write_text("{")
+    (out / WORK_DIR / ".unit-00001.json.tmp-999999-0badc0de").write_text("{")
     _assert_resumes_to(reference, out, args, units)
 
 

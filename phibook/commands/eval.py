@@ -187,9 +187,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"phibook eval: {task.name}: {source.describe()}", file=sys.stderr)
     sandbox = check_sandbox(tasks, args.unsafe_no_sandbox)
 
-    from phibook.eval.results import build_results, format_table, task_entry, write_json_atomic
+    from phibook.eval.results import build_results, format_table, task_entry
     from phibook.eval.runner import Runner, run_task
     from phibook.inference.load import load_inference_model
+    from phibook.io import write_json
 
     # The loader of generate, chat and serve. With --quant the model's linears become int8/int4
     # modules; the runner uses the model unchanged.
@@ -224,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(format_table(results, compare=args.compare))
     if args.output:
-        path = write_json_atomic(args.output, results)
-        print(f"results written to {path}", file=sys.stderr)
+        # allow_nan=False: a NaN metric is a bug to see, not a JSON file other tools cannot read.
+        write_json(args.output, results, ensure_ascii=False, allow_nan=False, default=str)
+        print(f"results written to {Path(args.output)}", file=sys.stderr)
     return 0

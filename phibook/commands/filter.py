@@ -151,8 +151,8 @@ def train_cmd(args: argparse.Namespace) -> int:
 
     from phibook.data.filter.annotate import load_ratings
     from phibook.data.filter.classifier import join_labels, save_classifier, train
-    from phibook.data.filter.docs import write_json
     from phibook.data.filter.embed import load_embeddings
+    from phibook.io import write_json
 
     X, ids, emb_meta = load_embeddings(args.embeddings)
     ratings = load_ratings(args.annotations)

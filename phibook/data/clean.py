@@ -24,7 +24,6 @@ import csv
 import gzip
 import hashlib
 import json
-import os
 import re
 import sys
 import time
@@ -36,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from phibook import io
+from phibook.data.documents import doc_id
 from phibook.errors import PhibookError
 
 WORD = re.compile(r"[a-z0-9]+")
@@ -266,7 +267,8 @@ def read_documents(paths: list[str | Path], cfg: CleanConfig, report: CleanRepor
                     raise PhibookError(
                         f"{path}:{lineno}: not a document JSON line ({exc}); pass --skip-bad to count and skip"
                     ) from exc
-                doc.setdefault("id", f"{path.name}:{lineno}")
+                if doc.get("id") in (None, ""):
+                    doc["id"] = doc_id(doc)  # the one id rule (phibook.data.documents)
                 yield doc
 
 
@@ -300,9 +302,8 @@ def clean(
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     bar = tqdm(desc="clean", unit="doc", disable=not progress, file=sys.stderr)
-    with tmp.open("w", encoding="utf-8") as sink:
+    with io.open_atomic(out) as sink:
         for doc in read_documents(inputs, cfg, report):
             report.read += 1
             bar.update(1)
@@ -335,11 +336,8 @@ def clean(
             sink.write(json.dumps(doc, ensure_ascii=False) + "\n")
             report.kept += 1
     bar.close()
-    os.replace(tmp, out)
     report.seconds = time.perf_counter() - start
     if report_path:
         report_path = Path(report_path)
-        rtmp = report_path.with_name(report_path.name + f".tmp-{os.getpid()}")
-        rtmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        os.replace(rtmp, report_path)
+        io.write_json(report_path, report.to_dict())
     return report

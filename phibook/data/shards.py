@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from phibook import faults
+from phibook import faults, io
 from phibook.errors import PhibookError
 
 FORMAT = "phibook-shards"
@@ -45,25 +44,6 @@ def shard_name(split: str, index: int) -> str:
 
 
 # --------------------------------------------------------------------------- atomic writes
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename, so readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 def file_sha256(path: str | Path, block: int = 1 << 22) -> str:
@@ -176,7 +156,7 @@ class Manifest:
         }
 
     def write(self) -> None:
-        atomic_write_json(self.path, self.to_dict())
+        io.write_json(self.path, self.to_dict())
 
 
 def resolve_manifest_path(path: str | Path) -> Path:
@@ -257,7 +237,7 @@ class ShardWriter:
 
     def _open(self) -> None:
         name = shard_name(self.split, len(self.shards))
-        self._tmp = self.out_dir / f".{name}.tmp"
+        self._tmp = io.temp_path(self.out_dir / name)
         self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in _close
         self._hash = hashlib.sha256()
         self._cur = ShardInfo(file=name, split=self.split, tokens=0, documents=0)
@@ -271,7 +251,7 @@ class ShardWriter:
         self._file = None
         self._cur.sha256 = self._hash.hexdigest()
         faults.point(f"shards.{self.split}_tmp_written", len(self.shards))  # test hooks (phibook.faults)
-        os.replace(self._tmp, self.out_dir / self._cur.file)
+        io.commit(self._tmp, self.out_dir / self._cur.file, synced=True)
         self.shards.append(self._cur)
         faults.point(f"shards.{self.split}_done", len(self.shards) - 1)
 

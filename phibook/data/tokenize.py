@@ -20,8 +20,8 @@ A run first deletes the temporary files that a killed run's writers left (see
 ``remove_partial_files``); the fault points ``tokenize.unit_done`` and
 ``shards.*`` (phibook.faults) let tests kill a run exactly where they choose.
 
-A document goes to the validation split when a stable hash of its id (or its
-text, when it has no id) falls below ``val_fraction``: the split is the same
+A document goes to the validation split when a stable hash of its id (the one
+id rule of phibook.data.documents) falls below ``val_fraction``: the split is the same
 for any worker count, chunking or input order.
 """
 
@@ -41,13 +41,13 @@ from typing import Any
 
 import numpy as np
 
-from phibook import faults
+from phibook import faults, io
+from phibook.data.documents import doc_id
 from phibook.data.shards import (
     MANIFEST,
     SPLITS,
     Manifest,
     ShardWriter,
-    atomic_write_json,
     dtype_for_vocab,
     dtype_name,
     load_manifest,
@@ -242,9 +242,8 @@ def _read_jsonl(unit: Unit, options: Options) -> Iterator[tuple[str, str, int]]:
             if not isinstance(text, str):
                 what = "missing" if text is None else f"of type {type(text).__name__}, not a string"
                 raise fail(f"field {options.text_field!r} is {what}")
-            doc_id = doc.get("id")
             # Progress for .gz counts compressed bytes, reported once at the end of the unit.
-            yield (str(doc_id) if doc_id not in (None, "") else text), text, 0 if gz else len(raw)
+            yield doc_id(doc, options.text_field), text, 0 if gz else len(raw)
         if gz:
             yield None, None, unit.weight
 
@@ -290,7 +289,7 @@ def _read_parquet(unit: Unit, options: Options) -> Iterator[tuple[str, str, int]
     for batch in pf.iter_batches(batch_size=BATCH_DOCS, row_groups=[unit.start], columns=columns):
         texts = batch.column(0).to_pylist()
         ids = batch.column(1).to_pylist() if len(columns) > 1 else [None] * len(texts)
-        for text, doc_id in zip(texts, ids):
+        for text, own_id in zip(texts, ids):
             if text is not None and not isinstance(text, str):
                 raise PhibookError(
                     f"{unit.display}: row group {unit.start} row {row}: column {options.text_field!r} is not text"
@@ -299,7 +298,7 @@ def _read_parquet(unit: Unit, options: Options) -> Iterator[tuple[str, str, int]
             weight = unit.weight * (row + 1) // rows - unit.weight * row // rows
             row += 1
             text = text or ""
-            yield (str(doc_id) if doc_id not in (None, "") else text), text, weight
+            yield doc_id({"id": own_id, "text": text}), text, weight
 
 
 READERS = {"jsonl": _read_jsonl, "jsonl.gz": _read_jsonl, "text": _read_text, "parquet": _read_parquet}
@@ -394,7 +393,7 @@ def run_unit(
         for f in files.values():
             f.close()
     meta = {"key": key, "itemsize": np.dtype(dtype).itemsize, "input": unit.display, "part": unit.part, **counts}
-    atomic_write_json(paths["meta"], meta)
+    io.write_json(paths["meta"], meta)
     faults.point("tokenize.unit_done", unit.index)
     return meta
 
@@ -504,16 +503,11 @@ def tokenize_inputs(
 
 
 def remove_partial_files(out: Path) -> list[Path]:
-    """Delete what the writers of this stage leave when a run is killed mid-write, and only that:
-    shards under their temporary names (``.train-NNNNN.bin.tmp``), the temporary files of the
-    manifest and of the tokenizer copy in OUT, and of the unit sidecars in OUT/.work. (A unit's
-    token files need no sweep: a unit without its sidecar is redone from its start.)"""
-    patterns = [f".{split}-*.bin.tmp" for split in SPLITS] + [f".{MANIFEST}.*.tmp", ".tokenizer.*.json.tmp"]
-    found = [p for pattern in patterns for p in out.glob(pattern)]
-    found += list((out / WORK_DIR).glob(".unit-*.json.*.tmp"))
-    for p in found:
-        p.unlink(missing_ok=True)
-    return found
+    """Delete what the writers of this stage leave when a run is killed mid-write (phibook.io's
+    stale temporary names, in OUT and OUT/.work): shards not yet renamed, the manifest, the
+    tokenizer copy and the unit sidecars. (A unit's token files need no sweep: a unit without
+    its sidecar is redone from its start.)"""
+    return io.sweep(out) + io.sweep(out / WORK_DIR)
 
 
 def _say(msg: str) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 
 from phibook.demo.stages import STAGE_TITLES, STAGES
 from phibook.errors import PhibookError
+from phibook.io import write_bytes
 
 # Chance accuracy of the zero-shot multiple-choice tasks (1 / number of choices).
 CHANCE = {"winogrande": 1 / 2, "arc_easy": 1 / 4, "arc_challenge": 1 / 4, "boolq": 1 / 2, "siqa": 1 / 3,
@@ -810,12 +811,6 @@ def render_html(title: str, subtitle: str, sections: list[Section]) -> str:
             f"<style>{CSS}</style></head>\n<body><main>\n" + "\n".join(body) + "\n</main></body></html>\n")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_report(path: str | Path, out: str | Path | None = None) -> list[Path]:
     """Write report.md, report.html (and the Markdown's PNGs) for a demo or run directory.
 
@@ -837,7 +832,7 @@ def write_report(path: str | Path, out: str | Path | None = None) -> list[Path]:
         title = f"phibook training report: {d.root.name}"
         subtitle = f"Run directory {d.root.resolve()}."
     for img in images:
-        _atomic_write(out / img.name, img.png)
-    _atomic_write(out / "report.md", render_markdown(title, subtitle, sections).encode("utf-8"))
-    _atomic_write(out / "report.html", render_html(title, subtitle, sections).encode("utf-8"))
+        write_bytes(out / img.name, img.png)
+    write_bytes(out / "report.md", render_markdown(title, subtitle, sections).encode("utf-8"))
+    write_bytes(out / "report.html", render_html(title, subtitle, sections).encode("utf-8"))
     return [out / "report.md", out / "report.html"] + [out / img.name for img in images]

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phibook import io
 from phibook.demo.samples import SAMPLE_PROMPTS, sample_generations, write_samples
 from phibook.demo.stages import PRESET, STAGE_TITLES, STAGES
 from phibook.errors import PhibookError
@@ -120,12 +121,6 @@ def mc_limit(minutes: float) -> int:
 # --------------------------------------------------------------------------- state file
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -169,7 +164,7 @@ class StageState:
         self.save()
 
     def save(self) -> None:
-        _write_json(self.path, self.data)
+        io.write_json(self.path, self.data, ensure_ascii=False, default=str)
 
     def spent(self) -> float:
         return sum(float(s.get("seconds", 0)) for s in self.stages.values())
@@ -226,9 +221,7 @@ def text_documents(paths: list[Path], out: Path, max_chars: int = 4000) -> int:
                 chunk, size = [], 0
     if not docs:
         raise PhibookError("--text files hold no text: " + ", ".join(map(str, paths)))
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
-    os.replace(tmp, out)
+    io.write_text(out, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
     return len(docs)
 
 
@@ -451,7 +444,7 @@ def evaluate_model(ctx: Demo, model_dir: Path, name: str, mc_cap: int | None = N
     val = validation_loss(loaded.model, ctx.out / "shards/manifest.json", TRAIN_SETTINGS["seq_len"], EVAL_SEQUENCES)
     result = {"model": str(model_dir), "exercises": ex, "benchmarks": mc, "val_loss": val,
               "seconds": {"exercises": round(ex_secs, 2), "benchmarks": round(mc_secs, 2)}}
-    _write_json(ctx.out / f"eval/{name}.json", result)
+    io.write_json(ctx.out / f"eval/{name}.json", result, ensure_ascii=False, default=str)
     o = ex["overall"]
     say(f"  exercise accuracy {o['correct']}/{o['n']} = {o['accuracy']:.1%}"
         + (f", validation loss {val:.3f}" if val is not None else ""))
@@ -468,7 +461,7 @@ def stage_baseline(ctx: Demo) -> tuple[list[str], dict[str, Any]]:
     (ctx.out / "eval").mkdir(exist_ok=True)
     seen = training_questions([ctx.out / "data/clean.jsonl"])
     items, notes = heldout_exercises(seen, heldout_per_kind(ctx.opts.minutes), ctx.opts.seed)
-    _write_json(ctx.out / "eval/heldout.json", {"items": items, "notes": notes, "training_questions": len(seen)})
+    io.write_json(ctx.out / "eval/heldout.json", {"items": items, "notes": notes, "training_questions": len(seen)}, ensure_ascii=False, default=str)
 
     tok = Tokenizer.from_file(ctx.out / "tokenizer/tokenizer.json")
     cfg = ctx.train_config(max_steps=1)

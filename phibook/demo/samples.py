@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from phibook.data.shards import atomic_write_bytes, atomic_write_json
+from phibook import io
 from phibook.errors import PhibookError
 
 # The report's own completion example (section 5), then prompts for the other formats.
@@ -56,13 +56,13 @@ def sample_generations(model_dir: Path, max_new_tokens: int = 96, progress: bool
 
 def write_samples(samples: list[dict[str, Any]], out: Path, model_dir: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "samples.json", {"model": str(model_dir), "samples": samples})
+    io.write_json(out / "samples.json", {"model": str(model_dir), "samples": samples})
     parts = [f"# Sample generations\n\nModel: `{model_dir}`; greedy, repetition penalty 1.1, "
              "each format's stop strings (phibook/inference/templates.py).\n"]
     for s in samples:
         parts.append(f"## {s['format']}\n\n```text\n{s['prompt']}{s['completion']}\n```\n\n"
                      f"({s['tokens']} tokens, finish: {s['finish_reason']})\n")
-    atomic_write_bytes(out / "samples.md", "\n".join(parts).encode("utf-8"))
+    io.write_bytes(out / "samples.md", "\n".join(parts).encode("utf-8"))
 
 
 def sample_training_run(run_dir: str | Path, out: str | Path | None = None, progress: bool = True) -> Path | None:

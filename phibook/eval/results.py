@@ -14,11 +14,7 @@ A NaN (stderr of a single doc) is written as null, so the file is strict JSON.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from phibook.eval import report_numbers as rn
@@ -99,22 +95,6 @@ def build_results(
     if samples is not None:
         out["samples"] = samples
     return out
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, ensure_ascii=False, allow_nan=False, default=str)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _fmt(value: float | None, stderr: float | None = None) -> str:

@@ -52,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from phibook import io
+
 ALIGN = 64  # bytes: a cache line, and what AVX-512 loads want
 FAULT_ENV = "PHIBOOK_KERNEL_PROBE_FAULT"
 CACHE_FILE = "kernel-verdicts.json"
@@ -254,9 +256,7 @@ def _write_cache(path: Path, key: str, entry: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = _read_cache(path)
         data[key] = entry
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        io.write_json(path, data, indent=1, sort_keys=True)  # a random temp name: safe across threads
     except OSError:
         pass  # a read-only home: the verdict still holds for this process
 

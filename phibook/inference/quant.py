@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from phibook import io
 from phibook.errors import PhibookError
 from phibook.inference.kernels import aligned_input, aligned_owned, kernel_ok
 
@@ -385,18 +386,14 @@ def save_quantized(model: nn.Module, checkpoint_dir: str | os.PathLike, mode: st
         "modules": sorted({k.rpartition(".")[0] for k in state}),
     }
     weights, info = quant_paths(directory, mode)
-    tmp_w = weights.with_name(f".{weights.name}.tmp-{os.getpid()}")
-    tmp_i = info.with_name(f".{info.name}.tmp-{os.getpid()}")
+    tmp_w = io.temp_path(weights)
     try:
         save_file(state, str(tmp_w), metadata={"format": "phibook-quant", "mode": mode})
-        tmp_i.write_text(json.dumps(meta, indent=2) + "\n")
         # Weights first: a reader trusts the json only when the weights beside it are complete.
-        os.replace(tmp_w, weights)
-        os.replace(tmp_i, info)
+        io.commit(tmp_w, weights)
     finally:
-        for t in (tmp_w, tmp_i):
-            if t.exists():
-                t.unlink()
+        tmp_w.unlink(missing_ok=True)
+    io.write_json(info, meta)
     return weights
 
 

@@ -14,11 +14,11 @@ import gzip
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from phibook import io
 from phibook.errors import PhibookError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -159,14 +159,8 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / TOKENIZER_FILE
-        fd, tmp = tempfile.mkstemp(prefix=".tokenizer.", suffix=".json.tmp", dir=directory)
-        os.close(fd)
-        try:
-            self._tok.save(tmp)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        # The same bytes Tokenizer.save writes (pretty JSON), through the one atomic writer.
+        io.write_text(target, self._tok.to_str(pretty=True))
         return target
 
     @property

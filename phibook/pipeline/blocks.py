@@ -34,7 +34,7 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
 from datatrove.pipeline.filters.base_filter import BaseFilter
 
-from phibook import faults
+from phibook import faults, io
 from phibook.data.clean import (
     CleanConfig,
     contamination,
@@ -43,8 +43,8 @@ from phibook.data.clean import (
     shingle_set,
     words,
 )
+from phibook.data.documents import doc_id
 from phibook.data.minhash import NearDupIndex, lsh_shape, shingle_hashes, signature
-from phibook.data.shards import atomic_write_json
 from phibook.errors import PhibookError
 
 KEYS = "_phibook_keys"
@@ -122,7 +122,8 @@ def read_lines(path: Path, skip_bad: bool, counts: Counter | None = None) -> Ite
                     continue
                 raise PhibookError(f"{path}:{lineno}: not a document JSON line ({exc}); set skip_bad = true in "
                                    "[clean] to count and skip such lines") from exc
-            doc.setdefault("id", f"{path.name}:{lineno}")
+            if doc.get("id") in (None, ""):
+                doc["id"] = doc_id(doc)  # the one id rule (phibook.data.documents), as `phibook clean`
             yield lineno, doc
 
 
@@ -157,7 +158,7 @@ class PhibookReader(PipelineStep):
                 yield doc
         if self.counts_dir:
             Path(self.counts_dir).mkdir(parents=True, exist_ok=True)
-            atomic_write_json(Path(self.counts_dir) / f"read-{rank:05d}.json", dict(counts))
+            io.write_json(Path(self.counts_dir) / f"read-{rank:05d}.json", dict(counts))
 
 
 class PhibookWriter(PipelineStep):
@@ -173,8 +174,8 @@ class PhibookWriter(PipelineStep):
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         final = rank_file(self.folder, rank)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f".{final.name}.tmp")
-        with tmp.open("w", encoding="utf-8") as f:
+        io.sweep(final.parent, names=[final.name])  # what a killed earlier try of this task left
+        with io.open_atomic(final) as f:
             for n, doc in enumerate(data or [], 1):
                 f.write(json.dumps(from_document(doc), ensure_ascii=False) + "\n")
                 if faults.armed("pipeline.doc_written", n):
@@ -182,9 +183,6 @@ class PhibookWriter(PipelineStep):
                 fault("pipeline.doc_written", n)
                 self.stat_update("written")
                 yield doc
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
 
 
 def task_done_point(data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
@@ -222,7 +220,7 @@ class RecordedFilter(BaseFilter):
         self._removed, self._examples = Counter(), {}
         yield from super().run(data, rank, world_size)
         Path(self.counts_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(Path(self.counts_dir) / f"{self.key}-{rank:05d}.json",
+        io.write_json(Path(self.counts_dir) / f"{self.key}-{rank:05d}.json",
                           {"removed": dict(self._removed), "examples": self._examples})
 
 
@@ -351,8 +349,9 @@ class DedupSignature(MinhashDedupSignature):
         work = Path(self.work) / "sig"
         work.mkdir(parents=True, exist_ok=True)
         keys: list[tuple[int, int, int]] = []
-        ids_tmp = work / f".ids-{rank:05d}.jsonl.tmp"
-        full_tmp = work / f".full-{rank:05d}.bin.tmp"
+        ids_final, full_final = work / f"ids-{rank:05d}.jsonl", work / f"full-{rank:05d}.bin"
+        io.sweep(work, names=[ids_final.name, full_final.name])  # a killed earlier try's leftovers
+        ids_tmp, full_tmp = io.temp_path(ids_final), io.temp_path(full_final)
         with ids_tmp.open("w", encoding="utf-8") as ids, full_tmp.open("wb") as self._full:
 
             def tap() -> Iterator[Document]:
@@ -369,8 +368,8 @@ class DedupSignature(MinhashDedupSignature):
                     pass
         self._full = None
         np.save(work / f"exact-{rank:05d}.npy", np.array(keys, dtype=EXACT_DTYPE))
-        os.replace(full_tmp, work / f"full-{rank:05d}.bin")
-        os.replace(ids_tmp, work / f"ids-{rank:05d}.jsonl")
+        io.commit(full_tmp, full_final)
+        io.commit(ids_tmp, ids_final)
         return None
 
 
@@ -417,9 +416,7 @@ class DedupCluster(PipelineStep):
         task_of = np.searchsorted(offsets, gidx, side="right") - 1
         for r in range(self.tasks):
             local = (gidx[task_of == r] - offsets[r]).astype("<u4")
-            tmp = remove_dir / f".{r:06d}.remove.tmp"
-            tmp.write_bytes(np.sort(local).tobytes())
-            os.replace(tmp, remove_dir / f"{r:06d}.remove")
+            io.write_bytes(remove_dir / f"{r:06d}.remove", np.sort(local).tobytes())
 
         # The report's examples: the first removals in input order, with the ids they name.
         counts = Counter(reason for reason, _ in removed.values())
@@ -436,7 +433,7 @@ class DedupCluster(PipelineStep):
         words_for = {"exact_duplicate": "same text as", "near_duplicate": "near duplicate of"}
         for reason, bucket in examples.items():
             examples[reason] = [[o, ids[g], f"{words_for[reason]} {ids[k]}"] for o, g, k in bucket]
-        atomic_write_json(work / "counts" / "dedup.json", {"removed": dict(counts), "examples": examples})
+        io.write_json(work / "counts" / "dedup.json", {"removed": dict(counts), "examples": examples})
         return None
 
     def _near(self, work: Path, offsets: np.ndarray, ordinal: np.ndarray, removed: dict) -> None:
@@ -528,7 +525,7 @@ class CleanReport(PipelineStep):
             "bytes_read": read["bytes"],
             "tasks": self.tasks,
         }
-        atomic_write_json(Path(self.out) / "report.json", report)
+        io.write_json(Path(self.out) / "report.json", report)
         return None
 
 

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from phibook import io
 from phibook.data.clean import CleanConfig
-from phibook.data.shards import atomic_write_json
 from phibook.errors import PhibookError
 from phibook.pipeline.config import PipelineConfig
 
@@ -73,9 +73,8 @@ def benchmark_cache(cfg: PipelineConfig, work: Path) -> tuple[str | None, int]:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         grams = benchmark_ngrams(root, opts["ngram"])
-        tmp = path.with_name(f".{path.name}.tmp.npy")
-        np.save(tmp, grams)
-        os.replace(tmp, path)
+        with io.open_atomic(path, "wb") as f:
+            np.save(f, grams)
     return str(path), int(np.load(path, mmap_mode="r").shape[0])
 
 
@@ -198,7 +197,7 @@ def run_pipeline(cfg: PipelineConfig, executor: str = "local", tasks: int = 1, w
     state = check_state(cfg, tasks)
     steps = build_steps(cfg, tasks)  # computes the benchmark n-grams: the last check that can fail
     cfg.output.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(cfg.output / STATE, state)
+    io.write_json(cfg.output / STATE, state)
     # Fault points in the task processes take down everything under this process (phibook.faults.kill_tree).
     os.environ["PHIBOOK_PIPELINE_ROOT"] = str(os.getpid())
     if executor == "ray":

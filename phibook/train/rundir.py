@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
+from phibook import io
 from phibook.errors import PhibookError
 from phibook.train.config import TOKENIZER_FILE
 
@@ -55,9 +55,7 @@ def rewrite_metrics(path: Path, keep_through: int) -> None:
             continue
         if isinstance(rec, dict) and int(rec.get("step", 0)) <= keep_through:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    os.replace(tmp, path)
+    io.write_text(path, "".join(k + "\n" for k in kept))
 
 
 def finite_or_none(x: float) -> float | None:

@@ -9,7 +9,8 @@ Layout (DESIGN.md's checkpoint contract)::
         train_state.json  step, tokens, elapsed, data-loader cursor, loss scaler, config
     RUN_DIR/checkpoints/latest   "step_00001000" (informational; resume scans the directories)
 
-A checkpoint is written into ``.tmp-step_XXXXXXXX`` and renamed to
+A checkpoint is written into a temporary directory beside it
+(``.step_XXXXXXXX.tmp-PID-RANDOM``, ``phibook.io.atomic_directory``) and renamed to
 ``step_XXXXXXXX`` only when every file is on disk, so a crash never leaves a
 half checkpoint under the real name; ``train_state.json`` is the last file
 written, and a directory without it is never used. Resume picks the highest
@@ -24,7 +25,6 @@ storage that all nodes see.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from phibook import faults
+from phibook import faults, io
 from phibook.errors import PhibookError
 from phibook.train.parallel import DistInfo, barrier, gather_objects
 
@@ -45,9 +45,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 MODEL_FILE = "model.safetensors"
 LATEST_FILE = "latest"
-TMP_PREFIX = ".tmp-"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-JSON_TMP = re.compile(rf"^{re.escape(TMP_PREFIX)}.+\.\d+$")  # write_json_atomic's temporary names
 # Test hook (phibook.faults): "train.checkpoint_write@STEP", also spelled
 # "kill_during_checkpoint@STEP", makes the process SIGKILL itself after the model
 # and optimizer files of that checkpoint are written but before it is complete
@@ -57,18 +55,6 @@ FAULT_ENV = faults.ENV
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary name beside ``path``, fsync, then rename over it."""
-    path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -89,25 +75,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def remove_stale_tmp(run_dir: Path, names: tuple[str, ...] = ()) -> list[Path]:
-    """Delete what a killed run's writers left half-written (rank 0 only): checkpoint
-    directories and files under ``.tmp-`` names in RUN_DIR/checkpoints, the temporary
-    files of ``write_json_atomic`` in RUN_DIR itself (``.tmp-NAME.PID``), and the
-    caller's own fixed temporary ``names`` in RUN_DIR. Returns what was removed."""
+def remove_stale_tmp(run_dir: Path) -> list[Path]:
+    """Delete what a killed run's writers left half-written (rank 0 only): phibook.io's stale
+    temporary files and directories in RUN_DIR/checkpoints and in RUN_DIR itself (the resolved
+    config, the tokenizer copy, the metrics rewrite). Returns what was removed."""
     run_dir = Path(run_dir)
-    root = run_dir / CHECKPOINTS
-    removed = []
-    if root.is_dir():
-        for child in root.iterdir():
-            if child.name.startswith(TMP_PREFIX):
-                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
-                removed.append(child)
-    if run_dir.is_dir():
-        for child in run_dir.iterdir():
-            if (JSON_TMP.match(child.name) or child.name in names) and child.is_file():
-                child.unlink(missing_ok=True)
-                removed.append(child)
-    return removed
+    return io.sweep(run_dir / CHECKPOINTS) + io.sweep(run_dir)
 
 
 # --------------------------------------------------------------------------- RNG
@@ -179,40 +152,17 @@ def save_checkpoint(
         root = Path(run_dir) / CHECKPOINTS
         root.mkdir(parents=True, exist_ok=True)
         final = root / step_dir_name(step)
-        tmp = root / f"{TMP_PREFIX}{final.name}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        export_model_fn(model_sd, tmp)
-        torch.save(optim_sd, tmp / OPTIMIZER_FILE)
-        faults.point("train.checkpoint_write", step)
-        torch.save({"world_size": info.world_size, "ranks": rng}, tmp / RNG_FILE)
-        write_json_atomic(tmp / STATE_FILE, train_state)
-        _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. a rerun); replace it whole
-            old = root / f"{TMP_PREFIX}old-{final.name}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
-        (root / f"{TMP_PREFIX}{LATEST_FILE}").write_text(final.name + "\n")
-        os.replace(root / f"{TMP_PREFIX}{LATEST_FILE}", root / LATEST_FILE)
+        # The same step saved again (e.g. a rerun) replaces the old directory whole.
+        with io.atomic_directory(final) as tmp:
+            export_model_fn(model_sd, tmp)
+            torch.save(optim_sd, tmp / OPTIMIZER_FILE)
+            faults.point("train.checkpoint_write", step)
+            torch.save({"world_size": info.world_size, "ranks": rng}, tmp / RNG_FILE)
+            io.write_json(tmp / STATE_FILE, train_state, sort_keys=True)
+        io.write_text(root / LATEST_FILE, final.name + "\n")
         prune_checkpoints(run_dir, keep_last)
     barrier(info)
     return final
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from collections import deque
@@ -33,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from phibook import faults
+from phibook import faults, io
 from phibook.data.loader import PackedLoader, has_validation, validation_batches
 from phibook.data.mixture import load_data
 from phibook.errors import PhibookError
@@ -70,7 +68,6 @@ from phibook.train.state import (
     read_train_state,
     remove_stale_tmp,
     save_checkpoint,
-    write_json_atomic,
 )
 from phibook.weights.checkpoint import write_model_files
 
@@ -163,13 +160,12 @@ class _Trainer:
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
 
-            for p in remove_stale_tmp(self.out, names=(f".{TOKENIZER_FILE}.tmp", f".{METRICS_FILE}.tmp")):
+            for p in remove_stale_tmp(self.out):
                 what = "checkpoint" if p.parent.name == CHECKPOINTS else "file"
                 self.log(f"removed the unfinished {what} {p.name} left by a killed run")
-            write_json_atomic(self.out / RESOLVED_CONFIG, self.resolved())
+            io.write_json(self.out / RESOLVED_CONFIG, self.resolved(), sort_keys=True)
             if self.tokenizer_src is not None and self.tokenizer_src != self.out / TOKENIZER_FILE:
-                shutil.copyfile(self.tokenizer_src, self.out / f".{TOKENIZER_FILE}.tmp")
-                os.replace(self.out / f".{TOKENIZER_FILE}.tmp", self.out / TOKENIZER_FILE)
+                io.copy_file(self.tokenizer_src, self.out / TOKENIZER_FILE)
             rewrite_metrics(self.out / METRICS_FILE, self.start_step)
         barrier(info)
         self.flops_token = flops_per_token(mcfg, self.seq_len)

@@ -10,13 +10,12 @@ pytorch_model.bin, single-file or sharded.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor
 
 from phibook.errors import PhibookError
+from phibook.io import atomic_directory
 from phibook.model.config import PhiConfig
 from phibook.model.model import PhiModel
 from phibook.version import __version__
@@ -63,35 +63,6 @@ class LoadedModel:
 
 
 # --------------------------------------------------------------------------- writing
-
-
-@contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield an empty temporary directory that replaces ``target`` when the block succeeds.
-
-    The files are written into ``<target>.tmp-<pid>``; on success an existing
-    ``target`` is first renamed aside (``<target>.old-<pid>``), the new one is
-    renamed into place, then the old one is deleted. On an exception the
-    temporary directory is removed and ``target`` is untouched.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    _remove(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        _remove(tmp)
-        raise
-    old = None
-    if target.exists() or target.is_symlink():
-        old = target.with_name(f"{target.name}.old-{os.getpid()}")
-        _remove(old)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        _remove(old)
 
 
 def _remove(path: Path) -> None:
@@ -147,7 +118,8 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     """The checkpoint directory that ``path`` names: itself, or a run dir's newest step_* checkpoint."""
     path = Path(path).expanduser()
     if not path.exists():
-        leftovers = sorted(path.parent.glob(f"{path.name}.old-*")) if path.parent.is_dir() else []
+        # phibook.io.atomic_directory's temporaries (the new copy, or the old one moved aside).
+        leftovers = sorted(path.parent.glob(f".{glob.escape(path.name)}.tmp-*")) if path.parent.is_dir() else []
         hint = f" (an interrupted save left {leftovers[0]})" if leftovers else ""
         raise PhibookError(f"model path {path} does not exist{hint}")
     if path.is_file():

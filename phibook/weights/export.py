@@ -7,14 +7,14 @@ phibook.weights.hf.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from phibook.weights.checkpoint import atomic_directory, load_model
+from phibook.io import atomic_directory, write_json
+from phibook.weights.checkpoint import load_model
 from phibook.weights.hf import phi_to_hf, phi_to_hf_config
 
 
@@ -53,14 +53,10 @@ def export_hf(
     with atomic_directory(Path(out_dir)) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         hf_cfg = phi_to_hf_config(cfg, eos_id, eos_id, DTYPE_NAMES.get(stored, "float32"))
-        _write_json(tmp / "config.json", hf_cfg)
+        write_json(tmp / "config.json", hf_cfg)
         gen = {"bos_token_id": eos_id, "eos_token_id": eos_id, "do_sample": False}
-        _write_json(tmp / "generation_config.json", gen)
+        write_json(tmp / "generation_config.json", gen)
         if tok is not None:
             tok.save(tmp)
-            _write_json(tmp / "tokenizer_config.json", hf_tokenizer_config(tok.eos_token, cfg.max_seq_len))
+            write_json(tmp / "tokenizer_config.json", hf_tokenizer_config(tok.eos_token, cfg.max_seq_len))
     return Path(out_dir)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from phibook import io
 from phibook.errors import PhibookError
 
 if TYPE_CHECKING:
@@ -181,7 +182,7 @@ def export_gguf(
 ) -> Path:
     """Write ``checkpoint`` (anything ``load_model`` accepts) as a GGUF file at ``out_path``.
 
-    ``fmt`` is one of ``GGUF_TYPES``. The file is written to ``<out>.tmp-<pid>``
+    ``fmt`` is one of ``GGUF_TYPES``. The file is written to a temporary name beside it (``phibook.io.temp_path``)
     and renamed into place, so an interrupted export leaves no partial GGUF.
     """
     from phibook.weights.checkpoint import load_model
@@ -222,7 +223,7 @@ def write_gguf(
 
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    tmp = io.temp_path(out)
     writer = gguf.GGUFWriter(str(tmp), ARCH)
     try:
         _write_metadata(writer, cfg, vocab, fmt, name)
@@ -244,7 +245,7 @@ def write_gguf(
         for ours, qtype in plan:
             writer.write_tensor_data(_encode(state[ours], qtype))
         writer.close()
-        os.replace(tmp, out)
+        io.commit(tmp, out)
     except BaseException as exc:
         writer.close()
         if tmp.exists():

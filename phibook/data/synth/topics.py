@@ -10,10 +10,10 @@ deduplicated on a normalized form and written as a topic file that
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 from pathlib import Path
 
+from phibook import io
 from phibook.data.synth.prompts import DocSpec, Topic
 from phibook.data.synth.teachers import Teacher, TeacherFailure
 from phibook.errors import PhibookError
@@ -91,6 +91,4 @@ def write_topics(topics: list[Topic], path: str | Path) -> None:
             current = (t.subject, t.kind)
             lines.append(f"## {t.subject} [{t.kind}]")
         lines.append(t.name)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    io.write_text(path, "\n".join(lines) + "\n")

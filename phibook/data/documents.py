@@ -1,25 +1,38 @@
-"""Reading document JSONL (``{"id", "text", "source", "meta"}``) and writing files atomically."""
+"""Document JSONL (``{"id", "text", "source", "meta"}``): the one id rule, and reading it.
+
+The id rule (``doc_id``): a document's own ``id`` when it has one (not null, not
+empty), else ``"sha1:" + sha1(text)``. Every stage that names a document (clean's
+report and output, the pipeline, filter's embeddings and annotations, tokenize's
+train/val split) uses this rule, so one document carries one id everywhere. The
+hash of the text, not ``file:line``, because it is stable across sharding,
+re-ordering, concatenating or gzipping the input, and across stages: ``file:line``
+changes with every one of those, and the text itself as an id is unbounded in size.
+Two documents with the same text share an id, which is what exact deduplication
+says about them anyway.
+"""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 from phibook.errors import PhibookError
 
 
-def doc_id(doc: dict[str, Any]) -> str:
-    """The document's id, or a hash of its text when it has none (stable across runs)."""
-    if doc.get("id") is not None:
+def text_id(text: str) -> str:
+    """The id of a document that has none: a hash of its text (see the module docstring)."""
+    return "sha1:" + hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def doc_id(doc: dict[str, Any], text_field: str = "text") -> str:
+    """The document's id, or ``text_id`` of its text when it has none (null or empty)."""
+    if doc.get("id") not in (None, ""):
         return str(doc["id"])
-    return "sha1:" + hashlib.sha1(doc["text"].encode("utf-8")).hexdigest()
+    return text_id(doc[text_field])
 
 
 def open_text(path: Path) -> IO[str]:
@@ -55,23 +68,3 @@ def read_documents(paths: list[str | Path], text_field: str = "text") -> Iterato
                     yield doc
 
 
-@contextmanager
-def atomic_output(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
-    """Open a temporary file beside ``path``; it replaces ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    with atomic_output(path) as f:
-        f.write(json.dumps(obj, indent=2) + "\n")
