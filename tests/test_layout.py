@@ -205,14 +205,10 @@ def private_imports(root: Path) -> list[tuple[str, int, str, str]]:
     return found
 
 
-# Private names still imported across packages, known and to be removed by issue 21 items 5/6:
-# the pipeline's tokenize block calls data/tokenize's two phases through their private names
-# until they become public functions. Delete an entry when its import goes (the test says so);
-# add none: make the name public where it is defined instead.
-KNOWN_PRIVATE_IMPORTS: set[tuple[str, str, str]] = {
-    ("phibook.pipeline.blocks", "phibook.data.tokenize", "_assemble"),
-    ("phibook.pipeline.blocks", "phibook.data.tokenize", "_plan_hash"),
-}
+# Private names still imported across packages, known and to be removed. None today (the
+# pipeline's tokenize block calls tokenize's public phases); add none: make the name public where
+# it is defined instead.
+KNOWN_PRIVATE_IMPORTS: set[tuple[str, str, str]] = set()
 
 
 def reachable(graph: dict[str, dict[str, int]], start: str) -> dict[str, str]:

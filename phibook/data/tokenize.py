@@ -11,7 +11,8 @@ Two phases, so the output never depends on how many workers ran:
    last, marks the unit done; a rerun skips every unit whose sidecar matches
    (same input size and mtime, tokenizer and options) and redoes the others
    from their start, so a killed run neither loses nor repeats documents.
-2. Assembly, in one process. Unit outputs are concatenated in input order and
+2. Assembly, in one process (``assemble_shards``, public: the pipeline calls it too). Unit
+   outputs are concatenated in input order and
    cut at document ends into ``train-NNNNN.bin`` / ``val-NNNNN.bin`` of at
    most ``shard_tokens`` tokens (temp name + rename), then ``manifest.json``
    is written atomically, last, and the work folder is removed.
@@ -425,7 +426,9 @@ def _worker_run(unit: Unit) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the stage
 
 
-def _plan_hash(units: list[Unit], fingerprint: str, options: Options, shard_tokens: int, source: str) -> str:
+def build_plan_hash(units: list[Unit], fingerprint: str, options: Options, shard_tokens: int, source: str) -> str:
+    """What a finished build was made from (units, tokenizer, options, shard size, source name):
+    a manifest carrying the same hash is up to date. Phase 2 records it; `phibook pipeline` too."""
     desc = [[u.key(fingerprint, options) for u in units], shard_tokens, source]
     return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:16]
 
@@ -473,7 +476,7 @@ def tokenize_inputs(
     source = source or out.resolve().name
     units = plan_units(expand_inputs(list(inputs)), chunk_bytes)
     dtype = dtype_for_vocab(tokenizer.vocab_size)
-    plan_hash = _plan_hash(units, tokenizer.fingerprint, options, shard_tokens, source)
+    plan_hash = build_plan_hash(units, tokenizer.fingerprint, options, shard_tokens, source)
     if (done := _up_to_date(out, plan_hash)) is not None:
         _say(f"{out / MANIFEST} is up to date ({len(done.shards)} shards); nothing to do")
         return done
@@ -493,8 +496,8 @@ def tokenize_inputs(
         _say(f"resuming: {len(metas)} of {len(units)} work units already done in {work}")
 
     _run_units(todo, units, metas, tokenizer, tokenizer_path, options, work, dtype, workers, progress)
-    manifest = _assemble(units, metas, tokenizer, tokenizer_path, options, out, work, dtype,
-                         shard_tokens, source, plan_hash, progress)
+    manifest = assemble_shards(units, metas, tokenizer, tokenizer_path, options, out, work, dtype=dtype,
+                               shard_tokens=shard_tokens, source=source, plan_hash=plan_hash, progress=progress)
     shutil.rmtree(work, ignore_errors=True)
     if val_fraction > 0 and not manifest.split_shards("val"):
         _say(f"warning: --val-fraction {val_fraction} held out none of the documents (too few documents?); "
@@ -566,9 +569,16 @@ def _run_pool(todo, metas, tokenizer_path, fingerprint, options, work, dtype, wo
                 break
 
 
-def _assemble(units, metas, tokenizer, tokenizer_path, options, out, work, dtype, shard_tokens, source,
-              plan_hash, show) -> Manifest:
+def assemble_shards(units: list[Unit], metas: dict[int, dict[str, Any]], tokenizer, tokenizer_path,
+                    options: Options, out: Path, work: Path, *, dtype, shard_tokens: int, source: str,
+                    plan_hash: str, progress: bool) -> Manifest:
+    """Phase 2 of tokenize: every finished work unit's token files (``metas``: their sidecars, by
+    unit index) into shards of ``shard_tokens`` per split, in unit order, then the tokenizer copy
+    and manifest.json, written last. Phase 1 is ``run_unit`` per unit (``phibook tokenize`` runs
+    both; ``phibook pipeline``'s tokenize block runs phase 1 in its tasks and this in one)."""
     from tqdm import tqdm
+
+    show = progress
 
     total = sum(m["tokens"][split] for m in metas.values() for split in SPLITS)
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="write shards", file=sys.stderr,

@@ -638,8 +638,8 @@ class TokenizeAssemble(PipelineStep):
         from phibook.data.shards import MANIFEST, dtype_for_vocab
         from phibook.data.tokenize import (
             WORK_DIR,
-            _assemble,
-            _plan_hash,
+            assemble_shards,
+            build_plan_hash,
             plan_units,
             remove_partial_files,
             unit_done,
@@ -660,8 +660,9 @@ class TokenizeAssemble(PipelineStep):
         source = self.opts["source"] or out.resolve().name
         (out / MANIFEST).unlink(missing_ok=True)
         remove_partial_files(out)
-        plan_hash = _plan_hash(units, tokenizer.fingerprint, options, self.opts["shard_tokens"], source)
-        _assemble(units, metas, tokenizer, self.opts["tokenizer"], options, out, work,
-                  dtype_for_vocab(tokenizer.vocab_size), self.opts["shard_tokens"], source, plan_hash, False)
+        plan_hash = build_plan_hash(units, tokenizer.fingerprint, options, self.opts["shard_tokens"], source)
+        assemble_shards(units, metas, tokenizer, self.opts["tokenizer"], options, out, work,
+                        dtype=dtype_for_vocab(tokenizer.vocab_size), shard_tokens=self.opts["shard_tokens"],
+                        source=source, plan_hash=plan_hash, progress=False)
         shutil.rmtree(work, ignore_errors=True)
         return None
