@@ -46,6 +46,15 @@ def module_name(path: Path, root: Path) -> str:
     return ".".join(parts)
 
 
+def import_source(node: ast.ImportFrom, mod: str, is_pkg: bool) -> str:
+    """The absolute module a ``from ... import`` in module ``mod`` reads from (relative levels resolved)."""
+    if not node.level:
+        return node.module or ""
+    base = mod.split(".") if is_pkg else mod.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def import_graph(root: Path) -> dict[str, dict[str, int]]:
     """{module: {imported module: line}} for imports of modules under ``root`` (a package dir)."""
     files = {module_name(p, root): p for p in sorted(root.rglob("*.py"))}
@@ -59,12 +68,7 @@ def import_graph(root: Path) -> dict[str, dict[str, int]]:
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = mod.split(".") if is_pkg else mod.split(".")[:-1]
-                    base = base[: len(base) - (node.level - 1)]
-                    src = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    src = node.module or ""
+                src = import_source(node, mod, is_pkg)
                 # `from pkg import name` imports pkg.name when that is a module, else pkg itself
                 targets = [f"{src}.{a.name}" if f"{src}.{a.name}" in files else src for a in node.names]
             for t in targets:
@@ -191,12 +195,7 @@ def private_imports(root: Path) -> list[tuple[str, int, str, str]]:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
             if not isinstance(node, ast.ImportFrom):
                 continue
-            if node.level:
-                base = mod.split(".") if is_pkg else mod.split(".")[:-1]
-                base = base[: len(base) - (node.level - 1)]
-                src = ".".join(base + ([node.module] if node.module else []))
-            else:
-                src = node.module or ""
+            src = import_source(node, mod, is_pkg)
             if not (src == top or src.startswith(top + ".")) or package_of(src) == package_of(mod):
                 continue
             for alias in node.names:

@@ -141,6 +141,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", aligned_owned(scales.float()))  # bf16-exact fp32
         self.register_buffer("bias", None if bias is None else aligned_owned(bias.float()))
         self.register_buffer("_scales_k", aligned_owned(self.scales.to(KERNEL_DTYPE)), persistent=False)
+        # Decided once here, not per call on the decode path (as Int4Linear does).
+        self._kernel = kernel_ok("int8pack")
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -159,7 +161,7 @@ class Int8Linear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if x.device.type != "cpu":
             y = F.linear(x2, self.dequantize(x.dtype), bias)
-        elif x2.shape[0] >= DEQUANT_ROWS["int8"] or not kernel_ok("int8pack"):
+        elif x2.shape[0] >= DEQUANT_ROWS["int8"] or not self._kernel:
             # Per-row scales factor out of the dot product: the int8 values converted to float
             # (chunk by chunk, into a reused buffer), the scales applied to the result.
             q = self.weight_int8
@@ -209,9 +211,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight_int4", aligned_owned(weight_int4.to(torch.uint8)))  # (out, in/2)
         self.register_buffer("scales_zeros", aligned_owned(scales_zeros.float()))  # (in/group, out, 2)
         self.register_buffer("bias", None if bias is None else aligned_owned(bias.float()))
-        self._kernel = kernel_ok("int4pack")
         packed = sz_k = None
-        if self._kernel:
+        if kernel_ok("int4pack"):
             q = unpack_nibbles(self.weight_int4, in_features).to(torch.int32)
             packed = aligned_owned(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
             sz_k = aligned_owned(self.scales_zeros.to(KERNEL_DTYPE))
