@@ -13,7 +13,7 @@ import pytest
 from phibook.data import tokenize
 from phibook.data.clean import CleanConfig, CleanReport
 from phibook.data.clean import read_documents as clean_read
-from phibook.data.documents import doc_id, read_documents, text_id
+from phibook.documents import DocumentError, doc_id, read_documents, read_lines, text_id, why_not_a_document
 
 TEXTS = [f"Document number {i} says something about topic {i * 7 % 13}, at some length." for i in range(40)]
 
@@ -91,3 +91,64 @@ def test_tokenize_split_keys(tmp_path: Path) -> None:
                     if text is not None:
                         got[text] = key
             assert got == _want(), chunk_bytes
+
+
+def test_byte_ranges_tile_a_file(tmp_path: Path) -> None:
+    # Ranges cut anywhere, mid-line included, read every line exactly once, in order.
+    path = _write(tmp_path / "all.jsonl", _docs())
+    whole = [d["text"] for d in read_documents([path])]
+    size = path.stat().st_size
+    for step in (1, 7, 100, 333, size):
+        got = []
+        for start in range(0, size, step):
+            got += [ln.doc["text"] for ln in read_lines(path, start=start, end=min(size, start + step)) if ln.doc]
+        assert got == whole, step
+
+
+def _bad_file(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in _docs()[:5]) + "\n" + '{"text": broken\n'
+                    + json.dumps({"text": "after"}) + "\n")
+    return path
+
+
+def test_a_bad_line_is_named_by_file_and_line_even_inside_a_range(tmp_path: Path) -> None:
+    path = _bad_file(tmp_path)
+    with pytest.raises(DocumentError, match=r"bad\.jsonl:7: not valid JSON"):
+        list(read_lines(path))
+    offset = len("".join(json.dumps(d) + "\n" for d in _docs()[:5]))
+    with pytest.raises(DocumentError, match=r"bad\.jsonl:7: not valid JSON"):
+        list(read_lines(path, start=offset - 3, end=path.stat().st_size))
+    lines = list(read_lines(path, skip_bad=True))
+    assert [ln.bad for ln in lines].count(True) == 1 and lines[-1].doc == {"text": "after"}
+    assert sum(ln.size for ln in lines) == path.stat().st_size
+
+
+@pytest.mark.parametrize(("line", "why"), [
+    ("[1, 2]", "expected a JSON object per line, got list"),
+    ('{"body": "x"}', "field 'text' is missing"),
+    ('{"text": 3}', "field 'text' is of type int, not a string"),
+    (b'{"text": "\xff"}', "not UTF-8"),
+])
+def test_what_is_not_a_document(line: str | bytes, why: str) -> None:
+    doc, reason = why_not_a_document(line)
+    assert doc is None and reason.startswith(why)
+
+
+def test_every_stage_reports_a_bad_line_the_same_way(tmp_path: Path) -> None:
+    # One reader: tokenize, clean, the tokenizer trainer and filter name the same line with the same words.
+    from phibook.data.filter.apply import plan_chunks, read_chunk
+    from phibook.model.tokenizer import iter_training_texts
+
+    path = _bad_file(tmp_path)
+    want = r"bad\.jsonl:7: not valid JSON \(Expecting value, column 10\)"
+    with pytest.raises(DocumentError, match=want):
+        list(clean_read([path], CleanConfig(), CleanReport()))
+    with pytest.raises(DocumentError, match=want):
+        list(iter_training_texts([path]))
+    with pytest.raises(DocumentError, match=want):
+        for unit in tokenize.plan_units([path], 64):
+            list(tokenize._read_jsonl(unit, tokenize.Options()))
+    with pytest.raises(DocumentError, match=want):
+        for chunk in plan_chunks([path], 64):
+            read_chunk(chunk, "text")

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from phibook import io
-from phibook.data.documents import doc_id
+from phibook.documents import read_lines
 from phibook.errors import PhibookError
 
 WORD = re.compile(r"[a-z0-9]+")
@@ -251,25 +251,13 @@ def read_documents(paths: list[str | Path], cfg: CleanConfig, report: CleanRepor
         if not path.is_file():
             raise PhibookError(f"input {path} does not exist")
         report.inputs.append(str(path))
-        with path.open("rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                report.bytes_read += len(raw)
-                try:
-                    doc = json.loads(raw)
-                    if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-                        raise ValueError("needs a string 'text' field")
-                except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
-                    if cfg.skip_bad:
-                        report.bad_lines += 1
-                        continue
-                    raise PhibookError(
-                        f"{path}:{lineno}: not a document JSON line ({exc}); pass --skip-bad to count and skip"
-                    ) from exc
-                if doc.get("id") in (None, ""):
-                    doc["id"] = doc_id(doc)  # the one id rule (phibook.data.documents)
-                yield doc
+        for line in read_lines(path, skip_bad=cfg.skip_bad, fill_id=True,
+                               bad_hint="; pass --skip-bad to count and skip such lines"):
+            if line.doc is not None or line.bad:
+                report.bytes_read += line.size
+            report.bad_lines += line.bad
+            if line.doc is not None:
+                yield line.doc
 
 
 def clean(

@@ -22,13 +22,12 @@ A run first deletes the temporary files that a killed run's writers left (see
 ``shards.*`` (phibook.faults) let tests kill a run exactly where they choose.
 
 A document goes to the validation split when a stable hash of its id (the one
-id rule of phibook.data.documents) falls below ``val_fraction``: the split is the same
+id rule of phibook.documents) falls below ``val_fraction``: the split is the same
 for any worker count, chunking or input order.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -43,7 +42,6 @@ from typing import Any
 import numpy as np
 
 from phibook import faults, io
-from phibook.data.documents import doc_id
 from phibook.data.shards import (
     MANIFEST,
     SPLITS,
@@ -53,6 +51,7 @@ from phibook.data.shards import (
     dtype_name,
     load_manifest,
 )
+from phibook.documents import doc_id, read_lines
 from phibook.errors import PhibookError
 
 WORK_DIR = ".work"
@@ -195,58 +194,17 @@ def plan_units(files: list[Path], chunk_bytes: int) -> list[Unit]:
 # (None, None, n) when bytes were read that hold no document (blank lines).
 
 
-def _line_number(path: str, offset: int) -> int:
-    """1-based line number of the line starting at byte ``offset`` (only computed for error messages)."""
-    count, done = 0, 0
-    with open(path, "rb") as f:
-        while done < offset:
-            block = f.read(min(1 << 22, offset - done))
-            if not block:
-                break
-            count += block.count(b"\n")
-            done += len(block)
-    return count + 1
-
-
 def _read_jsonl(unit: Unit, options: Options) -> Iterator[tuple[str, str, int]]:
     gz = unit.kind == "jsonl.gz"
-    with gzip.open(unit.path, "rb") if gz else open(unit.path, "rb") as f:
-        if unit.start > 0:
-            f.seek(unit.start - 1)
-            f.readline()  # the line running through the range start belongs to the previous unit
-        first_line_at = f.tell()
-        pos, lines = first_line_at, 0
-        while gz or pos < unit.end:
-            raw = f.readline()
-            if not raw:
-                break
-            pos += len(raw)
-            lines += 1
-            if not raw.strip():
-                yield None, None, 0 if gz else len(raw)  # a blank line: no document
-                continue
-
-            def fail(why: str, n: int = lines) -> PhibookError:
-                # Line numbers are counted from the unit's start, which is only located when needed.
-                first = 1 if first_line_at == 0 else _line_number(unit.path, first_line_at)
-                return PhibookError(f"{unit.display}:{first + n - 1}: {why}")
-
-            try:
-                doc = json.loads(raw)
-            except UnicodeDecodeError as exc:
-                raise fail(f"not UTF-8 ({exc.reason})") from None
-            except json.JSONDecodeError as exc:
-                raise fail(f"not valid JSON ({exc.msg}, column {exc.colno})") from None
-            if not isinstance(doc, dict):
-                raise fail(f"expected a JSON object per line, got {type(doc).__name__}")
-            text = doc.get(options.text_field)
-            if not isinstance(text, str):
-                what = "missing" if text is None else f"of type {type(text).__name__}, not a string"
-                raise fail(f"field {options.text_field!r} is {what}")
-            # Progress for .gz counts compressed bytes, reported once at the end of the unit.
-            yield doc_id(doc, options.text_field), text, 0 if gz else len(raw)
-        if gz:
-            yield None, None, unit.weight
+    span = {} if gz else {"start": unit.start, "end": unit.end}
+    for line in read_lines(unit.path, text_field=options.text_field, name=unit.display, **span):
+        # Progress for .gz counts compressed bytes, reported once at the end of the unit.
+        if line.doc is None:
+            yield None, None, 0 if gz else line.size  # a blank line: no document
+        else:
+            yield doc_id(line.doc, options.text_field), line.doc[options.text_field], 0 if gz else line.size
+    if gz:
+        yield None, None, unit.weight
 
 
 def _read_text(unit: Unit, options: Options) -> Iterator[tuple[str, str, int]]:

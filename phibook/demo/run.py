@@ -43,6 +43,7 @@ from typing import Any
 from phibook import io
 from phibook.demo.samples import SAMPLE_PROMPTS, sample_generations, write_samples
 from phibook.demo.stages import PRESET, STAGE_TITLES, STAGES
+from phibook.documents import read_documents
 from phibook.errors import PhibookError
 
 STATE_FILE = "stages.json"
@@ -281,8 +282,7 @@ def stage_tokenize(ctx: Demo) -> tuple[list[str], dict[str, Any]]:
     secs = time.perf_counter() - t0
     train_tok, val_tok = m.total_tokens("train"), m.total_tokens("val")
     docs = {s: sum(x.documents for x in m.split_shards(s)) for s in ("train", "val")}
-    with open(src, encoding="utf-8") as f:
-        chars = sum(len(json.loads(line)["text"]) for line in f)
+    chars = sum(len(doc["text"]) for doc in read_documents([src]))
     return ["shards/manifest.json"], {
         "train_tokens": train_tok, "val_tokens": val_tok, "train_documents": docs["train"],
         "val_documents": docs["val"], "chars": chars,
@@ -297,12 +297,9 @@ def stage_tokenize(ctx: Demo) -> tuple[list[str], dict[str, Any]]:
 def training_questions(paths: list[Path]) -> set[str]:
     """Every exercise question the training documents carry (the built-in teacher's meta)."""
     questions: set[str] = set()
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                meta = json.loads(line).get("meta") or {}
-                for e in meta.get("exercises") or []:
-                    questions.add(e["question"])
+    for doc in read_documents(paths):
+        for e in (doc.get("meta") or {}).get("exercises") or []:
+            questions.add(e["question"])
     return questions
 
 

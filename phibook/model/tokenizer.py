@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from phibook import io
+from phibook.documents import read_lines
 from phibook.errors import PhibookError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -282,9 +283,9 @@ def iter_training_texts(files: list[Path]) -> Iterator[str]:
     for path in map(Path, files):
         try:
             if path.name.endswith((".jsonl", ".jsonl.gz")):
-                for lineno, line in _iter_lines(path):
-                    if line.strip():
-                        yield _jsonl_text(line, path, lineno)
+                for line in read_lines(path):
+                    if line.doc is not None:
+                        yield line.doc["text"]
             else:
                 block: list[str] = []
                 size = 0
@@ -298,16 +299,6 @@ def iter_training_texts(files: list[Path]) -> Iterator[str]:
                     yield "".join(block)
         except (OSError, EOFError) as exc:  # unreadable file, truncated .gz
             raise PhibookError(f"cannot read {path}: {exc}") from exc
-
-
-def _jsonl_text(line: str, path: Path, lineno: int) -> str:
-    try:
-        doc = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise PhibookError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from exc
-    if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-        raise PhibookError(f'{path}:{lineno}: expected a JSON object with a string "text" field')
-    return doc["text"]
 
 
 def _check_files(files: list[Path]) -> list[Path]:

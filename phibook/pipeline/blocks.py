@@ -20,7 +20,6 @@ written after that, and a rerun redoes exactly the tasks without one.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from collections import Counter
@@ -34,7 +33,7 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
 from datatrove.pipeline.filters.base_filter import BaseFilter
 
-from phibook import faults, io
+from phibook import documents, faults, io
 from phibook.data.clean import (
     CleanConfig,
     contamination,
@@ -43,7 +42,6 @@ from phibook.data.clean import (
     shingle_set,
     words,
 )
-from phibook.data.documents import doc_id
 from phibook.data.minhash import NearDupIndex, lsh_shape, shingle_hashes, signature
 from phibook.errors import PhibookError
 
@@ -99,32 +97,16 @@ def from_document(doc: Document) -> dict[str, Any]:
     return out
 
 
-def _open(path: Path):
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")  # noqa: SIM115
-
-
 def read_lines(path: Path, skip_bad: bool, counts: Counter | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, document) for each document line of ``path``, checked like `phibook clean` does."""
-    with _open(path) as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            if counts is not None:
-                counts["bytes"] += len(raw)
-            try:
-                doc = json.loads(raw)
-                if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-                    raise ValueError("needs a string 'text' field")
-            except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
-                if skip_bad:
-                    if counts is not None:
-                        counts["bad_lines"] += 1
-                    continue
-                raise PhibookError(f"{path}:{lineno}: not a document JSON line ({exc}); set skip_bad = true in "
-                                   "[clean] to count and skip such lines") from exc
-            if doc.get("id") in (None, ""):
-                doc["id"] = doc_id(doc)  # the one id rule (phibook.data.documents), as `phibook clean`
-            yield lineno, doc
+    """(line number, document) for each document line of ``path``, read as `phibook clean` reads it."""
+    lines = documents.read_lines(path, skip_bad=skip_bad, fill_id=True,
+                                 bad_hint="; set skip_bad = true in [clean] to count and skip such lines")
+    for lineno, line in enumerate(lines, 1):
+        if counts is not None and (line.doc is not None or line.bad):
+            counts["bytes"] += line.size
+            counts["bad_lines"] += line.bad
+        if line.doc is not None:
+            yield lineno, line.doc
 
 
 class PhibookReader(PipelineStep):

@@ -29,7 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from phibook.data.documents import doc_id, read_documents
+from phibook.documents import doc_id, read_documents
 from phibook.errors import PhibookError
 
 PLACEHOLDERS = {"document", "subject", "scale_max"}

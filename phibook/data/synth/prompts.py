@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from phibook import documents
 from phibook.errors import PhibookError
 
 PLACEHOLDERS = {"topic", "subject", "audience", "style", "web_sample"}
@@ -137,16 +138,9 @@ def load_web_samples(path: str | Path, max_chars: int = 1000) -> list[tuple[str,
     path = Path(path)
     samples = []
     try:
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    doc = json.loads(line)
-                    text = doc["text"]
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise PhibookError(f"{path}:{lineno}: not a document JSON line with 'text' ({exc})") from exc
-                samples.append((str(doc.get("id", lineno)), text[:max_chars]))
+        for line in documents.read_lines(path):
+            if line.doc is not None:
+                samples.append((documents.doc_id(line.doc), line.doc["text"][:max_chars]))
     except OSError as exc:
         raise PhibookError(f"cannot read web samples {path}: {exc}") from exc
     if not samples:
