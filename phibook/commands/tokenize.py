@@ -6,6 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from phibook.data.options import TokenizeOptions
+from phibook.options import add_flags
+
 DESCRIPTION = """\
 Tokenize documents once into flat token shards for training.
 
@@ -32,12 +35,6 @@ examples:
   phibook train --data shards/synthetic ...   (or a mixture .toml naming several shard folders)"""
 
 
-# The library's defaults (phibook.data.tokenize), repeated here so `--help` does not import
-# numpy; tests/test_tokenize.py checks they agree.
-DEFAULT_SHARD_TOKENS = 1 << 24
-DEFAULT_CHUNK_BYTES = 16 << 20
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "tokenize",
@@ -46,29 +43,16 @@ def register(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--tokenizer", required=True, metavar="PATH",
-                   help="tokenizer.json, or a folder holding one (its fingerprint goes into the manifest)")
+    add_flags(p, TokenizeOptions, only=("tokenizer",))
     p.add_argument("--out", required=True, type=Path, metavar="DIR",
                    help="output folder for the shards and manifest.json (created if missing)")
-    p.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
-                   help="hold out about this fraction of documents as the val split, chosen by a stable hash "
-                        "of each document's id (or text): deterministic, the same for any worker count "
-                        "(default: 0, no val split)")
+    add_flags(p, TokenizeOptions, only=("val_fraction",))
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="worker processes (default: the number of CPU cores)")
-    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N",
-                   help="close a shard at the first document end that would pass N tokens; a single longer "
-                        f"document gets a shard to itself (default: {DEFAULT_SHARD_TOKENS:,})")
-    p.add_argument("--source", default=None, metavar="NAME",
-                   help="source name recorded in the manifest (default: the output folder's name)")
-    p.add_argument("--text-field", default="text", metavar="FIELD",
-                   help="JSONL field / parquet column holding the text (default: text)")
+    add_flags(p, TokenizeOptions, skip=("tokenizer", "val_fraction"))
     p.add_argument("--text-unit", choices=("file", "paragraph"), default="file",
                    help="for .txt/.md inputs: one document per file (default), or one per blank-line-separated "
                         "paragraph (streams; use it for big text files)")
-    p.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES, metavar="N",
-                   help="JSONL files are split into work units of N bytes (whole lines); the unit is what runs "
-                        f"in parallel and what a rerun skips once done (default: {DEFAULT_CHUNK_BYTES:,})")
     p.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
     p.add_argument("inputs", nargs="+", metavar="INPUTS", help="input files or folders")
     p.set_defaults(func=run)

@@ -36,25 +36,11 @@ from typing import Any
 import numpy as np
 
 from phibook import io
+from phibook.data.options import CleanConfig
 from phibook.documents import read_lines
 from phibook.errors import PhibookError
 
 WORD = re.compile(r"[a-z0-9]+")
-
-
-@dataclass
-class CleanConfig:
-    near_dup_threshold: float = 0.8
-    near_dup: bool = True  # off when a later stage (e.g. datatrove) does it across shards
-    num_perm: int = 128
-    shingle: int = 5
-    ngram: int = 13
-    min_chars: int = 50
-    max_chars: int = 1_000_000
-    # Drop a document when more than this share of its characters sit in
-    # lines that repeat within it (Gopher-style repetition filter).
-    max_dup_line_frac: float = 0.3
-    skip_bad: bool = False
 
 
 @dataclass

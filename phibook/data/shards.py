@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from phibook import faults, io
+from phibook.data.options import DEFAULT_SHARD_TOKENS
 from phibook.errors import PhibookError
 
 FORMAT = "phibook-shards"
@@ -294,7 +295,7 @@ def write_shard_set(
     documents: dict[str, Iterable[Iterable[int]]],
     tokenizer: dict[str, Any],
     source: str = "",
-    shard_tokens: int = 1 << 24,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
     append_eos: bool = True,
 ) -> Manifest:
     """Write a shard set straight from token lists (tests, tools, and tiny corpora).

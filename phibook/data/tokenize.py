@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from phibook import faults, io
+from phibook.data.options import DEFAULT_SHARD_TOKENS, DEFAULT_TOKENIZE_CHUNK_BYTES
 from phibook.data.shards import (
     MANIFEST,
     SPLITS,
@@ -64,8 +65,6 @@ PARQUET_EXT = {".parquet"}
 # enough that a worker's memory stays bounded whatever the input size.
 BATCH_DOCS = 256
 BATCH_CHARS = 4 << 20
-DEFAULT_SHARD_TOKENS = 1 << 24  # 16.8M tokens, 32 MiB as uint16
-DEFAULT_CHUNK_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -410,7 +409,7 @@ def tokenize_inputs(
     source: str | None = None,
     text_field: str = "text",
     text_unit: str = "file",
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int = DEFAULT_TOKENIZE_CHUNK_BYTES,
     progress: bool = True,
 ) -> Manifest:
     """Tokenize ``inputs`` into ``out`` (shards + manifest.json); see the module docstring."""

@@ -35,7 +35,6 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 
 from phibook import documents, faults, io
 from phibook.data.clean import (
-    CleanConfig,
     contamination,
     filter_reason,
     normalized_hash,
@@ -43,7 +42,9 @@ from phibook.data.clean import (
     words,
 )
 from phibook.data.minhash import NearDupIndex, lsh_shape, shingle_hashes, signature
+from phibook.data.options import CleanConfig, TeacherOptions
 from phibook.errors import PhibookError
+from phibook.options import from_table
 
 KEYS = "_phibook_keys"
 ORDINAL = "_phibook_ordinal"
@@ -527,8 +528,6 @@ class SynthBlock(PipelineStep):
         self.work, self.opts = work, opts
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        import argparse
-
         from phibook.data.synth.prompts import load_templates, load_topics, load_web_samples
         from phibook.data.synth.run import run_synth
         from phibook.data.synth.teachers import teacher_from_options
@@ -537,9 +536,7 @@ class SynthBlock(PipelineStep):
         topics = load_topics(o["topics"])
         templates = load_templates(o["templates"])
         web = load_web_samples(o["web_samples"]) if o["web_samples"] else None
-        urls = o["base_url"] if isinstance(o["base_url"], list) else ([o["base_url"]] if o["base_url"] else [])
-        args = argparse.Namespace(**{**o, "base_url": urls, "api_key": None})
-        teacher = teacher_from_options(args, templates)
+        teacher = teacher_from_options(from_table(TeacherOptions, o), templates)  # api_key: $OPENAI_API_KEY
         path = Path(self.work) / f"{rank:05d}.jsonl"
         stats = run_synth(path, o["num_docs"], teacher, topics, templates, web, o["seed"], (rank, world_size),
                           o["concurrency"], progress=False)

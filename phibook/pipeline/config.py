@@ -27,7 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phibook.data.options import (
+    CleanConfig,
+    CleanInputs,
+    FilterOptions,
+    SynthOptions,
+    TeacherOptions,
+    TokenizeOptions,
+)
 from phibook.errors import PhibookError
+from phibook.options import OptionSpec, specs
 
 # Stages that make or change documents (out/<stage>/NNNNN.jsonl) and the one
 # that turns them into token shards, which therefore has to come last.
@@ -37,77 +46,32 @@ EXECUTOR_TABLES = ("slurm", "ray")
 INPUT_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
 
 
-@dataclass(frozen=True)
-class Option:
-    kind: type | tuple[type, ...]
-    default: Any = None
-    required: bool = False
-    path: bool = False  # resolved against the TOML's folder
-    help: str = ""
+def _spec(kind: type | tuple[type, ...], default: Any = None, help: str = "") -> OptionSpec:
+    return OptionSpec(kind if isinstance(kind, tuple) else (kind,), default, help=help)
 
 
-# Option names are the single-machine verbs' own (flag --near-dup-threshold -> near_dup_threshold).
-OPTIONS: dict[str, dict[str, Option]] = {
-    "clean": {
-        "near_dup_threshold": Option(float, 0.8, help="MinHash Jaccard threshold, in (0, 1)"),
-        "near_dup": Option(bool, True, help="false = skip near-duplicate removal (`--no-near-dup`)"),
-        "num_perm": Option(int, 128, help="MinHash permutations (with the threshold, sets buckets x rows)"),
-        "shingle": Option(int, 5, help="words per MinHash shingle"),
-        "ngram": Option(int, 13, help="decontamination n-gram length in words"),
-        "min_chars": Option(int, 50),
-        "max_chars": Option(int, 1_000_000),
-        "max_dup_line_frac": Option(float, 0.3),
-        "benchmarks": Option(str, None, path=True, help="benchmark folder (decontamination set)"),
-        "skip_bad": Option(bool, False, help="count and skip malformed JSONL lines instead of failing"),
-    },
-    "tokenize": {
-        "tokenizer": Option(str, None, required=True, path=True, help="tokenizer.json or a folder holding one"),
-        "val_fraction": Option(float, 0.0),
-        "shard_tokens": Option(int, 1 << 24),
-        "source": Option(str, None),
-        "text_field": Option(str, "text"),
-        "chunk_bytes": Option(int, 16 << 20),
-    },
-    "filter": {
-        "classifier": Option(str, None, required=True, path=True, help="from `phibook filter train`"),
-        "threshold": Option(float, None, required=True, help="keep documents scoring >= this"),
-        "embedder": Option(str, None, help="override the classifier's embedder"),
-        "batch_size": Option(int, 64),
-        "text_field": Option(str, "text"),
-        "keep_fraction": Option(float, None, help="not supported in pipelines (needs every score first)"),
-    },
-    "synth": {
-        "num_docs": Option(int, None, required=True, help="documents in the whole job (all tasks)"),
-        "seed": Option(int, 0),
-        "topics": Option(str, None, path=True),
-        "templates": Option(str, None, path=True),
-        "web_samples": Option(str, None, path=True),
-        "concurrency": Option(int, 8),
-        "teacher": Option(str, "builtin"),
-        "base_url": Option((str, list), None),
-        "teacher_model": Option(str, "default"),
-        "api": Option(str, "chat"),
-        "checkpoint": Option(str, None, path=True),
-        "temperature": Option(float, 0.8),
-        "top_p": Option(float, 0.95),
-        "max_tokens": Option(int, 1024),
-        "timeout": Option(float, 120.0),
-        "max_retries": Option(int, 5),
-    },
+# The stage tables are built from the verbs' own option classes (phibook/data/options.py), so a
+# name, default or help is declared once (flag --near-dup-threshold -> near_dup_threshold).
+# Left out: [synth] api_key (keys belong in $OPENAI_API_KEY, not in a file that gets shared).
+OPTIONS: dict[str, dict[str, OptionSpec]] = {
+    "clean": {**specs(CleanConfig), **specs(CleanInputs)},
+    "tokenize": specs(TokenizeOptions),
+    "filter": specs(FilterOptions),
+    "synth": {**specs(SynthOptions), **{k: v for k, v in specs(TeacherOptions).items() if k != "api_key"}},
     "slurm": {
-        "partition": Option(str, None, help="Slurm partition (required with --executor slurm)"),
-        "time": Option(str, "24:00:00"),
-        "cpus_per_task": Option(int, 1),
-        "mem_per_cpu_gb": Option((int, float), 2),
-        "qos": Option(str, "normal"),
-        "env_command": Option(str, None, help="shell line that activates phibook's environment"),
-        "job_name": Option(str, "phibook"),
-        "sbatch_args": Option(dict, None),
+        "partition": _spec(str, None, help="Slurm partition (required with --executor slurm)"),
+        "time": _spec(str, "24:00:00"),
+        "cpus_per_task": _spec(int, 1),
+        "mem_per_cpu_gb": _spec((int, float), 2),
+        "qos": _spec(str, "normal"),
+        "env_command": _spec(str, None, help="shell line that activates phibook's environment"),
+        "job_name": _spec(str, "phibook"),
+        "sbatch_args": _spec(dict, None),
     },
     "ray": {
-        "cpus_per_task": Option(int, 1),
-        "mem_per_cpu_gb": Option((int, float), 1),
-        "address": Option(str, None, help="ray.init address (default: $RAY_ADDRESS, else a local instance)"),
+        "cpus_per_task": _spec(int, 1),
+        "mem_per_cpu_gb": _spec((int, float), 1),
+        "address": _spec(str, None, help="ray.init address (default: $RAY_ADDRESS, else a local instance)"),
     },
 }
 PIPELINE_KEYS = {"input": "globs of document JSONL", "output": "output folder", "stages": "stage names, in order"}
@@ -139,13 +103,17 @@ def _type_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-def _check_value(where: str, name: str, value: Any, opt: Option) -> Any:
-    kinds = opt.kind if isinstance(opt.kind, tuple) else (opt.kind,)
+def _check_value(where: str, name: str, value: Any, opt: OptionSpec) -> Any:
+    kinds = opt.kind
     if float in kinds and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if list in kinds and isinstance(value, str):
+        value = [value]  # a list option given one value (base_url = "http://...")
     ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
     if not ok:
         raise PhibookError(f"{where} option {name!r} must be {_type_name(opt.kind)}, got {value!r}")
+    if opt.choices and value not in opt.choices:
+        raise PhibookError(f"{where} option {name!r} must be one of {', '.join(opt.choices)}, got {value!r}")
     return value
 
 
@@ -236,12 +204,12 @@ def _check_ranges(path: Path, options: dict[str, dict[str, Any]]) -> None:
         raise PhibookError(f"{path}: [filter] keep_fraction needs every document's score before any is kept, which "
                            "a streaming pipeline cannot do; use threshold (e.g. the cut that `phibook filter apply "
                            "--keep-fraction` printed on a sample)")
+    if flt and flt.get("threshold") is None:
+        raise PhibookError(f"{path}: [filter] needs option 'threshold' ({OPTIONS['filter']['threshold'].help})")
     synth = options.get("synth")
     if synth:
         if synth["num_docs"] < 0:
             raise PhibookError(f"{path}: [synth] num_docs must be >= 0, got {synth['num_docs']}")
-        if synth["teacher"] not in ("builtin", "openai", "local"):
-            raise PhibookError(f"{path}: [synth] teacher must be builtin, openai or local, got {synth['teacher']!r}")
 
 
 def check_tables(path: Path, data: dict[str, Any]) -> tuple[list[str], dict[str, dict[str, Any]]]:

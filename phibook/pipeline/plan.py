@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from phibook import io
-from phibook.data.clean import CleanConfig
+from phibook.data.options import CleanConfig
 from phibook.errors import PhibookError
+from phibook.options import from_table
 from phibook.pipeline.config import PipelineConfig
 
 STATE = ".phibook-pipeline.json"
@@ -54,7 +55,7 @@ class Step:
 
 
 def clean_config(opts: dict[str, Any]) -> CleanConfig:
-    return CleanConfig(**{k: v for k, v in opts.items() if k != "benchmarks"})
+    return from_table(CleanConfig, opts)
 
 
 def benchmark_cache(cfg: PipelineConfig, work: Path) -> tuple[str | None, int]:
