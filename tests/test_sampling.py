@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
-import pytest
+import math
 
-from phibook.inference.sampling import RowDecoder, SamplingParams
+import pytest
+import torch
+
+from phibook.errors import PhibookError
+from phibook.inference.sampling import RowDecoder, SamplingParams, mask_eos
 from phibook.model.tokenizer import train_bpe
 
 CORPUS = "Alice had three apples. Bob gave Alice seven more apples, so Alice had ten apples.\n" * 30
@@ -87,3 +91,70 @@ def test_length_ends_the_row_at_its_budget_and_releases_everything(tok) -> None:
 def test_a_row_without_budget_is_finished_before_any_token(tok) -> None:
     row = RowDecoder(tok, SamplingParams(max_new_tokens=0), budget=0)
     assert row.finish == "length" and row.completion(7).completion_tokens == 0
+
+
+# --------------------------------------------------------------------------- ignore_eos / min_tokens
+
+
+def test_without_stop_at_eos_eos_is_text_and_never_banned(tok) -> None:
+    # vLLM's ignore_eos: EOS decodes to the tokenizer's text for it, and min_tokens has nothing to mask.
+    row = RowDecoder(tok, SamplingParams(stop_at_eos=False, min_tokens=2), budget=3)
+    assert not row.ban_eos
+    pieces, n = feed(row, [tok.eos_id] * 5)
+    assert n == 3 and row.finish == "length" and not row.ban_eos
+    assert "".join(pieces) == tok.decode([tok.eos_id] * 3) == "<|endoftext|>" * 3 == row.completion(0).text
+
+
+def test_min_tokens_bans_eos_until_n_tokens_came_before_it(tok) -> None:
+    ids = [t for t in tok.encode(TEXT) if t != tok.eos_id][:3]
+    row = RowDecoder(tok, SamplingParams(min_tokens=3), budget=10)
+    banned = []
+    for t in ids:
+        banned.append(row.ban_eos)
+        assert row.push(t) == (tok.decode([t]), "") and row.finish is None
+    assert banned == [True, True, True] and not row.ban_eos
+    assert row.push(tok.eos_id) == ("", "") and row.finish == "stop"  # the 4th token may be EOS
+    c = row.completion(0)
+    assert c.token_ids == [*ids, tok.eos_id] and c.text == tok.decode(ids) and c.finish_reason == "stop"
+
+
+def test_an_eos_that_slips_through_before_min_tokens_is_text(tok) -> None:
+    # The samplers mask it (mask_eos); were one pushed anyway it must not end the row early.
+    row = RowDecoder(tok, SamplingParams(min_tokens=2), budget=10)
+    assert row.push(tok.eos_id) == ("<|endoftext|>", "") and row.finish is None
+
+
+def test_min_tokens_ignores_stop_strings_ending_in_the_first_n_tokens(tok) -> None:
+    ids = tok.encode(TEXT)
+    k = next(i for i in range(len(ids)) if "Bob" in tok.decode(ids[: i + 1]))  # token k completes "Bob"
+    # "Alice" (the first) and "Bob" end within the first k + 1 tokens; the second "Alice" ends later.
+    # "apples!" only makes the window of a stop search wide: "Bob" sits inside it, yet must not match.
+    row = RowDecoder(tok, SamplingParams(stop=["apples!", "Bob", "Alice"], min_tokens=k + 1), budget=100)
+    pieces, n = feed(row, ids)
+    want = "Alice had three apples. Bob gave "
+    assert row.finish == "stop" and "".join(pieces) == want == row.completion(0).text
+    assert n > k + 1 and tok.decode(ids[:n]).endswith("Alice") and not tok.decode(ids[: n - 1]).endswith("Alice")
+    # Without min_tokens the first "Alice" ends the row at once.
+    plain = RowDecoder(tok, SamplingParams(stop=["apples!", "Bob", "Alice"]), budget=100)
+    assert feed(plain, ids)[0] == [] and plain.finish == "stop"
+
+
+def test_mask_eos_acts_on_the_banned_rows_only(tok) -> None:
+    rows = [RowDecoder(tok, SamplingParams(min_tokens=2), budget=5),  # banned
+            RowDecoder(tok, SamplingParams(), budget=5),  # no min_tokens
+            RowDecoder(tok, SamplingParams(stop_at_eos=False, min_tokens=2), budget=5),  # EOS is text anyway
+            RowDecoder(tok, SamplingParams(min_tokens=1), budget=5)]  # banned until its first token
+    rows[3].push(tok.encode("Alice")[0])
+    logits = torch.zeros((4, tok.vocab_size))
+    mask_eos(logits, rows)
+    want = torch.zeros((4, tok.vocab_size))
+    want[0, tok.eos_id] = -math.inf
+    assert torch.equal(logits, want)
+
+
+@pytest.mark.parametrize("value, why", [(-1, "integer >= 0"), (True, "integer >= 0"), (2.0, "integer >= 0"),
+                                        (9, "max_new_tokens=8")])
+def test_min_tokens_is_validated(value, why) -> None:
+    with pytest.raises(PhibookError, match=rf"min_tokens={value!r}: .*{why}"):
+        SamplingParams(max_new_tokens=8, min_tokens=value).validate()
+    SamplingParams(max_new_tokens=8, min_tokens=8).validate()

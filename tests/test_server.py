@@ -294,6 +294,38 @@ def test_bad_requests_get_openai_errors_and_server_keeps_serving(base, generator
     assert httpx.get(f"{base}/health", timeout=TIMEOUT).json()["stats"]["rejected_requests"] >= 20
 
 
+def test_ignore_eos_and_min_tokens_are_accepted_and_validated(base):
+    # vLLM's extensions (what benchmark clients send); their effect is tested in test_server_engine.py.
+    cmpl, chat = f"{base}/v1/completions", f"{base}/v1/chat/completions"
+    msgs = [{"role": "user", "content": "x"}]
+    cases = [
+        (cmpl, {"prompt": "x", "min_tokens": -1}, "min_tokens", "greater than or equal to 0"),
+        (cmpl, {"prompt": "x", "min_tokens": "x"}, "min_tokens", "valid integer"),
+        (cmpl, {"prompt": "x", "min_tokens": True}, "min_tokens", "valid integer"),
+        (cmpl, {"prompt": "x", "min_tokens": 2.5}, "min_tokens", "valid integer"),
+        (cmpl, {"prompt": "x", "max_tokens": 4, "min_tokens": 5}, "min_tokens", "min_tokens=5 must not exceed max_tokens=4"),
+        (cmpl, {"prompt": "x", "min_tokens": 17}, "min_tokens", "the 16 tokens this request may generate"),
+        (cmpl, {"prompt": "x", "ignore_eos": "yes"}, "ignore_eos", "valid boolean"),
+        (cmpl, {"prompt": "x", "ignore_eos": 1}, "ignore_eos", "valid boolean"),
+        (chat, {"messages": msgs, "max_completion_tokens": 3, "min_tokens": 4}, "min_tokens", "max_tokens=3"),
+        (chat, {"messages": msgs, "max_tokens": 3, "min_tokens": 4}, "min_tokens", "max_tokens=3"),
+        (chat, {"messages": msgs, "min_tokens": 10**6}, "min_tokens", "max_tokens was not given"),
+        (chat, {"messages": msgs, "min_tokens": -1}, "min_tokens", "greater than or equal to 0"),
+        (chat, {"messages": msgs, "ignore_eos": "yes"}, "ignore_eos", "valid boolean"),
+    ]
+    for url, body, param, words in cases:
+        err = _error(httpx.post(url, json={"model": MODEL, **body}, timeout=TIMEOUT), 400)
+        assert err["param"] == param and param in err["message"] and words in err["message"], (body, err)
+    # Accepted through the openai client's extra_body, the way benchmark clients send them.
+    c = client(base)
+    r = c.completions.create(model=MODEL, prompt="Once", max_tokens=5, temperature=0,
+                             extra_body={"ignore_eos": True, "min_tokens": 5})
+    assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+    r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, temperature=0,
+                                  extra_body={"ignore_eos": False, "min_tokens": 4})
+    assert r.usage.completion_tokens >= 4
+
+
 # --------------------------------------------------------------------------- the CLI
 
 

@@ -10,6 +10,7 @@ files of test_eval_lmeval_parity). About 25 s, most of it importing lm-eval.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import threading
@@ -138,6 +139,33 @@ def test_64_concurrent_streams_all_answered_or_503(server, tiny_checkpoint):
     assert h["stats"]["finished_jobs"] - before["finished_jobs"] == len(answered)
     assert h["stats"]["queue_full_requests"] - before["queue_full_requests"] == len(busy)
     assert rss_mb(proc.pid) < idle + 150, "the server's memory returns near its idle level"
+
+
+def _sse_outcome(url: str, path: str, body: dict) -> tuple[int, str]:
+    """(usage.completion_tokens, finish_reason) of a streamed one-choice request, read as a benchmark does."""
+    r = httpx.post(f"{url}{path}", json=body, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    return chunks[-1]["usage"]["completion_tokens"], finishes[0]
+
+
+def test_vllm_benchmark_serving_bodies(server):
+    """The bodies vLLM's benchmark_serving posts (openai-completions and openai-chat backends): with
+    --ignore-eos (and min_tokens = output length, as some of its forks add) every answer is exactly
+    the output length."""
+    url, _ = server
+    prompt, out_len = "Question: what is 2+2?\nAnswer:", 40
+    body = {"model": NAME, "prompt": prompt, "temperature": 0.0, "repetition_penalty": 1.0, "best_of": 1,
+            "max_tokens": out_len, "logprobs": None, "stream": True, "stream_options": {"include_usage": True}}
+    n, finish = _sse_outcome(url, "/v1/completions", body)
+    assert finish == "stop" and n < out_len, "the tiny model's greedy answer must end with EOS here"
+    assert _sse_outcome(url, "/v1/completions", {**body, "ignore_eos": True}) == (out_len, "length")
+    chat = {"model": NAME, "messages": [{"role": "user", "content": prompt}], "temperature": 0.0,
+            "max_completion_tokens": out_len, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            "ignore_eos": True, "min_tokens": out_len}  # min_tokens: the chat stops ("Alice:") wait too
+    assert _sse_outcome(url, "/v1/chat/completions", chat) == (out_len, "length")
 
 
 def test_sigterm_drains_requests_in_flight(tiny_checkpoint):

@@ -368,6 +368,98 @@ def test_metrics_are_prometheus_text(base):
     assert "# TYPE phibook_time_to_first_token_seconds histogram" in text
 
 
+# --------------------------------------------------------------------------- ignore_eos / min_tokens (vLLM's)
+
+
+CMPL, CHAT = "/v1/completions", "/v1/chat/completions"
+
+
+@pytest.fixture(scope="module")
+def eos_heavy(tiny_checkpoint) -> Generator:
+    """The tiny model with an lm_head bias that puts EOS far above every other token (logits are within
+    +-1): greedy picks EOS first, and with EOS masked it picks what the plain model picks."""
+    gen = Generator.from_path(tiny_checkpoint, device="cpu")
+    with torch.no_grad():
+        gen.model.lm_head.bias[gen.tokenizer.eos_id] += 20.0
+    return gen
+
+
+def outcome(url: str, path: str, body: dict) -> tuple[str, str, int]:
+    """(text, finish_reason, usage.completion_tokens) of a one-choice request, streamed or not."""
+    if body.get("stream"):
+        body = {**body, "stream_options": {"include_usage": True}}
+    r = httpx.post(f"{url}{path}", json=body, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    if not body.get("stream"):
+        out = r.json()
+        ch = out["choices"][0]
+        return ch["text"] if path == CMPL else ch["message"]["content"], ch["finish_reason"], \
+            out["usage"]["completion_tokens"]
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    text = "".join(c["text"] if path == CMPL else c["delta"].get("content") or "" for c in choices)
+    finishes = [c["finish_reason"] for c in choices if c["finish_reason"]]
+    assert len(finishes) == 1 and chunks[-1]["choices"] == []
+    return text, finishes[0], chunks[-1]["usage"]["completion_tokens"]
+
+
+def test_ignore_eos_runs_to_max_tokens(eos_heavy):
+    eos_text = eos_heavy.tokenizer.decode([eos_heavy.tokenizer.eos_id])
+    assert eos_text == "<|endoftext|>"
+    prompt = "Once upon a time"
+    assert eos_heavy.run([prompt], SamplingParams(max_new_tokens=8, stop_at_eos=False))[0].text == eos_text * 8
+    with serve_in_thread(_app(eos_heavy)) as url:
+        for stream in (False, True):
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": stream}
+            assert outcome(url, CMPL, body) == ("", "stop", 1), "EOS must come first, or ignore_eos shows nothing"
+            assert outcome(url, CMPL, {**body, "ignore_eos": True}) == (eos_text * 8, "length", 8)
+            # A stop string still ends it: "><" is complete once the second EOS is decoded.
+            assert outcome(url, CMPL, {**body, "ignore_eos": True, "stop": "><"}) == (eos_text[:-1], "stop", 2)
+            # ignore_eos has no EOS to mask: min_tokens changes nothing then.
+            assert outcome(url, CMPL, {**body, "ignore_eos": True, "min_tokens": 3})[0] == eos_text * 8
+            chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 6,
+                    "temperature": 0, "stream": stream}
+            assert outcome(url, CHAT, chat) == ("", "stop", 1)
+            assert outcome(url, CHAT, {**chat, "ignore_eos": True}) == (eos_text * 6, "length", 6)
+
+
+def test_min_tokens_masks_eos_row_by_row_in_one_batch(eos_heavy, generator):
+    prompts = ["Once upon a time", "Alice was", "The quick brown fox", "Bob said"]
+    extras: list[dict] = [{"min_tokens": 5}, {"min_tokens": 2}, {"ignore_eos": True}, {}]
+    eos = eos_heavy.tokenizer.eos_id
+    # With EOS masked the biased model picks what the plain one does (its own greedy has no EOS here).
+    for p in prompts[:2]:
+        assert eos not in generator.run([p], SamplingParams(max_new_tokens=5))[0].token_ids
+    eos_text = eos_heavy.tokenizer.decode([eos])
+    want = [(greedy(generator, prompts[0], 5), "stop", 6),  # 5 tokens, then EOS as the 6th
+            (greedy(generator, prompts[1], 2), "stop", 3),
+            (eos_text * 10, "length", 10),
+            ("", "stop", 1)]
+    # Generator.run (the same rules, another code path) batches the four rows the same way.
+    params = [SamplingParams(max_new_tokens=10, min_tokens=e.get("min_tokens", 0),
+                             stop_at_eos=not e.get("ignore_eos", False)) for e in extras]
+    assert [(c.text, c.finish_reason, c.completion_tokens) for c in eos_heavy.run(prompts, params)] == want
+    bodies = [{"model": MODEL, "prompt": p, "max_tokens": 10, "temperature": 0, "stream": i % 2 == 0, **e}
+              for i, (p, e) in enumerate(zip(prompts, extras))]
+    gate = Gate()
+    with serve_in_thread(_app(eos_heavy, step_hook=gate, max_batch_size=4)) as url:
+        # All four decode in the same steps: a mask that leaked to other rows would keep B (min 2) from
+        # its EOS while A (min 5) is still masked, and put a non-EOS token into C (ignore_eos).
+        threads = [in_thread(outcome, url, CMPL, b) for b in bodies]
+        wait_for(lambda: health(url)["queued"] + health(url)["running"] == 4, "all four requests in")
+        gate.allow(None)
+        assert [joined(*t) for t in threads] == want
+        assert health(url)["stats"]["max_running_seen"] == 4
+        # One at a time and streamed the other way: the same answers.
+        assert [outcome(url, CMPL, {**b, "stream": not b["stream"]}) for b in bodies] == want
+        # Chat: min_tokens through max_completion_tokens, streamed and not.
+        for stream in (False, True):
+            text, finish, n = outcome(url, CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                                  "max_completion_tokens": 9, "min_tokens": 4, "temperature": 0,
+                                                  "stream": stream})
+            assert (finish, n) == ("stop", 5) and eos_text not in text
+
+
 def _app(generator: Generator, **kw):
     from phibook.serve.server import create_app
 

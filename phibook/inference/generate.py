@@ -46,6 +46,7 @@ from phibook.inference.sampling import (  # noqa: F401 (SamplingParams, Completi
     RowSampling,
     SamplingParams,
     build_sampling,
+    mask_eos,
     next_tokens,
     top_k_top_p_filter,
 )
@@ -73,11 +74,13 @@ def prompt_keep(context: int, max_new_tokens: int) -> int:
 class _Batch:
     """Tensors of one running batch; every tensor op happens in inference mode here."""
 
-    def __init__(self, gen: Generator, prompt_ids: list[list[int]], budgets: list[int], sampling: RowSampling):
+    def __init__(self, gen: Generator, prompt_ids: list[list[int]], budgets: list[int], sampling: RowSampling,
+                 decoders: list[RowDecoder]):
         self.model, self.device, self.dtype = gen.model, gen.device, gen.dtype
         self.forward = gen.forward  # the model itself, or the fast path (phibook.inference.fast_decode)
         self.n_real = gen.n_real_vocab
         self.sampling = sampling
+        self.decoders = decoders  # one per row: which rows may not pick EOS yet (min_tokens)
         lengths = [len(p) for p in prompt_ids]
         B, S = len(prompt_ids), max(lengths)
         # The last sampled token is never fed back, hence max budget - 1 slots.
@@ -148,6 +151,7 @@ class _Batch:
         logits = logits.float()
         # Rows past the tokenizer's vocabulary are padding: never produce them.
         logits[:, self.n_real :] = -math.inf
+        mask_eos(logits, self.decoders)  # rows short of their min_tokens
         tokens = next_tokens(logits, self.seen, self.sampling)
         if self.seen is not None:
             self.seen.scatter_(1, tokens.unsqueeze(1), True)
@@ -357,7 +361,7 @@ class Generator:
             p.validate()
         prompt_ids, budgets = self._encode(prompts, params)
         rows = [RowDecoder(self.tokenizer, p, b) for p, b in zip(params, budgets)]
-        batch = _Batch(self, prompt_ids, budgets, build_sampling(params, self.n_real_vocab, self.device))
+        batch = _Batch(self, prompt_ids, budgets, build_sampling(params, self.n_real_vocab, self.device), rows)
         active = [i for i in range(len(prompts)) if rows[i].finish is None]
         stats = RunStats(rows=len(prompts), prompt_tokens=sum(len(r) for r in prompt_ids))
         self.last_stats = stats

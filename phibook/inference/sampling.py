@@ -14,11 +14,16 @@ these, so a row decodes the same whichever runs it:
   row ends: "stop" (EOS, or a stop string, which is cut from the text) or "length" (the token
   budget). ``StopText`` holds back a tail that could be the start of a stop string, and the
   bytes of a half-decoded UTF-8 character, until the next tokens settle them.
+* ``min_tokens`` (vLLM's rule): the first min_tokens tokens never end a row. Before each pick,
+  ``mask_eos`` sets the EOS logit of every row whose ``RowDecoder.ban_eos`` says so to -inf
+  (the model samples something else), and stop strings that end within those tokens' text
+  are not matched.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -40,7 +45,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1 => off; CTRL style, as transformers
     seed: int | None = None  # per-row RNG; None => drawn from torch's global RNG
     stop: list[str] = field(default_factory=list)  # the stop text is not included in the output
-    stop_at_eos: bool = True
+    stop_at_eos: bool = True  # False: EOS is sampled and decoded like any other token (vLLM's ignore_eos)
+    min_tokens: int = 0  # the first min_tokens tokens never end the row: EOS is masked, stop strings wait
 
     def validate(self) -> SamplingParams:
         """Raise PhibookError naming the first bad field; return self so calls chain."""
@@ -65,6 +71,12 @@ class SamplingParams:
             raise bad("seed", "must be an integer in [0, 2**63) or None")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "must be a list of non-empty strings")
+        if not isinstance(self.stop_at_eos, bool):
+            raise bad("stop_at_eos", "must be True or False")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise bad("min_tokens", "must be an integer >= 0")
+        if self.min_tokens > self.max_new_tokens:
+            raise bad("min_tokens", f"must not exceed max_new_tokens={self.max_new_tokens}")
         return self
 
 
@@ -185,6 +197,16 @@ def next_tokens(logits: Tensor, seen: Tensor | None, s: RowSampling) -> Tensor:
     return picks
 
 
+def mask_eos(logits: Tensor, decoders: Sequence[RowDecoder]) -> None:
+    """Set the EOS logit to -inf, in place, in each row of logits (B, V) whose decoder bans EOS
+    now (``RowDecoder.ban_eos``: min_tokens not reached yet); the other rows are untouched."""
+    banned = [i for i, d in enumerate(decoders) if d.ban_eos]
+    if banned:
+        rows = torch.tensor(banned, device=logits.device)
+        eos = torch.tensor([decoders[i].eos for i in banned], device=logits.device)
+        logits[rows, eos] = -math.inf
+
+
 # --------------------------------------------------------------------------- text
 
 
@@ -196,33 +218,37 @@ class StopText:
 
         self.decoder = StreamDecoder(tokenizer)
         self.stops = stops
-        self.longest = max((len(s) for s in stops), default=0)
         self.text = ""
         self.sent = 0  # characters already released
 
-    def push(self, token_id: int) -> tuple[str, bool]:
-        """Add one token; return (newly final text, hit a stop string)."""
-        return self._extend(self.decoder.push(token_id))
+    def push(self, token_id: int, match: bool = True) -> tuple[str, bool]:
+        """Add one token; return (newly final text, hit a stop string).
 
-    def finish(self) -> str:
+        match=False: stop strings that end in this token's text are not looked for (min_tokens);
+        a possible start of one is still held back, since a later token may complete it.
+        """
+        return self._extend(self.decoder.push(token_id), match)
+
+    def finish(self, match: bool = True) -> str:
         """End of row: flush the decoder and release everything left."""
-        delta, stopped = self._extend(self.decoder.flush())
+        delta, stopped = self._extend(self.decoder.flush(), match)
         if stopped:
             return delta
         delta += self.text[self.sent :]
         self.sent = len(self.text)
         return delta
 
-    def _extend(self, piece: str) -> tuple[str, bool]:
+    def _extend(self, piece: str, match: bool) -> tuple[str, bool]:
         if not piece:
             return "", False
         old = len(self.text)
         self.text += piece
-        if self.stops:
+        if self.stops and match:
             # A new match must end inside the new piece, so it starts at most
-            # len(stop) - 1 characters before it.
-            start = max(0, old - self.longest + 1)
-            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+            # len(stop) - 1 characters before it. (Per stop: a shorter stop wholly before the
+            # piece was passed over on purpose, by min_tokens, and must stay so.)
+            found = (self.text.find(s, max(0, old - len(s) + 1)) for s in self.stops)
+            hits = [i for i in found if i >= 0]
             if hits:
                 self.text = self.text[: min(hits)]
                 delta = self.text[self.sent :]
@@ -252,31 +278,43 @@ class RowDecoder:
     either may be empty, and they are kept apart so streams see the same pieces as before.
     ``finish`` becomes "stop" on EOS (when ``stop_at_eos``) or a stop string (cut from the
     text, nothing after it released) and "length" when the token budget is spent.
+
+    ``stop_at_eos`` False (vLLM's ``ignore_eos``): EOS is text like any other token (the
+    tokenizer's ``<|endoftext|>``), so the row runs to its budget or a stop string.
+    ``min_tokens`` N (vLLM's rule): token k may end the row by EOS or a stop string only when
+    k > N, i.e. N tokens come before it; ``ban_eos`` tells the sampler to mask EOS until then
+    (``mask_eos``), and stop strings ending in the first N tokens' text are not matched.
+    Only the budget ("length") ends a row sooner.
     """
 
     def __init__(self, tokenizer: Tokenizer, params: SamplingParams, budget: int) -> None:
         self.text = StopText(tokenizer, list(params.stop))
-        self.eos = tokenizer.eos_id
-        self.stop_at_eos = params.stop_at_eos
+        self.eos: int = tokenizer.eos_id
+        self.stop_at_eos: bool = params.stop_at_eos
+        self.min_tokens: int = params.min_tokens
         self.budget = budget
         self.tokens: list[int] = []
         # A row with no budget (max_new_tokens 0, or a prompt that fills the context) never samples.
         self.finish: str | None = "length" if budget == 0 else None
 
+    @property
+    def ban_eos(self) -> bool:
+        """Whether the next token must not be EOS: it would end the row before min_tokens."""
+        return self.stop_at_eos and self.finish is None and len(self.tokens) < self.min_tokens
+
     def push(self, token: int) -> tuple[str, str]:
         self.tokens.append(token)
-        delta = ""
-        if token == self.eos and self.stop_at_eos:
+        may_end = len(self.tokens) > self.min_tokens
+        if token == self.eos and self.stop_at_eos and may_end:
             self.finish = "stop"
-        else:
-            delta, stopped = self.text.push(token)
-            if stopped:
-                self.finish = "stop"
-            elif len(self.tokens) >= self.budget:
-                self.finish = "length"
-        # A stop string already released all that stays; EOS and length release the held tail.
-        if self.finish is not None and (self.finish == "length" or token == self.eos):
-            return delta, self.text.finish()
+            return "", self.text.finish()  # EOS adds no text and releases the held tail
+        delta, stopped = self.text.push(token, match=may_end)
+        if stopped:
+            self.finish = "stop"
+            return delta, ""  # a stop string already released all that stays
+        if len(self.tokens) >= self.budget:
+            self.finish = "length"
+            return delta, self.text.finish(match=may_end)
         return delta, ""
 
     def completion(self, prompt_tokens: int) -> Completion:

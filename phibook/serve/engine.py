@@ -28,9 +28,9 @@ never clobbers history. The cache therefore has up to context + 1 columns; it st
 smaller and doubles when a row needs more (``SlotCache.reserve``).
 
 Per-row sampling and each token's text and finish reason (EOS, stop strings, length, the
-held-back tail) are phibook.inference.sampling's (``build_sampling``, ``next_tokens``,
-``RowDecoder``), the same that ``Generator`` uses, so a row decodes exactly as
-``Generator.run`` would decode it alone.
+held-back tail, min_tokens' EOS mask) are phibook.inference.sampling's (``build_sampling``,
+``next_tokens``, ``mask_eos``, ``RowDecoder``), the same that ``Generator`` uses, so a row
+decodes exactly as ``Generator.run`` would decode it alone.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from phibook.inference.sampling import (
     RowSampling,
     SamplingParams,
     build_sampling,
+    mask_eos,
     next_tokens,
     stack_sampling,
 )
@@ -522,6 +523,7 @@ class Engine:
         want = [i for i, r in enumerate(rows) if r.job.logprobs is not None]
         raw = logits[want] if want else None  # logprobs are of the model's own distribution
         logits[:, self.n_real :] = -math.inf  # padding rows of the vocabulary: never sampled
+        mask_eos(logits, [r.decoder for r in rows])  # per row: those short of their min_tokens
         sampling = self._sampling_for(rows)
         seen = None
         if sampling.penalty is not None and self.seen is not None:

@@ -118,6 +118,11 @@ class _SamplingFields(_Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="extension: 0 disables")
     repetition_penalty: float = Field(1.0, gt=0.0, description="extension: 1 disables")
+    # vLLM's extensions, sent by benchmark clients (vLLM's benchmark_serving and others). Strict:
+    # "yes" or 1 for ignore_eos, "5" or true for min_tokens are 400s, not guesses.
+    ignore_eos: bool = Field(False, strict=True, description="extension (vLLM): EOS does not end the completion")
+    min_tokens: int = Field(0, ge=0, strict=True,
+                            description="extension (vLLM): the first min_tokens tokens never end the completion")
     n: int = 1
     stop: str | list[str] | None = None
     seed: int | None = None
@@ -169,6 +174,13 @@ def _reject_unsupported(req: _SamplingFields) -> None:
                        code="unsupported_value")
     if getattr(req, "suffix", None):
         raise APIError(400, "suffix (insertion) is not supported", param="suffix", code="unsupported_parameter")
+
+
+def _max_tokens(req: _SamplingFields) -> int | None:
+    """The completion budget the request asked for (chat: max_completion_tokens before max_tokens)."""
+    if isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
+        return req.max_completion_tokens
+    return req.max_tokens
 
 
 def _stop_list(stop: str | list[str] | None) -> list[str]:
@@ -358,9 +370,15 @@ class _Service:
     def params(self, req: _SamplingFields, max_new: int, stops: list[str], choice: int) -> SamplingParams:
         # n > 1: choice j draws from seed + j, so the choices differ but the request is reproducible.
         seed = None if req.seed is None else (req.seed + choice) % 2**63
+        if req.min_tokens > max_new:
+            asked = _max_tokens(req)
+            limit = (f"max_tokens={asked}" if asked is not None else
+                     f"the {max_new} tokens this request may generate (max_tokens was not given)")
+            raise APIError(400, f"min_tokens={req.min_tokens} must not exceed {limit}", param="min_tokens",
+                           code="invalid_value")
         params = SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_k=req.top_k,
                                 top_p=req.top_p, repetition_penalty=req.repetition_penalty, seed=seed,
-                                stop=stops, stop_at_eos=True)
+                                stop=stops, stop_at_eos=not req.ignore_eos, min_tokens=req.min_tokens)
         try:
             params.validate()
         except PhibookError as exc:
@@ -662,7 +680,7 @@ def create_app(
         prompt = render_chat(req.messages)
         stops = _stop_list(req.stop)
         stops = stops + [s for s in CHAT_STOPS if s not in stops]
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        max_tokens = _max_tokens(req)
         row = service.encode(prompt, "messages")
         budget = service.budget(len(row), "messages", max_tokens, None)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
