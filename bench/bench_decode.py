@@ -67,7 +67,7 @@ from common import (  # noqa: E402
 )
 
 BASE_SYSTEMS = ("transformers", "phibook", "phibook-fast")
-QUANT_SYSTEMS = {"phibook-int8": "int8", "phibook-int4": "int4"}
+QUANT_SYSTEMS = {"phibook-int8": "int8", "phibook-w8a8": "w8a8", "phibook-int4": "int4"}
 LLAMA_SYSTEMS = ("llama.cpp", "llama.cpp-q8_0")
 GGUF_TYPE = {"fp32": "f32", "bf16": "bf16"}
 

@@ -132,6 +132,16 @@ def test_a_kernel_with_a_wrong_answer_is_refused(fresh_verdicts: Path, monkeypat
         assert (q(x) - exact).abs().max().item() <= 1e-5
 
 
+def test_w8a8_refused_kernel_falls_back_to_the_int8_path(fresh_verdicts: Path, monkeypatch) -> None:
+    monkeypatch.setenv(K.FAULT_ENV, "w8a8:crash")
+    linear = torch.nn.Linear(128, 64)
+    q, ref = Q.Int8Linear.from_linear(linear, w8a8=True), Q.Int8Linear.from_linear(linear)
+    assert q._w8a8 is None
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(q(x), ref(x))
+
+
 def test_refused_onednn_and_inductor_fall_back(fresh_verdicts: Path, monkeypatch) -> None:
     from phibook.inference.compiled import StaticStep
     from phibook.inference.fast_decode import FastForward, can_pack

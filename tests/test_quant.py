@@ -57,9 +57,11 @@ def _kl(ref: torch.Tensor, got: torch.Tensor) -> float:
 
 
 # Stated tolerances on the tiny random model (std 0.02 init; measured max |d logit| about
-# 0.004 int8, 0.03 int4, KL 2e-6 / 1e-4): a few times the measured error, far below what a
-# wrong scale, zero point or dropped bias gives (>= 0.1 and KL >= 1e-2).
-TOL = {"int8": (0.02, 2e-5), "int4": (0.15, 1e-3), "int4-g128": (0.2, 2e-3)}
+# 0.004-0.007 int8, 0.011 w8a8 (AVX-512 VNNI, 8-bit activations), 0.03 int4, KL 2e-6 / 3e-6 /
+# 1e-4): a few times the measured error (w8a8's leaves room for 7-bit activations on CPUs
+# without VNNI), far below what a wrong scale, zero point or dropped bias gives (>= 0.1 and
+# KL >= 1e-2).
+TOL = {"int8": (0.02, 2e-5), "w8a8": (0.05, 1e-4), "int4": (0.15, 1e-3), "int4-g128": (0.2, 2e-3)}
 
 
 @pytest.mark.parametrize("mode", Q.MODES)
@@ -95,6 +97,32 @@ def test_kernel_and_dequantized_paths_agree(mode: str) -> None:
     assert (many - exact).abs().max().item() <= 1e-4
     # The kernels take bf16 activations and give bf16 outputs: ~3 significant digits.
     assert (few - exact).abs().max().item() <= 0.02 * exact.abs().max().item()
+
+
+def _w8a8_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What quantizing one call's activations to 7 bits over their range can cost, per output."""
+    step = float(x.max().clamp_min(0) - x.min().clamp_max(0)) / 127
+    return 0.51 * step * w.double().abs().sum(1) + 1e-4
+
+
+def test_w8a8_runs_int8_activations_within_their_rounding() -> None:
+    """w8a8 uses the same int8 weights as int8; only the activations are rounded (one scale a call)."""
+    linear = torch.nn.Linear(256, 96)
+    q = Q.Int8Linear.from_linear(linear, w8a8=True)
+    ref = Q.Int8Linear.from_linear(linear)
+    assert torch.equal(q.weight_int8, ref.weight_int8) and torch.equal(q.scales, ref.scales)
+    if Q.w8a8_engine() is None:
+        pytest.skip("no W8A8 engine on this CPU (fbgemm needs x86 with AVX2): the int8 path runs")
+    assert q._w8a8 is not None
+    w = q.dequantize()
+    for rows in (1, 5, 64, 300):
+        x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
+        with torch.inference_mode():
+            got = q(x)
+        exact = torch.nn.functional.linear(x.double(), w.double(), q.bias.double())
+        err = (got.double() - exact).abs()
+        assert bool((err <= _w8a8_bound(x, w)).all()), f"rows={rows}: max error {err.max():.3g}"
+        assert err.max().item() > 0  # activations really were rounded: not the fp32 path
 
 
 def test_many_rows_path_works_inside_and_outside_inference_mode() -> None:
@@ -142,7 +170,8 @@ def test_int4_is_kept_in_phibooks_own_layout(shape: tuple[int, int]) -> None:
 def test_cat_rows_is_exact() -> None:
     a, b = torch.nn.Linear(128, 96), torch.nn.Linear(128, 64)
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2))
-    for make in (Q.Int8Linear.from_linear, Q.Int4Linear.from_linear):
+    w8a8 = lambda lin: Q.Int8Linear.from_linear(lin, w8a8=True)  # noqa: E731
+    for make in (Q.Int8Linear.from_linear, w8a8, Q.Int4Linear.from_linear):
         qa, qb = make(a), make(b)
         both = Q.cat_rows(qa, qb)
         with torch.inference_mode():
@@ -156,7 +185,7 @@ def test_head_can_stay_full_precision() -> None:
 
 
 def test_bad_mode_and_bad_shape_are_clear_errors() -> None:
-    with pytest.raises(PhibookError, match="unknown quantization 'int3'; use one of: int8, int4, int4-g128"):
+    with pytest.raises(PhibookError, match="unknown quantization 'int3'; use one of: int8, w8a8, int4, int4-g128"):
         Q.quantize_(_model(), "int3")
     with pytest.raises(PhibookError, match="int4 needs in_features divisible by"):
         Q.Int4Linear.from_linear(torch.nn.Linear(100, 64))
@@ -221,10 +250,10 @@ def _greedy(forward, model: PhiModel, prompt: list[int], n: int) -> list[int]:
 # top-1 agreement 205/205 int8, 201-205/205 int4; max |d logit| 0.15-0.17 int8, 1.9-2.0 int4;
 # worst prompt's mean KL 1.0-1.6e-4 int8, 7.9-8.9e-3 int4. The bounds leave about 3x room for
 # other CPUs and stay far below what a wrong scale or layout gives (agreement < 0.5, KL > 0.1).
-AGREEMENT = {"int8": (0.95, 0.5, 1e-3), "int4": (0.9, 5.0, 3e-2)}
+AGREEMENT = {"int8": (0.95, 0.5, 1e-3), "w8a8": (0.95, 1.0, 3e-3), "int4": (0.9, 5.0, 3e-2)}
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "w8a8", "int4"])
 def test_greedy_continuation_is_stable_on_a_trained_model(trained, mode: str) -> None:
     """The quantized model picks the fp32 model's next token at >= 95% (int8) / 90% (int4) of the
     positions of the fp32 greedy continuations, with bounded logit error and KL."""
@@ -246,7 +275,7 @@ def test_greedy_continuation_is_stable_on_a_trained_model(trained, mode: str) ->
     assert worst <= max_abs and kl <= kl_max, f"{mode}: max |d logit| {worst:.3g}, mean KL {kl:.3g}"
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "w8a8", "int4"])
 def test_fast_path_runs_quantized_model_with_the_same_logits(mode: str) -> None:
     quantized = Q.quantize_(_model(), mode)
     keep = copy.deepcopy(quantized)
@@ -274,7 +303,7 @@ def test_save_and_reload_give_identical_outputs(tiny_checkpoint: Path, tmp_path:
         assert "quantized to" in notes[-1] and f"saved quant-{mode}.safetensors" in notes[-1]
         weights, info = Q.quant_paths(ckpt, mode)
         meta = json.loads(info.read_text())
-        assert meta["mode"] == mode and meta["group_size"] == {"int8": 0, "int4": 32, "int4-g128": 128}[mode]
+        assert meta["mode"] == mode and meta["group_size"] == {"int8": 0, "w8a8": 0, "int4": 32, "int4-g128": 128}[mode]
         second = Generator.from_path(ckpt, quant=mode, log=notes.append, fast=True)
         assert not any("quantized to" in n for n in notes[-1:])  # read from the file, not re-quantized
         prompts = ["The students counted", "def fibonacci(n):"]

@@ -12,7 +12,7 @@ DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 DTYPE_AUTO_HELP = ("auto: bf16 where the CPU runs it natively (AVX512-BF16 or AMX) or on CUDA, else fp32; "
                    "the choice is printed once on stderr")
-QUANT_CHOICES = ("int8", "int4", "int4-g128")
+QUANT_CHOICES = ("int8", "w8a8", "int4", "int4-g128")
 
 
 def unescape(text: str) -> str:
@@ -56,9 +56,11 @@ def add_quant_args(parser: argparse.ArgumentParser) -> None:
     """--quant and --save-quant (generate, chat, eval, serve)."""
     parser.add_argument(
         "--quant", choices=QUANT_CHOICES, default=None,
-        help="weight-only quantized linears on the CPU: int8 (per output channel) or int4 (groups of 32 input "
-        "channels; int4-g128: groups of 128). Read from quant-MODE.safetensors beside the checkpoint when it "
-        "matches the weights, else quantized at load (default: off)",
+        help="quantized linears on the CPU: int8 (weights per output channel, bf16 activations), w8a8 (the same "
+        "weights run int8 x int8, activations quantized per call: faster, and a row's result depends a little "
+        "on the rows batched with it), or int4 (groups of 32 input channels; int4-g128: groups of 128). Read "
+        "from quant-MODE.safetensors beside the checkpoint when it matches the weights, else quantized at load "
+        "(default: off)",
     )
     parser.add_argument(
         "--save-quant", action=argparse.BooleanOptionalAction, default=True,

@@ -262,7 +262,7 @@ class Generator:
 
         dtype: a torch.dtype, a name (fp32, bf16, ...) or "auto" (bf16 only where the CPU has
         AVX512-BF16 or AMX, else fp32; see phibook.inference.load.choose_dtype).
-        quant: None, "int8", "int4" or "int4-g128": weight-only quantized linears
+        quant: None, "int8", "w8a8", "int4" or "int4-g128": quantized linears
         (phibook.inference.quant), read from quant-<mode>.safetensors beside the checkpoint when
         it matches, else quantized now and saved there when ``save_quant``.
         fast=True packs the weights for phibook.inference.fast_decode and frees the

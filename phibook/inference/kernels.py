@@ -21,7 +21,8 @@ packs differently on AVX-512 than on AVX2. So before phibook calls one of these 
 A probe that runs past its time limit refuses the kernel for this process only (a busy
 machine is no verdict), so it is probed again next time.
 
-Kernels (``KERNELS``): ``int8pack`` (``_weight_int8pack_mm``), ``int4pack``
+Kernels (``KERNELS``): ``int8pack`` (``_weight_int8pack_mm``), ``w8a8`` (fbgemm's
+``quantized.linear_prepack`` + ``linear_dynamic``), ``int4pack``
 (``_convert_weight_to_int4pack_for_cpu`` + ``_weight_int4pack_mm_for_cpu``), ``onednn-fp32`` /
 ``onednn-bf16`` / ``onednn-fp16`` (``mkldnn._reorder_linear_weight`` + ``_linear_pointwise``,
 FastForward's prepacked linears) and ``inductor`` (``torch.compile`` on the CPU, ``--compile``).
@@ -143,6 +144,29 @@ def _probe_int4pack() -> None:
             _check("int4pack", got, x.double() @ w.T, _tolerance(x, w), f"n={n} k={k} group={group} rows={rows}")
 
 
+def _probe_w8a8() -> None:
+    from phibook.inference.quant import w8a8_engine, w8a8_linear, w8a8_pack
+
+    engine = w8a8_engine()
+    if engine is None:
+        raise Unsupported("no W8A8 engine for this CPU (fbgemm needs x86 with AVX2)")
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((96, 64), (768, 256)):
+        q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        scales = (torch.rand(n, generator=g) * 0.02 + 1e-3).bfloat16().float()
+        bias = torch.randn(n, generator=g) * 0.1
+        packed = w8a8_pack(q, scales, bias, engine[0])
+        w = q.double() * scales.double()[:, None]
+        for rows in (1, 2, 3, 8, 16, 17, 33, 64):
+            x = torch.randn(rows, k, generator=g) + 0.5  # not centred: the zero point matters
+            got = w8a8_linear(x, packed, engine[1])
+            # Activations get 7 bits (reduce_range) or 8 over the call's range, so each is off
+            # by at most half a step: bound the sum by that times |w|. A wrong layout is off by O(1).
+            step = float(x.max().clamp_min(0) - x.min().clamp_max(0)) / (127 if engine[1] else 255)
+            bound = (0.51 * step) * w.abs().sum(1) + 1e-4 * (1 + (x.double() @ w.T).abs())
+            _check("w8a8", got, x.double() @ w.T + bias.double(), bound, f"n={n} k={k} rows={rows}")
+
+
 def _probe_onednn(dtype: torch.dtype) -> Callable[[], None]:
     def probe() -> None:
         name = f"onednn-{DTYPE_SHORT[dtype]}"
@@ -191,6 +215,7 @@ DTYPE_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 KERNELS: dict[str, Callable[[], None]] = {
     "int8pack": _probe_int8pack,
     "int4pack": _probe_int4pack,
+    "w8a8": _probe_w8a8,
     "onednn-fp32": _probe_onednn(torch.float32),
     "onednn-bf16": _probe_onednn(torch.bfloat16),
     "onednn-fp16": _probe_onednn(torch.float16),

@@ -66,7 +66,7 @@ def load_inference_model(
 ):
     """A LoadedModel (phibook.weights.checkpoint) ready for inference, quantized when asked.
 
-    quant: None | "int8" | "int4" | "int4-g128". The quantized weights come from
+    quant: None | "int8" | "w8a8" | "int4" | "int4-g128". The quantized weights come from
     ``quant-<mode>.safetensors`` beside the checkpoint when it matches the checkpoint
     (fingerprint and time); otherwise the model is quantized now and, with ``save_quant``,
     the result is written there (atomically) for the next load. ``loaded.load_seconds`` is

@@ -10,7 +10,16 @@ Kernels: PyTorch's own, nothing extra to install (torchao 0.18 was measured: on 
 it routes int4 to the same ``_weight_int4pack_mm_for_cpu`` and int8 to a dequantize +
 matmul or an int32 matmul fallback, both slower; it ships no CPU kernels of its own).
 
-* int8: symmetric, one scale per output channel, ``torch.ops.aten._weight_int8pack_mm``.
+* int8: symmetric, one scale per output channel, ``torch.ops.aten._weight_int8pack_mm``
+  (W8A16: the activations stay bf16).
+* w8a8: the same saved int8 weights, run as int8 x int8 with int32 accumulation (as llama.cpp's
+  q8_0 does): activations are quantized at run time by fbgemm's dynamic linear
+  (``torch.ops.quantized.linear_dynamic``; asymmetric uint8, one scale for all rows of a call),
+  the weights repacked for it at load. The engine's options come from the CPU's flags
+  (``w8a8_engine``): fbgemm on x86 with AVX2; without VNNI its u8 x s8 dot products go through
+  saturating 16-bit sums, so activations keep 7 bits (``reduce_range``). One scale per call means
+  a row's result depends a little on the rows beside it (a batch, a prompt's other tokens):
+  ``int8`` keeps results independent of batching; ``w8a8`` trades that for speed.
 * int4: asymmetric, one (scale, zero) per group of 32 (or 128) input channels
   (w = (q - 8) * scale + zero, q in 0..15), kept in phibook's own layout (two values a byte,
   input channel 2j in the low nibble of byte j, 2j+1 in the high one): that is what is saved,
@@ -62,7 +71,7 @@ from phibook import io
 from phibook.errors import PhibookError
 from phibook.inference.kernels import aligned_input, aligned_owned, kernel_ok
 
-MODES = ("int8", "int4", "int4-g128")
+MODES = ("int8", "w8a8", "int4", "int4-g128")
 KERNEL_DTYPE = torch.bfloat16
 # At this many input rows or more, a quantized linear dequantizes and runs F.linear (see module
 # doc). Measured crossovers, one 8192 x 2048 linear, one thread (bench_quant.py gemm): int8 kernel
@@ -81,6 +90,8 @@ def parse_mode(mode: str | None) -> tuple[str, int] | None:
         return None
     if mode == "int8":
         return "int8", 0
+    if mode == "w8a8":
+        return "w8a8", 0
     if mode == "int4":
         return "int4", 32
     if mode == "int4-g128":
@@ -131,26 +142,68 @@ def _chunked_linear(x2: Tensor, n: int, k: int, fill: Callable[[Tensor, int, int
     return y
 
 
-class Int8Linear(nn.Module):
-    """y = x @ (q * scale)^T + b with q int8 (out, in) and one scale per output channel."""
+def w8a8_engine() -> tuple[str, bool] | None:
+    """(PyTorch quantized engine, reduce_range) for W8A8 on this CPU, from its flags; None when
+    there is none (fbgemm needs x86 with AVX2)."""
+    from phibook.cpu_features import cpu_flags, read_cpuinfo
 
-    def __init__(self, weight_int8: Tensor, scales: Tensor, bias: Tensor | None) -> None:
+    flags = cpu_flags(read_cpuinfo()) or set()
+    if "avx2" not in flags or "fbgemm" not in torch.backends.quantized.supported_engines:
+        return None
+    return "fbgemm", not ({"avx512_vnni", "avx_vnni"} & flags)
+
+
+def w8a8_pack(weight_int8: Tensor, scales: Tensor, bias: Tensor | None, engine: str) -> torch.ScriptObject:
+    """fbgemm's packed form of per-channel int8 weights (q * scale exactly: the scales are
+    bf16-exact, so q * scale / scale rounds back to q). Built on this CPU, never saved."""
+    import warnings
+
+    torch.backends.quantized.engine = engine
+    n = weight_int8.shape[0]
+    with warnings.catch_warnings():
+        # PyTorch 2.13 marks quantized tensor constructors deprecated; linear_prepack still takes one.
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        qw = torch.quantize_per_channel(weight_int8.float() * scales[:, None], scales.double(),
+                                        torch.zeros(n, dtype=torch.long), 0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.float())
+
+
+def w8a8_linear(x2: Tensor, packed: torch.ScriptObject, reduce_range: bool) -> Tensor:
+    """(rows, in) fp32 -> (rows, out) fp32 through fbgemm's dynamic int8 linear (bias included)."""
+    return torch.ops.quantized.linear_dynamic(x2, packed, reduce_range)
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale)^T + b with q int8 (out, in) and one scale per output channel.
+
+    ``w8a8``: run as int8 x int8 (activations quantized per call, see the module docstring)
+    when the ``w8a8`` kernel passed its check on this CPU; the saved weights are the same.
+    """
+
+    def __init__(self, weight_int8: Tensor, scales: Tensor, bias: Tensor | None, w8a8: bool = False) -> None:
         super().__init__()
         self.out_features, self.in_features = weight_int8.shape
+        self.w8a8 = w8a8
         self.register_buffer("weight_int8", aligned_owned(weight_int8))
         self.register_buffer("scales", aligned_owned(scales.float()))  # bf16-exact fp32
         self.register_buffer("bias", None if bias is None else aligned_owned(bias.float()))
         self.register_buffer("_scales_k", aligned_owned(self.scales.to(KERNEL_DTYPE)), persistent=False)
         # Decided once here, not per call on the decode path (as Int4Linear does).
         self._kernel = kernel_ok("int8pack")
+        self._w8a8: torch.ScriptObject | None = None
+        self._reduce_range = False
+        engine = w8a8_engine() if w8a8 else None
+        if engine is not None and kernel_ok("w8a8"):
+            self._w8a8 = w8a8_pack(self.weight_int8, self.scales, self.bias, engine[0])
+            self._reduce_range = engine[1]
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear, w8a8: bool = False) -> Int8Linear:
         w = linear.weight.detach().float()
         amax = w.abs().amax(dim=1)
         scales = _bf16_exact(torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)), round_up=True)
         q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
-        return cls(q, scales, linear.bias)
+        return cls(q, scales, linear.bias, w8a8)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return (self.weight_int8.to(torch.float32) * self.scales[:, None]).to(dtype)
@@ -161,6 +214,8 @@ class Int8Linear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if x.device.type != "cpu":
             y = F.linear(x2, self.dequantize(x.dtype), bias)
+        elif self._w8a8 is not None:  # every row count: int8 GEMM beats fp32 GEMM too
+            y = w8a8_linear(x2.float().contiguous(), self._w8a8, self._reduce_range).to(x.dtype)
         elif x2.shape[0] >= DEQUANT_ROWS["int8"] or not self._kernel:
             # Per-row scales factor out of the dot product: the int8 values converted to float
             # (chunk by chunk, into a reused buffer), the scales applied to the result.
@@ -179,7 +234,8 @@ class Int8Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+        kind = "w8a8" if self.w8a8 else "int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind} per-channel"
 
 
 # --------------------------------------------------------------------------- int4
@@ -279,9 +335,10 @@ QuantLinear = (Int8Linear, Int4Linear)
 def cat_rows(a: nn.Module, b: nn.Module) -> nn.Module | None:
     """One quantized linear computing [a(x) | b(x)] (rows stacked), or None when they cannot be
     stacked exactly. Per-row quantization makes stacking exact: no value is re-quantized."""
-    if isinstance(a, Int8Linear) and isinstance(b, Int8Linear) and a.in_features == b.in_features:
+    if (isinstance(a, Int8Linear) and isinstance(b, Int8Linear) and a.in_features == b.in_features
+            and a.w8a8 == b.w8a8):
         bias = None if a.bias is None or b.bias is None else torch.cat([a.bias, b.bias])
-        return Int8Linear(torch.cat([a.weight_int8, b.weight_int8]), torch.cat([a.scales, b.scales]), bias)
+        return Int8Linear(torch.cat([a.weight_int8, b.weight_int8]), torch.cat([a.scales, b.scales]), bias, a.w8a8)
     if (isinstance(a, Int4Linear) and isinstance(b, Int4Linear) and a.in_features == b.in_features
             and a.group_size == b.group_size):
         bias = None if a.bias is None or b.bias is None else torch.cat([a.bias, b.bias])
@@ -325,8 +382,8 @@ def quantize_(model: nn.Module, mode: str, include_head: bool = True) -> nn.Modu
     for name, parent, attr, linear in _quant_targets(model, include_head):
         if linear.weight.device.type != "cpu":
             raise PhibookError(f"--quant {mode} runs on the CPU only; the model is on {linear.weight.device}")
-        if kind == "int8" or name == "lm_head":
-            new: nn.Module = Int8Linear.from_linear(linear)
+        if kind in ("int8", "w8a8") or name == "lm_head":
+            new: nn.Module = Int8Linear.from_linear(linear, w8a8=kind == "w8a8")
         else:
             new = Int4Linear.from_linear(linear, group)
         setattr(parent, attr, new)
@@ -450,7 +507,7 @@ def _apply_saved(model: nn.Module, weights: Path, mode: str) -> None:
                     if tuple(q.shape) != (n, k):
                         raise PhibookError(f"{weights}: {name}.weight_int8 has shape {list(q.shape)}, the model "
                                            f"expects {[n, k]}")
-                    new: nn.Module = Int8Linear(q, tensor(f"{name}.scales"), bias)
+                    new: nn.Module = Int8Linear(q, tensor(f"{name}.scales"), bias, w8a8=kind == "w8a8")
                 elif f"{name}.weight_int4" in keys and kind == "int4":
                     packed, sz = tensor(f"{name}.weight_int4"), tensor(f"{name}.scales_zeros")
                     if tuple(packed.shape) != (n, k // 2) or tuple(sz.shape) != (k // group, n, 2):
