@@ -18,6 +18,16 @@ over rounds). Output tokens are the server's usage count (phibook) or one per st
 first chunk that carries a choice. The llama.cpp peer is skipped, with the reason
 printed, when llama-cpp-python (extra ``llamacpp``) or the GGUF cannot be had.
 
+``--llama-server PATH`` runs llama.cpp's own C++ server instead of llama-cpp-python's
+(``llama-server -m GGUF -np <largest client count> -c <context x slots> -t --threads``: one
+slot a client, continuous batching); build just that target from the source llama-cpp-python's
+sdist carries under vendor/llama.cpp (cmake ... && cmake --build B --target llama-server).
+With ``--quant int8|w8a8`` llama.cpp gets the q8_0 export of the same weights.
+
+Every request asks for all its tokens (``ignore_eos``, vLLM's extension, which both servers
+accept), and a request that returns fewer than --max-tokens stops the run: a fast server that
+answers early measures nothing.
+
 Goal (issue 14): phibook at 16 clients >= llama.cpp at 16 clients, and >= 3x phibook at 1.
 """
 
@@ -115,6 +125,10 @@ async def level(url: str, clients: int, requests: int, body: dict, usage: bool) 
         results = await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - start
     flat = [r for rs in results for r in rs]
+    short = [r[2] for r in flat if r[2] != body["max_tokens"]]
+    if short:
+        raise SystemExit(f"{url}: {len(short)} of {len(flat)} requests returned {sorted(set(short))} tokens, not "
+                         f"the {body['max_tokens']} asked for (ignore_eos): their timing would mean nothing")
     return {"wall": wall, "tokens": sum(r[2] for r in flat), "latency": [r[0] for r in flat],
             "ttft": [r[1] for r in flat]}
 
@@ -126,17 +140,20 @@ def pct(xs: list[float], q: float) -> float:
 
 def llama_peer(args, tmp: Path) -> tuple[Path | None, str]:
     """The GGUF for llama.cpp's server, or None and why it is skipped."""
-    if importlib.util.find_spec("llama_cpp") is None:
+    if args.llama_server is not None:
+        if not args.llama_server.is_file():
+            return None, f"--llama-server {args.llama_server} does not exist"
+    elif importlib.util.find_spec("llama_cpp") is None:
         return None, "llama-cpp-python is not installed (pip install -e '.[llamacpp]' builds it)"
     probe = subprocess.run([sys.executable, "-c", "import llama_cpp.server.app"], capture_output=True, text=True)
-    if probe.returncode != 0:
+    if args.llama_server is None and probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["?"])[-1]
         return None, (f"llama_cpp.server does not import ({last}); it needs llama-cpp-python's [server] extra: "
                       "pip install 'llama-cpp-python[server]==0.3.36'")
     if args.gguf:
         return args.gguf, ""
     out = tmp / "model.gguf"
-    gguf_type = {"fp32": "f32", "bf16": "bf16"}[args.dtype]
+    gguf_type = "q8_0" if args.quant in ("int8", "w8a8") else {"fp32": "f32", "bf16": "bf16"}[args.dtype]
     proc = subprocess.run([*PHIBOOK, "export", str(args.model), str(out), "--format", "gguf", "--gguf-type", gguf_type],
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -157,6 +174,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads (default: all cores)")
     ap.add_argument("--systems", nargs="+", default=["phibook", "llama.cpp"], choices=["phibook", "llama.cpp"])
+    ap.add_argument("--llama-server", type=Path, metavar="PATH",
+                    help="llama.cpp's C++ llama-server binary for the llama.cpp system (default: llama-cpp-python's "
+                         "python -m llama_cpp.server)")
     ap.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = ap.parse_args()
     if not args.model.exists():
@@ -164,7 +184,7 @@ def main() -> None:
 
     words = TEXT.split()
     prompt = " ".join(words[i % len(words)] for i in range(max(1, int(args.prompt_len * 0.75))))
-    body = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0, "stream": True}
+    body = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
     n_ctx = 2048
     with contextlib.suppress(OSError, ValueError, KeyError):
         n_ctx = json.loads((args.model / "config.json").read_text()).get("max_seq_len", n_ctx)
@@ -186,9 +206,15 @@ def main() -> None:
             else:
                 port = free_port()
                 urls["llama.cpp"] = f"http://127.0.0.1:{port}"
-                cmds["llama.cpp"] = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host",
-                                     "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads",
-                                     str(args.threads)]
+                if args.llama_server is not None:
+                    slots = max(args.clients)
+                    cmds["llama.cpp"] = [str(args.llama_server), "-m", str(gguf), "--host", "127.0.0.1", "--port",
+                                         str(port), "-np", str(slots), "-c", str(n_ctx * slots), "-t",
+                                         str(args.threads), "-tb", str(args.threads), "--no-webui"]
+                else:
+                    cmds["llama.cpp"] = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host",
+                                         "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads",
+                                         str(args.threads)]
         systems = list(urls)
         raw: dict[str, dict[int, list[dict]]] = {s: {c: [] for c in args.clients} for s in systems}
         with contextlib.ExitStack() as stack:
