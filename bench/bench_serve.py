@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib.util
+import itertools
 import json
 import os
 import socket
@@ -77,10 +78,17 @@ def wait_ready(url: str, proc: subprocess.Popen, what: str, timeout: float = 600
 
 @contextlib.contextmanager
 def server(cmd: list[str], url: str, what: str, env: dict | None = None) -> Iterator[None]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    log = tempfile.TemporaryFile()  # the server's own output, shown when it fails
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         wait_ready(url, proc, what)
         yield
+    except BaseException:
+        log.seek(0)
+        tail = log.read().decode(errors="replace").splitlines()[-15:]
+        state = f"exited with {proc.returncode}" if proc.poll() is not None else "still running"
+        print(f"{what} ({state}); the last lines it printed:\n" + "\n".join(tail), file=sys.stderr)
+        raise
     finally:
         proc.terminate()
         try:
@@ -118,11 +126,14 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, usage: bo
 
 async def level(url: str, clients: int, requests: int, body: dict, usage: bool) -> dict:
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as client:
-        async def worker() -> list[tuple[float, float, int]]:
-            return [await one_request(client, url, body, usage) for _ in range(requests)]
+        async def worker(w: int) -> list[tuple[float, float, int]]:
+            # A prompt of its own per request (a distinct first word): a server's prompt cache
+            # (llama-server reuses a slot's matching prefix) must not skip the prefill it times.
+            return [await one_request(client, url, {**body, "prompt": f"{next(TAGS)} {body['prompt']}"}, usage)
+                    for _ in range(requests)]
 
         start = time.perf_counter()
-        results = await asyncio.gather(*(worker() for _ in range(clients)))
+        results = await asyncio.gather(*(worker(w) for w in range(clients)))
         wall = time.perf_counter() - start
     flat = [r for rs in results for r in rs]
     short = [r[2] for r in flat if r[2] != body["max_tokens"]]
@@ -131,6 +142,9 @@ async def level(url: str, clients: int, requests: int, body: dict, usage: bool) 
                          f"the {body['max_tokens']} asked for (ignore_eos): their timing would mean nothing")
     return {"wall": wall, "tokens": sum(r[2] for r in flat), "latency": [r[0] for r in flat],
             "ttft": [r[1] for r in flat]}
+
+
+TAGS = (f"Note{i}:" for i in itertools.count())
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -166,7 +180,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True, help="phibook checkpoint (or HF phi directory) to serve")
     ap.add_argument("--gguf", type=Path, help="GGUF for llama.cpp (default: phibook export of --model)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--quant", choices=["int8", "int4", "int4-g128"], help="phibook serve --quant (phibook only)")
+    ap.add_argument("--quant", choices=["int8", "w8a8", "int4", "int4-g128"],
+                    help="phibook serve --quant; llama.cpp gets the q8_0 export for int8 and w8a8")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--requests", type=int, default=4, help="requests per client per level (default: 4)")
     ap.add_argument("--max-tokens", type=int, default=64)
