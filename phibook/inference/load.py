@@ -51,7 +51,7 @@ def describe_choice(dtype: torch.dtype, why: str, quant: str | None) -> str:
     name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
     line = f"dtype: {name} ({why})"
     if quant == "w8a8":
-        line += "; linear weights and LM head w8a8 (int8 weights, activations quantized to int8 per call)"
+        line += "; linear weights and LM head w8a8 (int8 weights; activations rounded to int8 per call)"
     elif quant:
         head = "" if quant == "int8" else ", LM head int8"
         line += f"; linear weights {quant}{head} (the int kernels take bf16 activations)"

@@ -69,7 +69,14 @@ from torch import Tensor, nn
 
 from phibook import io
 from phibook.errors import PhibookError
-from phibook.inference.kernels import aligned_input, aligned_owned, kernel_ok
+from phibook.inference.kernels import (
+    aligned_input,
+    aligned_owned,
+    kernel_ok,
+    w8a8_engine,
+    w8a8_linear,
+    w8a8_pack,
+)
 
 MODES = ("int8", "w8a8", "int4", "int4-g128")
 KERNEL_DTYPE = torch.bfloat16
@@ -140,37 +147,6 @@ def _chunked_linear(x2: Tensor, n: int, k: int, fill: Callable[[Tensor, int, int
         fill(w, start, r)
         y[:, start : start + r] = F.linear(x2, w)
     return y
-
-
-def w8a8_engine() -> tuple[str, bool] | None:
-    """(PyTorch quantized engine, reduce_range) for W8A8 on this CPU, from its flags; None when
-    there is none (fbgemm needs x86 with AVX2)."""
-    from phibook.cpu_features import cpu_flags, read_cpuinfo
-
-    flags = cpu_flags(read_cpuinfo()) or set()
-    if "avx2" not in flags or "fbgemm" not in torch.backends.quantized.supported_engines:
-        return None
-    return "fbgemm", not ({"avx512_vnni", "avx_vnni"} & flags)
-
-
-def w8a8_pack(weight_int8: Tensor, scales: Tensor, bias: Tensor | None, engine: str) -> torch.ScriptObject:
-    """fbgemm's packed form of per-channel int8 weights (q * scale exactly: the scales are
-    bf16-exact, so q * scale / scale rounds back to q). Built on this CPU, never saved."""
-    import warnings
-
-    torch.backends.quantized.engine = engine
-    n = weight_int8.shape[0]
-    with warnings.catch_warnings():
-        # PyTorch 2.13 marks quantized tensor constructors deprecated; linear_prepack still takes one.
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-        qw = torch.quantize_per_channel(weight_int8.float() * scales[:, None], scales.double(),
-                                        torch.zeros(n, dtype=torch.long), 0, torch.qint8)
-    return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.float())
-
-
-def w8a8_linear(x2: Tensor, packed: torch.ScriptObject, reduce_range: bool) -> Tensor:
-    """(rows, in) fp32 -> (rows, out) fp32 through fbgemm's dynamic int8 linear (bias included)."""
-    return torch.ops.quantized.linear_dynamic(x2, packed, reduce_range)
 
 
 class Int8Linear(nn.Module):
