@@ -38,6 +38,7 @@ file buffer, which safetensors can hand back 8 bytes off).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -97,9 +98,10 @@ def aligned_input(x: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- W8A8 (fbgemm)
 
 
+@functools.cache
 def w8a8_engine() -> tuple[str, bool] | None:
     """(PyTorch quantized engine, reduce_range) for W8A8 on this CPU, from its flags; None when
-    there is none (fbgemm needs x86 with AVX2)."""
+    there is none (fbgemm needs x86 with AVX2). Read once a process: every Int8Linear asks."""
     from phibook.cpu_features import cpu_flags, read_cpuinfo
 
     flags = cpu_flags(read_cpuinfo()) or set()
