@@ -445,7 +445,11 @@ def test_min_tokens_masks_eos_row_by_row_in_one_batch(eos_heavy, generator):
     with serve_in_thread(_app(eos_heavy, step_hook=gate, max_batch_size=4)) as url:
         # All four decode in the same steps: a mask that leaked to other rows would keep B (min 2) from
         # its EOS while A (min 5) is still masked, and put a non-EOS token into C (ignore_eos).
-        threads = [in_thread(outcome, url, CMPL, b) for b in bodies]
+        # D (done at its first token) parks the worker as its only row; the other three arrive while
+        # it waits and must join that same first step, or D would finish alone before they start.
+        last = in_thread(outcome, url, CMPL, bodies[3])
+        gate.wait_parked()
+        threads = [in_thread(outcome, url, CMPL, b) for b in bodies[:3]] + [last]
         wait_for(lambda: health(url)["queued"] + health(url)["running"] == 4, "all four requests in")
         gate.allow(None)
         assert [joined(*t) for t in threads] == want

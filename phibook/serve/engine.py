@@ -387,6 +387,9 @@ class Engine:
         self._drop_gone()
         if self.step_hook is not None:
             self.step_hook(self)
+            # Jobs that arrived while the hook held the worker join this step, as they would
+            # have if the step had started a moment later.
+            self._admit()
             self._drop_gone()
         # Prompt tokens to read this iteration: the oldest prompts first, one chunk of one prompt
         # or the whole of several short ones, --prefill-chunk tokens in all.
