@@ -7,13 +7,15 @@ and serving call any of them the same way.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from phibook.inference.compiled import StaticStep
 from phibook.inference.fast_decode import FastForward
 from phibook.model.config import PhiConfig
-from phibook.model.model import DecoderForward, KVCache, PhiModel, causal_mask
+from phibook.model.model import DecoderForward, KVCache, PhiModel, attention_dtype, causal_mask
 
 
 def reference_mask(T: int, start: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -101,3 +103,42 @@ def test_last_only_and_return_hidden_are_rows_of_the_full_forward(model: PhiMode
     hidden = model(idx, return_hidden=True)
     assert hidden.shape == (2, 7, model.config.d_model)
     torch.testing.assert_close(model.lm_head(hidden), full)
+
+
+def test_attention_dtype_is_float32_for_reduced_precision_on_cpu_only() -> None:
+    assert attention_dtype(torch.bfloat16, "cpu") == torch.float32
+    assert attention_dtype(torch.float16, torch.device("cpu")) == torch.float32
+    assert attention_dtype(torch.float32, "cpu") == torch.float32
+    assert attention_dtype(torch.bfloat16, "cuda") == torch.bfloat16  # a device, not a CUDA check
+    assert attention_dtype(torch.float16, "cuda:0") == torch.float16
+
+
+@torch.no_grad()
+def test_every_forward_runs_a_bf16_model_on_a_float32_cache(model: PhiModel) -> None:
+    """A bf16 model decoding on a float32 cache (attention_dtype's rule on CPU): every forward
+    takes it, returns bf16 logits, and lands as close to the same weights in fp32 as the
+    bf16 cache does (closer or equal, within bf16 noise)."""
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    bf16.reset_rope()
+    exact = copy.deepcopy(bf16).float()  # the same (rounded) weights, computed in fp32
+    exact.reset_rope()
+    cfg, B, P, L = model.config, 2, 9, 16
+    prompt = torch.randint(0, cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(4))
+    token = torch.randint(0, cfg.vocab_size, (B, 1), generator=torch.Generator().manual_seed(5))
+    positions = torch.full((B, 1), P)
+    keep = torch.ones(B, L, dtype=torch.bool)
+    ref_cache = KVCache(cfg, B, L)
+    exact(prompt, cache=ref_cache)
+    ref = exact(token, positions=positions, cache=ref_cache)
+    for f in (bf16, FastForward(bf16, pack=False), FastForward(bf16), StaticStep(bf16, compile=False)):
+        errors = {}
+        for cache_dtype in (torch.float32, torch.bfloat16):
+            cache = KVCache(cfg, B, L, dtype=cache_dtype)
+            bf16(prompt, cache=cache)
+            assert cache.k.dtype == cache_dtype
+            mask = keep if isinstance(f, StaticStep) else None
+            logits = f(token, positions=positions, cache=cache, attention_mask=mask)
+            assert logits.dtype == torch.bfloat16, type(f).__name__
+            errors[cache_dtype] = (logits.float() - ref).abs().max().item()
+        assert errors[torch.float32] <= max(1.5 * errors[torch.bfloat16], 0.05), (type(f).__name__, errors)
+

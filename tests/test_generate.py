@@ -16,7 +16,7 @@ from phibook.inference.generate import Completion, Generator, SamplingParams, to
 from phibook.inference.sampling import StopText
 from phibook.inference.templates import TEMPLATES, get_template
 from phibook.model.config import PhiConfig, padded_vocab_size
-from phibook.model.model import PhiModel
+from phibook.model.model import KVCache, PhiModel
 from phibook.model.tokenizer import train_bpe
 
 CORPUS = (
@@ -329,3 +329,27 @@ def test_codegen_tokenizer_with_phi_vocab_padding(codegen_tokenizer_dir) -> None
                 on_delta=lambda i, d: pieces.append(d) if i == 0 else None)
     assert r[1].prompt_tokens == 1  # the empty prompt is <|endoftext|> (id 50256)
     assert all(max(c.token_ids) < 50295 for c in r) and "".join(pieces) == r[0].text
+
+
+def test_generator_gives_a_bf16_model_a_float32_cache_on_cpu(tiny: Generator) -> None:
+    """What the Generator allocates follows attention_dtype (seen by a pre-hook that only reads
+    the call), and its greedy tokens are the ones a hand loop over a float32 KVCache picks."""
+    bf16 = copy.deepcopy(tiny.model).to(torch.bfloat16)
+    bf16.reset_rope()
+    tok = tiny.tokenizer
+    prompt = "Once upon a time"
+    ids = tok.encode(prompt)
+    seen: list[torch.dtype] = []
+    hook = bf16.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["cache"].k.dtype),
+                                          with_kwargs=True)
+    got = Generator(bf16, tok).run([prompt], SamplingParams(max_new_tokens=8, stop_at_eos=False))[0].token_ids
+    hook.remove()
+    assert seen and set(seen) == {torch.float32}
+    cache = KVCache(bf16.config, 1, len(ids) + 8, dtype=torch.float32)
+    with torch.no_grad():
+        logits = bf16(torch.tensor([ids]), cache=cache)[:, -1]
+        want = []
+        for _ in range(8):
+            want.append(int(logits[0, : tok.vocab_size].float().argmax()))  # padded vocab rows never win
+            logits = bf16(torch.tensor([[want[-1]]]), cache=cache)[:, -1]
+    assert got == want

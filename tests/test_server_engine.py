@@ -468,3 +468,18 @@ def _app(generator: Generator, **kw):
     from phibook.serve.server import create_app
 
     return create_app(generator, MODEL, **kw)
+
+
+def test_bf16_model_is_served_on_a_float32_cache(tiny_checkpoint):
+    """A bf16 model's slot cache is float32 on CPU (model.attention_dtype); prompts of different
+    lengths decoding in one batch answer what Generator.run answers for each alone."""
+    gen = Generator.from_path(tiny_checkpoint, device="cpu", dtype=torch.bfloat16, fast=True)
+    prompts = ["Once upon a time", "Alice was counting the apples in the basket", "Bob"]
+    want = [greedy(gen, p, 6) for p in prompts]
+    gate = Gate()
+    with serve_in_thread(_app(gen, step_hook=gate, prefill_chunk=8)) as url:
+        threads = [in_thread(complete, url, p, 6) for p in prompts]
+        wait_for(lambda: health(url)["queued"] + health(url)["running"] == 3, "three requests in")
+        gate.allow(None)
+        assert [joined(*t) for t in threads] == want
+        assert health(url)["stats"]["max_running_seen"] == 3

@@ -71,10 +71,10 @@ class StaticStep:
             a = block.attn
             q, k, v = a.qkv(h).view(B, 1, 3, a.n_head, a.head_dim).permute(2, 0, 3, 1, 4)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            cache_k[i].index_copy_(2, slot, k)
-            cache_v[i].index_copy_(2, slot, v)
-            y = F.scaled_dot_product_attention(q, cache_k[i], cache_v[i], attn_mask=mask)
-            x = x + a.out(y.transpose(1, 2).reshape(B, 1, -1)) + block.mlp(h)
+            cache_k[i].index_copy_(2, slot, k.to(cache_k.dtype))
+            cache_v[i].index_copy_(2, slot, v.to(cache_v.dtype))
+            y = F.scaled_dot_product_attention(q.to(cache_k.dtype), cache_k[i], cache_v[i], attn_mask=mask)
+            x = x + a.out(y.transpose(1, 2).reshape(B, 1, -1).to(x.dtype)) + block.mlp(h)
         return m.lm_head(m.ln_f(x))
 
     def __call__(

@@ -116,9 +116,9 @@ class _FusedBlock:
         v = u[..., 2 * d : 3 * d].view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         g = F.gelu(u[..., 3 * d :], approximate="tanh")
-        y = y.transpose(1, 2).reshape(B, T, d)
+        y = y.transpose(1, 2).reshape(B, T, d).to(x.dtype)
         if self.quantized:
             return x + self.out(y) + self.fc2(g)
         return x + self.proj_out(torch.cat([y, g], dim=-1))

@@ -50,7 +50,7 @@ from phibook.inference.sampling import (  # noqa: F401 (SamplingParams, Completi
     next_tokens,
     top_k_top_p_filter,
 )
-from phibook.model.model import DecoderForward, KVCache, PhiModel
+from phibook.model.model import DecoderForward, KVCache, PhiModel, attention_dtype
 
 if TYPE_CHECKING:
     from phibook.inference.fast_decode import FastForward
@@ -112,7 +112,7 @@ class _Batch:
         prompt_mask = self.mask[:, :S]
         positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
         self.positions = positions[:, -1:].clone()  # (B, 1): position of the last token fed
-        self.cache = KVCache(self.model.config, B, self.cache_len, dtype=self.dtype, device=dev)
+        self.cache = KVCache(self.model.config, B, self.cache_len, dtype=attention_dtype(self.dtype, dev), device=dev)
         if self.sampling.penalty is not None:
             self.seen = torch.zeros((B, self.model.config.vocab_size), dtype=torch.bool, device=dev)
             # Padding slots point at the row's last (real) token, so only real ids are marked.

@@ -55,6 +55,20 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x_rot, x_pass], dim=-1)
 
 
+def attention_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The dtype a model's keys, values and attention math use: float32 on CPU for a bf16 or
+    fp16 model, the model's own dtype elsewhere.
+
+    ATen's CPU attention kernels run reduced precision several times slower than float32
+    (docs/inference.md has the measurement), and a decode step's attention grows with the
+    context while its matmuls do not. A float32 cache costs twice the memory of a bf16 one and
+    is the more precise of the two. Every forward accepts either (q follows the cache).
+    """
+    if torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return dtype
+
+
 def causal_mask(T: int, start: int, attention_mask: Tensor | None, device: torch.device) -> Tensor | None:
     """Boolean (B|1, 1, T, start+T) attention mask for T queries at positions start..start+T-1.
 
@@ -141,8 +155,8 @@ class Attention(nn.Module):
         # mask None + no cache (or a fresh cache) means plain causal attention;
         # a single decode step without padding attends to everything cached.
         is_causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-        return self.out(y.transpose(1, 2).reshape(B, T, C))
+        y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=is_causal)
+        return self.out(y.transpose(1, 2).reshape(B, T, C).to(x.dtype))
 
 
 class MLP(nn.Module):

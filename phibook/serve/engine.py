@@ -60,6 +60,7 @@ from phibook.inference.sampling import (
     stack_sampling,
 )
 from phibook.model.config import PhiConfig
+from phibook.model.model import attention_dtype
 
 log = logging.getLogger("phibook.serve.engine")
 
@@ -140,6 +141,7 @@ class SlotCache:
         return positions, keep
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # a bf16 model's cache is float32 on CPU
         if self._mode == "prefill":
             s, start = self._slot, self.pos
             end = start + k.shape[2]
@@ -314,7 +316,8 @@ class Engine:
     # ------------------------------------------------------------------ event-loop side
 
     def start(self) -> None:
-        self.cache = SlotCache(self.cfg, self.max_slots, dtype=self.gen.dtype, device=self.device)
+        self.cache = SlotCache(self.cfg, self.max_slots, dtype=attention_dtype(self.gen.dtype, self.device),
+                               device=self.device)
         self.thread = threading.Thread(target=self._loop, name="phibook-engine", daemon=True)
         self.thread.start()
 
