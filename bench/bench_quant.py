@@ -2,6 +2,8 @@
 
     # logit error and greedy stability of a (trained) checkpoint on real text
     python bench/bench_quant.py accuracy --model CKPT --text ../shared/corpora/.../some.md
+    # ... and llama.cpp q8_0's KL against its own f32 on the same text and GGUF export
+    python bench/bench_quant.py accuracy --model CKPT --text FILE --llama-perplexity BUILD/bin/llama-perplexity
     # decode ms/token, phi-1.5 shape, random weights (fp32 ~6 GB + int8 1.4 GB + int4 0.7 GB of RAM)
     flock /tmp/phibook-bigmem.lock python bench/bench_quant.py decode --new-tokens 16 --rounds 3
     # one phi-1.5 linear (8192 x 2048) at 1..512 rows: each kernel and dequantize + GEMM
@@ -63,6 +65,8 @@ def cmd_accuracy(args) -> None:
 
     loaded = load_model(args.model)
     model, tok = loaded.model, loaded.tokenizer
+    args.tokenizer = tok
+    torch.set_num_threads(args.threads)
     ids = tok.encode(Path(args.text).read_text())
     L = min(args.window, model.config.max_seq_len)
     windows = [ids[i : i + L] for i in range(0, len(ids) - L, L)][: args.windows]
@@ -90,6 +94,56 @@ def cmd_accuracy(args) -> None:
             print(f"| {mode} | {'int8' if head else 'fp32'} | {max(e[0] for e in errs):.4f} | "
                   f"{sum(e[1] for e in errs) / len(errs):.2e} | {sum(e[2] for e in errs) / len(errs):.4f} | "
                   f"{median(same):.0f}, {min(same)} |")
+    if args.llama_perplexity:
+        compare_with_llama(args, model, windows, ref)
+
+
+def llama_kl(binary: Path, work: Path, text: str, L: int, n: int, threads: int) -> tuple[float, float, float]:
+    """llama.cpp's own KL of q8_0 against its f32 run of the same GGUF: (mean KL, +-, same top-1)."""
+    import re
+    import subprocess
+
+    base = work / "f32-logits.bin"
+    common = ["-f", text, "-c", str(L), "--chunks", str(n), "-t", str(threads), "-b", str(L)]
+    for gguf, extra in (("f32.gguf", []), ("q8_0.gguf", ["--kl-divergence"])):
+        run = subprocess.run([str(binary), "-m", str(work / gguf), *common, "--kl-divergence-base", str(base),
+                              *extra], capture_output=True, text=True)
+        if run.returncode != 0:
+            raise SystemExit(f"{binary} on {gguf} failed ({run.returncode}):\n{run.stderr[-3000:]}")
+    out = run.stdout + run.stderr
+    kl = re.search(r"Mean\s+KLD:\s+([0-9.eE+-]+)\s+±\s+([0-9.eE+-]+)", out)
+    top = re.search(r"Same top p:\s+([0-9.]+)", out)
+    if not (kl and top):
+        raise SystemExit(f"no 'Mean KLD' / 'Same top p' in llama-perplexity's output:\n{out[-3000:]}")
+    return float(kl.group(1)), float(kl.group(2)), float(top.group(1)) / 100
+
+
+def compare_with_llama(args, model, windows: list[list[int]], ref: list[torch.Tensor]) -> None:
+    """Each mode's error next to llama.cpp q8_0's, on the positions llama-perplexity scores: it cuts
+    the text into chunks of --window tokens and scores the second half of each (the logits at
+    positions window/2 .. window-2), so the same slice of our windows is compared here."""
+    import tempfile
+
+    from phibook.weights.gguf import write_gguf
+
+    L = len(windows[0])
+    half = slice(L // 2, L - 1)
+    print(f"\nOn llama-perplexity's positions ({len(windows)} chunks of {L}, positions {L // 2}..{L - 2} of each):\n")
+    print("| system | mean KL vs its own fp32 (nats) | top-1 agree |\n|---|---|---|")
+    for mode in ("int8", "w8a8", "int4"):
+        q = quantized_copy(model, mode)
+        with torch.inference_mode():
+            errs = [kl_and_err(r[0, half], q(torch.tensor([w]))[0, half]) for r, w in zip(ref, windows)]
+        print(f"| phibook {mode} | {sum(e[1] for e in errs) / len(errs):.2e} | {sum(e[2] for e in errs) / len(errs):.4f} |")
+    loaded_tok = args.tokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for fmt in ("f32", "q8_0"):
+            write_gguf(model, loaded_tok, work / f"{fmt}.gguf", fmt, name="bench")
+        kl, unc, top = llama_kl(Path(args.llama_perplexity), work, args.text, L, len(windows), args.threads)
+    print(f"| llama.cpp q8_0 (vs llama.cpp f32) | {kl:.2e} +- {unc:.1e} | {top:.4f} |")
+    print("\n(llama-perplexity keeps its fp32 reference as 16-bit log-probabilities, which puts a floor of its"
+          " own under its KL; its tokenizer is the GGUF's copy of ours.)")
 
 
 def cmd_decode(args) -> None:
@@ -283,9 +337,13 @@ def main() -> int:
     a.add_argument("--windows", type=int, default=16)
     a.add_argument("--prompts", type=int, default=8)
     a.add_argument("--new-tokens", type=int, default=32)
+    a.add_argument("--threads", type=int, default=2)
+    a.add_argument("--llama-perplexity", metavar="PATH", default=None,
+                   help="a built llama-perplexity: also measure llama.cpp q8_0's KL against its own f32 on the "
+                        "same text (GGUFs of --model written by phibook's exporter)")
     d = sub.add_parser("decode", help="decode ms/token, random weights")
     d.add_argument("--preset", default="phi-1.5")
-    d.add_argument("--modes", nargs="+", default=["int8", "int4"], choices=Q.MODES)
+    d.add_argument("--modes", nargs="+", default=["int8", "w8a8"], choices=Q.MODES)
     d.add_argument("--prompt-len", type=int, default=32)
     d.add_argument("--new-tokens", type=int, default=16)
     d.add_argument("--rounds", type=int, default=3)
@@ -302,7 +360,7 @@ def main() -> int:
     e.add_argument("--tasks", default="arc_easy,piqa,hellaswag")
     e.add_argument("--limit", type=int, default=200)
     e.add_argument("--data-dir", default=None)
-    e.add_argument("--modes", nargs="+", default=["int8", "int4"], choices=Q.MODES)
+    e.add_argument("--modes", nargs="+", default=["int8", "w8a8"], choices=Q.MODES)
     e.add_argument("--threads", type=int, default=2)
     c = sub.add_parser("compile", help="eager decode step against the compiled StaticStep")
     c.add_argument("--model", default=None, help="a checkpoint (default: random weights of --preset)")
