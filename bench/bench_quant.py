@@ -257,22 +257,72 @@ def cmd_eval(args) -> None:
             print(f"{mode}: {exc}", file=sys.stderr)
     rows = []
     for task_name in args.tasks.split(","):
-        scores = {}
+        scores, choices = {}, {}
         for name, model in models.items():
             task = get_task(task_name)
             outcome = run_task(Runner(model, loaded.tokenizer, batch_size=16, progress=False), task, data_dir,
-                               args.limit)
+                               args.limit, log_samples=True)
             metric = "acc_norm" if "acc_norm" in outcome["metrics"] else "acc"
             scores[name] = (metric, outcome["metrics"][metric][0], outcome["n"])
-        rows.append((task_name, scores))
-        print(task_name, scores, file=sys.stderr)
-    print(f"\n{args.model}, first {args.limit} documents per task\n")
+            # The answer each document picks by raw log-likelihood: at chance-level accuracy a change
+            # of accuracy says little, a changed pick says where the quantized model disagrees.
+            choices[name] = [max(range(len(r["results"])), key=lambda i, r=r: r["results"][i][0])
+                             for r in outcome["samples"]]
+        flips = {m: sum(a != b for a, b in zip(choices["fp32"], choices[m])) for m in models if m != "fp32"}
+        rows.append((task_name, scores, flips))
+        print(task_name, scores, flips, file=sys.stderr)
+    print(f"\n{args.model}, first {args.limit} documents per task; in brackets the change from fp32 and "
+          "the documents whose raw log-likelihood pick differs from fp32's\n")
     print("| task | metric | n | " + " | ".join(models) + " |\n" + "|---" * (3 + len(models)) + "|")
-    for task_name, scores in rows:
+    for task_name, scores, flips in rows:
         metric, _, n = scores["fp32"]
         cells = [f"{scores['fp32'][1]:.3f}"] + [
-            f"{scores[m][1]:.3f} ({scores[m][1] - scores['fp32'][1]:+.3f})" for m in models if m != "fp32"]
+            f"{scores[m][1]:.3f} ({scores[m][1] - scores['fp32'][1]:+.3f}; {flips[m]} picks differ)"
+            for m in models if m != "fp32"]
         print(f"| {task_name} | {metric} | {n} | " + " | ".join(cells) + " |")
+    if args.llama_perplexity:
+        llama_hellaswag(args, loaded, data_dir)
+
+
+def llama_hellaswag(args, loaded, data_dir: Path) -> None:
+    """llama.cpp's own hellaswag acc_norm (llama-perplexity --hellaswag: the mean log-probability of
+    each ending's tokens, the lm-eval rule) on f32 and q8_0 GGUFs of the same checkpoint. It draws
+    its tasks at random (a fixed seed), so both files score the same tasks in the same order and the
+    per-task outcomes pair up; they are not the first --limit documents phibook scored above."""
+    import bz2
+    import re
+    import subprocess
+    import tempfile
+
+    from phibook.weights.gguf import write_gguf
+
+    source = Path(data_dir) / "hellaswag" / "hellaswag_val_full.txt.bz2"
+    if not source.is_file():
+        raise SystemExit(f"{source}: not found (llama-perplexity --hellaswag reads this file's text format)")
+    outcomes = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "hellaswag.txt").write_bytes(bz2.decompress(source.read_bytes()))
+        for fmt in ("f32", "q8_0"):
+            write_gguf(loaded.model, loaded.tokenizer, work / f"{fmt}.gguf", fmt, name="bench")
+            run = subprocess.run([args.llama_perplexity, "-m", str(work / f"{fmt}.gguf"), "-f",
+                                  str(work / "hellaswag.txt"), "--hellaswag", "--hellaswag-tasks",
+                                  str(args.llama_tasks), "-c", "1024", "-b", "1024", "-t", str(args.threads)],
+                                 capture_output=True, text=True)
+            if run.returncode != 0:
+                raise SystemExit(f"llama-perplexity --hellaswag on {fmt} failed:\n{run.stderr[-3000:]}")
+            running = [float(m.group(2)) for m in re.finditer(r"^(\d+)\t([0-9.]+)", run.stdout + run.stderr, re.M)]
+            # The log gives the running accuracy (percent) after each task; the task's own outcome is
+            # the step in the running count of correct answers.
+            correct = [round(a * (i + 1) / 100) for i, a in enumerate(running)]
+            outcomes[fmt] = [c - p for c, p in zip(correct, [0, *correct[:-1]])]
+    f32, q8 = outcomes["f32"], outcomes["q8_0"]
+    if not f32 or len(f32) != len(q8):
+        raise SystemExit(f"llama-perplexity gave {len(f32)} and {len(q8)} task results")
+    differ = sum(a != b for a, b in zip(f32, q8))
+    print(f"\nllama.cpp hellaswag acc_norm, {len(f32)} tasks (its random draw, seed 1), same GGUF export: "
+          f"f32 {sum(f32) / len(f32):.3f}, q8_0 {sum(q8) / len(q8):.3f} ({(sum(q8) - sum(f32)) / len(f32):+.3f}; "
+          f"{differ} tasks answered right by one and wrong by the other)")
 
 
 def cmd_compile(args) -> None:
@@ -362,6 +412,10 @@ def main() -> int:
     e.add_argument("--data-dir", default=None)
     e.add_argument("--modes", nargs="+", default=["int8", "w8a8"], choices=Q.MODES)
     e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--llama-perplexity", metavar="PATH", default=None,
+                   help="a built llama-perplexity: also llama.cpp's own hellaswag acc_norm on f32 and q8_0 GGUFs "
+                        "of --model")
+    e.add_argument("--llama-tasks", type=int, default=400, help="hellaswag tasks for llama-perplexity")
     c = sub.add_parser("compile", help="eager decode step against the compiled StaticStep")
     c.add_argument("--model", default=None, help="a checkpoint (default: random weights of --preset)")
     c.add_argument("--preset", default="phi-small")
