@@ -141,4 +141,3 @@ def test_every_forward_runs_a_bf16_model_on_a_float32_cache(model: PhiModel) -> 
             assert logits.dtype == torch.bfloat16, type(f).__name__
             errors[cache_dtype] = (logits.float() - ref).abs().max().item()
         assert errors[torch.float32] <= max(1.5 * errors[torch.bfloat16], 0.05), (type(f).__name__, errors)
-
