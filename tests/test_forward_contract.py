@@ -140,4 +140,5 @@ def test_every_forward_runs_a_bf16_model_on_a_float32_cache(model: PhiModel) -> 
             logits = f(token, positions=positions, cache=cache, attention_mask=mask)
             assert logits.dtype == torch.bfloat16, type(f).__name__
             errors[cache_dtype] = (logits.float() - ref).abs().max().item()
-        assert errors[torch.float32] <= max(1.5 * errors[torch.bfloat16], 0.05), (type(f).__name__, errors)
+        # Both are about 2e-3 here (logits within +-1); 0.01 leaves room for other CPUs' bf16 kernels.
+        assert errors[torch.float32] <= max(1.5 * errors[torch.bfloat16], 0.01), (type(f).__name__, errors)
