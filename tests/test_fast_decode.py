@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 
+from phibook.inference import kernels as K
 from phibook.inference.fast_decode import FastForward, can_pack
 from phibook.inference.generate import Generator, SamplingParams
 from phibook.model.config import PhiConfig
@@ -189,3 +190,74 @@ def test_gpu_bench_imports_on_cpu_and_its_static_step_is_exact() -> None:
     ref = [int(t.argmax()) for t in _step_logits(model, model, prompt, None, 33)]
     assert tokens == ref
 
+
+
+# --------------------------------------------------------------------------- phibook's bf16 GEMV
+
+
+def _gemv_or_skip() -> None:
+    why = K.gemv_bf16_refusal()
+    if why:
+        pytest.skip(f"phibook's bf16 GEMV does not run here: {why}")
+    if not K.gemv_bf16_ready():
+        pytest.skip("the gemv-bf16 kernel was refused on this CPU (its reason is on stderr)")
+
+
+def test_gemv_bf16_matches_a_double_reference() -> None:
+    _gemv_or_skip()
+    g = torch.Generator().manual_seed(11)
+    for n, k in ((1, 32), (5, 64), (67, 2048), (300, 640)):  # row counts off the threads' 64-row grain
+        w = (torch.randn(n, k, generator=g) / k**0.5).to(torch.bfloat16)
+        for m in (1, 2, 7, K.GEMV_MAX_ROWS):
+            x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+            for bias in (torch.randn(n, generator=g), torch.empty(0)):
+                got = K.gemv_bf16(w, x, bias)
+                assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+                want = x.double() @ w.double().T + (bias.double() if bias.numel() else 0)
+                bound = want.abs() * 2.0**-8 + (x.double().abs() @ w.double().abs().T) * 1e-5 + 1e-6
+                assert bool(((got.double() - want).abs() <= bound).all()), (n, k, m)
+    bf = torch.bfloat16
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        K.gemv_bf16(torch.zeros(4, 48, dtype=bf), torch.zeros(1, 48, dtype=bf), torch.empty(0))
+    with pytest.raises(RuntimeError, match="1 to 16 rows"):
+        K.gemv_bf16(torch.zeros(4, 64, dtype=bf), torch.zeros(17, 64, dtype=bf), torch.empty(0))
+
+
+@torch.inference_mode()
+def test_bf16_fast_path_decodes_through_the_gemv_as_closely_as_through_onednn() -> None:
+    """Steps of up to 16 rows go through the GEMV (longer prefills through oneDNN's matmul on the
+    same plain weights); teacher-forced, each step's logits are as close to the same bf16 weights
+    run in fp32 as oneDNN's packed path gets."""
+    _gemv_or_skip()
+    bf16 = _model(torch.bfloat16)
+    bf16.reset_rope()
+    exact = copy.deepcopy(bf16).float()
+    exact.reset_rope()
+    fast, onednn = FastForward(bf16), FastForward(bf16, gemv=False)
+    assert fast.gemv and fast.blocks[0].proj_in.gemv and fast.lm_head.gemv and not onednn.gemv
+    prompt = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(12))
+    forced = torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(13))
+    errors = {}
+    for name, f in (("gemv", fast), ("onednn", onednn), ("exact", exact)):
+        cache = KVCache(bf16.config, 1, 32, dtype=torch.float32)
+        steps = [f(prompt, cache=cache)[:, -1].float()]
+        steps += [f(forced[:, i : i + 1], cache=cache)[:, -1].float() for i in range(forced.shape[1])]
+        errors[name] = torch.stack(steps)
+    gemv_err = (errors["gemv"] - errors["exact"]).abs().max().item()
+    onednn_err = (errors["onednn"] - errors["exact"]).abs().max().item()
+    assert gemv_err <= max(1.5 * onednn_err, 0.02), (gemv_err, onednn_err)
+    # Two rows in one step (a serving batch) through the GEMV; 40 tokens (a prefill) past its 16
+    # rows, through oneDNN's matmul on the plain weight.
+    for ids in (torch.cat([prompt, prompt.flip(1)]), torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(14))):
+        torch.testing.assert_close(fast(ids).float(), onednn(ids).float(), atol=0.05, rtol=0.02)
+
+
+def test_gemv_follows_the_switch_the_flags_and_the_aten_level(monkeypatch) -> None:
+    monkeypatch.setenv(K.GEMV_ENV, "0")
+    assert K.gemv_bf16_refusal() == f"{K.GEMV_ENV}=0"
+    assert FastForward(_model(torch.bfloat16)).gemv is False
+    monkeypatch.delenv(K.GEMV_ENV)
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":  # CI's runs at the lower ATen levels
+        assert K.gemv_bf16_refusal() is not None
+        assert FastForward(_model(torch.bfloat16)).gemv is False
+    assert FastForward(_model(torch.float32)).gemv is False  # bf16 only

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from phibook.inference.kernels import DTYPE_SHORT, kernel_ok
-from phibook.inference.pages import dontneed, drop_file_pages, file_page_range, malloc_trim
+from phibook.inference.kernels import DTYPE_SHORT, GEMV_MAX_ROWS, gemv_bf16, gemv_bf16_ready, kernel_ok
+from phibook.inference.pages import dontneed, drop_file_pages, file_page_range, huge_page_copy, malloc_trim
 from phibook.model.model import KVCache, PhiModel, apply_rotary, causal_mask
 
 
@@ -57,17 +57,42 @@ def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
     return supported and kernel_ok(f"onednn-{DTYPE_SHORT[dtype]}")
 
 
-class _Linear:
-    """y = x @ W^T + b, optionally followed by tanh-GELU, on a packed or plain weight."""
+def can_gemv(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether phibook's own bf16 matrix-vector kernel runs batch-1 decode here: a bf16 model on
+    a CPU with AVX512-BF16 at ATen's AVX512 level, the kernel built and checked
+    (phibook.inference.kernels, "gemv-bf16"). Asked only where the flags allow it, so other CPUs
+    never build or probe it."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and gemv_bf16_ready()
 
-    def __init__(self, weight: Tensor, bias: Tensor, pack: bool) -> None:
-        self.out_features = weight.shape[0]
+
+class _Linear:
+    """y = x @ W^T + b, optionally followed by tanh-GELU, on a packed or plain weight.
+
+    With ``gemv`` (bf16, see can_gemv) the weight stays plain and row-major, in huge pages: up
+    to GEMV_MAX_ROWS rows of input (decode steps at batch 1 to 16) go through phibook's bf16
+    GEMV, which streams the weight faster than oneDNN's packed inner product does at few rows;
+    more rows (prefill) go through oneDNN's matmul on the plain weight (``F.linear``).
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor, pack: bool, gemv: bool = False) -> None:
+        self.out_features, self.in_features = weight.shape
         self.bias = bias.detach().contiguous()
-        self.packed = pack
-        # batch_size 1 is only a hint for the reorder: the packed weight serves any row count.
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1) if pack else weight.detach().contiguous()
+        self.gemv = gemv and self.in_features % 32 == 0
+        self.packed = pack and not self.gemv
+        if self.gemv:
+            self.weight = huge_page_copy(weight.detach())
+            self.bias_fp32 = self.bias.float()
+        elif pack:
+            # batch_size 1 is only a hint for the reorder: the packed weight serves any row count.
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+        else:
+            self.weight = weight.detach().contiguous()
 
     def __call__(self, x: Tensor, gelu: bool = False) -> Tensor:
+        if self.gemv and x.numel() <= GEMV_MAX_ROWS * self.in_features:
+            y = gemv_bf16(self.weight, x.reshape(-1, self.in_features), self.bias_fp32)
+            y = y.view(*x.shape[:-1], self.out_features)
+            return F.gelu(y, approximate="tanh") if gelu else y
         if self.packed:
             if gelu:
                 return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], "tanh")
@@ -85,7 +110,7 @@ class _FusedBlock:
     scale per row for both, i.e. re-quantizing.
     """
 
-    def __init__(self, block: torch.nn.Module, pack: bool) -> None:
+    def __init__(self, block: torch.nn.Module, pack: bool, gemv: bool = False) -> None:
         from phibook.inference.quant import QuantLinear, cat_rows
 
         attn, mlp = block.attn, block.mlp
@@ -102,10 +127,10 @@ class _FusedBlock:
             return
         w_in = torch.cat([attn.qkv.weight, mlp.fc1.weight], dim=0)
         b_in = torch.cat([attn.qkv.bias, mlp.fc1.bias], dim=0)
-        self.proj_in = _Linear(w_in, b_in, pack)
+        self.proj_in = _Linear(w_in, b_in, pack, gemv)
         del w_in, b_in  # the packed copy is all we keep
         w_out = torch.cat([attn.out.weight, mlp.fc2.weight], dim=1)
-        self.proj_out = _Linear(w_out, attn.out.bias + mlp.fc2.bias, pack)
+        self.proj_out = _Linear(w_out, attn.out.bias + mlp.fc2.bias, pack, gemv)
 
     def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, mask: Tensor | None) -> Tensor:
         B, T, d = x.shape
@@ -137,7 +162,8 @@ class _Stacked:
 class FastForward:
     """PhiModel.forward over packed, fused weights (see the module docstring)."""
 
-    def __init__(self, model: PhiModel, pack: bool | None = None, release_model: bool = False) -> None:
+    def __init__(self, model: PhiModel, pack: bool | None = None, release_model: bool = False,
+                 gemv: bool | None = None) -> None:
         from phibook.inference.quant import QuantLinear, quant_mode_of
 
         self.config = model.config
@@ -153,6 +179,9 @@ class FastForward:
             )
             pack = False
         self.packed = pack
+        # phibook's bf16 GEMV for batch-1 steps (can_gemv): by default wherever the flags allow it and
+        # its check passed; only beside oneDNN (prefill keeps oneDNN's matmul), never forced on.
+        self.gemv = bool(pack and (gemv is None or gemv) and can_gemv(self.dtype, self.device))
         # Shared with the model, never copied: a decode step reads one row of it, so
         # when it is a view of a memory-mapped checkpoint almost none of it is resident.
         self.embed = model.embed.weight.detach()
@@ -165,14 +194,14 @@ class FastForward:
         self.blocks: list[_FusedBlock] = []
         with torch.no_grad():
             for block in model.blocks:
-                self.blocks.append(_FusedBlock(block, pack))
+                self.blocks.append(_FusedBlock(block, pack, self.gemv))
                 if release_model:
                     _release(block)
             self.ln_f = (model.ln_f.weight.detach().clone(), model.ln_f.bias.detach().clone(), model.ln_f.eps)
             if isinstance(model.lm_head, QuantLinear):
                 self.lm_head = model.lm_head  # shared, not copied: quantized weights are already compact
             else:
-                self.lm_head = _Linear(model.lm_head.weight, model.lm_head.bias, pack)
+                self.lm_head = _Linear(model.lm_head.weight, model.lm_head.bias, pack, self.gemv)
                 if release_model:
                     _release(model.lm_head)
         self.released = release_model

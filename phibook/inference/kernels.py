@@ -25,7 +25,9 @@ Kernels (``KERNELS``): ``int8pack`` (``_weight_int8pack_mm``), ``w8a8`` (fbgemm'
 ``quantized.linear_prepack`` + ``linear_dynamic``), ``int4pack``
 (``_convert_weight_to_int4pack_for_cpu`` + ``_weight_int4pack_mm_for_cpu``), ``onednn-fp32`` /
 ``onednn-bf16`` / ``onednn-fp16`` (``mkldnn._reorder_linear_weight`` + ``_linear_pointwise``,
-FastForward's prepacked linears) and ``inductor`` (``torch.compile`` on the CPU, ``--compile``).
+FastForward's prepacked linears), ``inductor`` (``torch.compile`` on the CPU, ``--compile``) and
+``gemv-bf16`` (phibook's own bf16 matrix-vector kernel, ``csrc/gemv_bf16.cpp``, built here with
+torch.utils.cpp_extension: FastForward's batch-1 decode in bf16).
 
 Test hook: ``PHIBOOK_KERNEL_PROBE_FAULT=name:crash`` (or ``name:wrong``) makes that kernel's
 probe child die with SIGSEGV (or see a wrong result), as a broken kernel would.
@@ -60,7 +62,7 @@ ALIGN = 64  # bytes: a cache line, and what AVX-512 loads want
 FAULT_ENV = "PHIBOOK_KERNEL_PROBE_FAULT"
 CACHE_FILE = "kernel-verdicts.json"
 # Child time limits (s). Importing torch is most of a plain probe; inductor compiles C++.
-PROBE_TIMEOUT_S = {"inductor": 600.0}
+PROBE_TIMEOUT_S = {"inductor": 600.0, "gemv-bf16": 600.0}
 DEFAULT_PROBE_TIMEOUT_S = 180.0
 
 
@@ -128,6 +130,74 @@ def w8a8_pack(weight_int8: Tensor, scales: Tensor, bias: Tensor | None, engine: 
 def w8a8_linear(x2: Tensor, packed: torch.ScriptObject, reduce_range: bool) -> Tensor:
     """(rows, in) fp32 -> (rows, out) fp32 through fbgemm's dynamic int8 linear (bias included)."""
     return torch.ops.quantized.linear_dynamic(x2, packed, reduce_range)
+
+
+# --------------------------------------------------------------------------- bf16 GEMV (our own)
+
+GEMV_SOURCE = Path(__file__).resolve().parent / "csrc" / "gemv_bf16.cpp"
+GEMV_ENV = "PHIBOOK_GEMV"  # "0": never use the kernel (FastForward takes oneDNN's instead)
+GEMV_MAX_ROWS = 16  # input rows per call (csrc/gemv_bf16.cpp's kMaxRows): a batched decode step
+
+
+def gemv_bf16_refusal() -> str | None:
+    """Why the bf16 GEMV kernel is not for this process (None: it is), from the CPU's flags and
+    the ISA level ATen runs at, never a timing. It needs AVX512-BF16, and it follows
+    ``ATEN_CPU_CAPABILITY``: a process held below AVX512 gets the library kernels its level picks."""
+    from phibook.cpu_features import cpu_flags, read_cpuinfo
+
+    if os.environ.get(GEMV_ENV, "1") == "0":
+        return f"{GEMV_ENV}=0"
+    flags = cpu_flags(read_cpuinfo()) or set()
+    missing = sorted({"avx512f", "avx512bw", "avx512_bf16"} - flags)
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    level = torch.backends.cpu.get_cpu_capability()
+    if level != "AVX512":
+        return f"ATen runs at {level} here, not AVX512"
+    return None
+
+
+@functools.cache
+def load_gemv_bf16() -> None:
+    """Build (once a machine, in the cache directory) and load the kernel; raises Unsupported with
+    the reason when it cannot be built here (no compiler, no ninja, a refusal above)."""
+    why = gemv_bf16_refusal()
+    if why:
+        raise Unsupported(why)
+    from torch.utils import cpp_extension
+
+    # The name carries the source's digest: torch keeps each build under its extensions
+    # directory ($TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions) and rebuilds on a change.
+    digest = hashlib.sha1(GEMV_SOURCE.read_bytes()).hexdigest()[:12]
+    try:
+        cpp_extension.load(name=f"phibook_gemv_bf16_{digest}", sources=[str(GEMV_SOURCE)],
+                           # -fopenmp: at::parallel_for is inlined from ATen's headers and runs on
+                           # OpenMP; the library's libgomp.so.1 resolves to the copy torch loaded
+                           # (one soname, one thread pool, torch's thread count).
+                           extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                                         "-mavx512bf16"],
+                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    except Exception as exc:  # a missing compiler or ninja is a refusal, not a crash
+        raise Unsupported(f"the kernel did not build here ({type(exc).__name__}: {str(exc)[-300:]})") from exc
+
+
+def gemv_bf16_ready() -> bool:
+    """Whether this process may call ``gemv_bf16``: the flags allow it, its check passed on this
+    CPU (in a child, cached) and it is loaded here. Silent where the flags rule it out."""
+    if gemv_bf16_refusal() is not None or not kernel_ok("gemv-bf16"):
+        return False
+    try:
+        load_gemv_bf16()
+    except Unsupported as exc:
+        _stderr(f"kernel check: gemv-bf16 passed its check but did not load here ({exc}); using oneDNN")
+        return False
+    return True
+
+
+def gemv_bf16(weight: Tensor, x: Tensor, bias_fp32: Tensor) -> Tensor:
+    """(m, out) bf16 = x (m <= GEMV_MAX_ROWS, in) bf16 @ weight (out, in) bf16 ^T + bias_fp32 (out,)
+    or empty; each weight row is read once for all m rows. Only after ``gemv_bf16_ready()``."""
+    return torch.ops.phibook_gemv.gemv_bf16(weight, x, bias_fp32)
 
 
 # --------------------------------------------------------------------------- probes (child side)
@@ -226,6 +296,24 @@ def _probe_onednn(dtype: torch.dtype) -> Callable[[], None]:
     return probe
 
 
+def _probe_gemv_bf16() -> None:
+    load_gemv_bf16()
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((1, 32), (7, 64), (130, 96), (64, 2048), (200, 10240)):
+        w = (torch.randn(n, k, generator=g) / k**0.5).to(torch.bfloat16)
+        b = torch.randn(n, generator=g)
+        for bias in (b, torch.empty(0)):
+            for x in (torch.randn(1, k, generator=g).to(torch.bfloat16),
+                      torch.randn(3, 2, k, generator=g).to(torch.bfloat16)[:, 1],  # a strided view
+                      torch.randn(GEMV_MAX_ROWS, k, generator=g).to(torch.bfloat16)):
+                got = gemv_bf16(aligned_owned(w), x, bias)
+                want = x.double() @ w.double().T + (bias.double() if bias.numel() else 0)
+                # Products of bf16 values are exact in fp32; the fp32 sum and the one bf16 rounding
+                # of the result are the error.
+                bound = want.abs() * 2.0**-8 + (x.double().abs() @ w.double().abs().T) * 1e-5 + 1e-6
+                _check("gemv-bf16", got, want, bound, f"n={n} k={k} rows={x.shape[0]} bias={bool(bias.numel())}")
+
+
 def _probe_inductor() -> None:
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
@@ -254,6 +342,7 @@ KERNELS: dict[str, Callable[[], None]] = {
     "onednn-bf16": _probe_onednn(torch.bfloat16),
     "onednn-fp16": _probe_onednn(torch.float16),
     "inductor": _probe_inductor,
+    "gemv-bf16": _probe_gemv_bf16,
 }
 
 
