@@ -23,6 +23,11 @@ for prefill and decode alike. Weights are copies: the model stays usable
 unless ``release_model=True`` frees its block and head weights as they are
 packed (peak memory = model + one block, not two models).
 
+In bf16 on a CPU with AVX512-BF16, steps of up to 16 rows (decode at batch 1 to 16) run
+through phibook's own GEMV on plain row-major weights in huge pages (``can_gemv``,
+phibook.inference.kernels' ``gemv-bf16``): at few rows it streams the weights faster than
+oneDNN's packed inner product; longer prefills use oneDNN's matmul on the same weights.
+
 Where oneDNN cannot take the dtype or device (CUDA, fp16 without AVX512-FP16,
 ``pack=False``), or its prepacked linear failed its check on this CPU
 (phibook.inference.kernels), the same fused weights run through plain ``F.linear``.
