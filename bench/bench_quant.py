@@ -65,7 +65,6 @@ def cmd_accuracy(args) -> None:
 
     loaded = load_model(args.model)
     model, tok = loaded.model, loaded.tokenizer
-    args.tokenizer = tok
     torch.set_num_threads(args.threads)
     ids = tok.encode(Path(args.text).read_text())
     L = min(args.window, model.config.max_seq_len)
@@ -95,7 +94,7 @@ def cmd_accuracy(args) -> None:
                   f"{sum(e[1] for e in errs) / len(errs):.2e} | {sum(e[2] for e in errs) / len(errs):.4f} | "
                   f"{median(same):.0f}, {min(same)} |")
     if args.llama_perplexity:
-        compare_with_llama(args, model, windows, ref)
+        compare_with_llama(args, model, tok, windows, ref)
 
 
 def llama_kl(binary: Path, work: Path, text: str, L: int, n: int, threads: int) -> tuple[float, float, float]:
@@ -118,13 +117,19 @@ def llama_kl(binary: Path, work: Path, text: str, L: int, n: int, threads: int) 
     return float(kl.group(1)), float(kl.group(2)), float(top.group(1)) / 100
 
 
-def compare_with_llama(args, model, windows: list[list[int]], ref: list[torch.Tensor]) -> None:
+def write_f32_and_q8_0(model, tokenizer, work: Path) -> None:
+    """f32.gguf and q8_0.gguf of ``model`` in ``work``, written by phibook's exporter."""
+    from phibook.weights.gguf import write_gguf
+
+    for fmt in ("f32", "q8_0"):
+        write_gguf(model, tokenizer, work / f"{fmt}.gguf", fmt, name="bench")
+
+
+def compare_with_llama(args, model, tokenizer, windows: list[list[int]], ref: list[torch.Tensor]) -> None:
     """Each mode's error next to llama.cpp q8_0's, on the positions llama-perplexity scores: it cuts
     the text into chunks of --window tokens and scores the second half of each (the logits at
     positions window/2 .. window-2), so the same slice of our windows is compared here."""
     import tempfile
-
-    from phibook.weights.gguf import write_gguf
 
     L = len(windows[0])
     half = slice(L // 2, L - 1)
@@ -135,11 +140,9 @@ def compare_with_llama(args, model, windows: list[list[int]], ref: list[torch.Te
         with torch.inference_mode():
             errs = [kl_and_err(r[0, half], q(torch.tensor([w]))[0, half]) for r, w in zip(ref, windows)]
         print(f"| phibook {mode} | {sum(e[1] for e in errs) / len(errs):.2e} | {sum(e[2] for e in errs) / len(errs):.4f} |")
-    loaded_tok = args.tokenizer
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for fmt in ("f32", "q8_0"):
-            write_gguf(model, loaded_tok, work / f"{fmt}.gguf", fmt, name="bench")
+        write_f32_and_q8_0(model, tokenizer, work)
         kl, unc, top = llama_kl(Path(args.llama_perplexity), work, args.text, L, len(windows), args.threads)
     print(f"| llama.cpp q8_0 (vs llama.cpp f32) | {kl:.2e} +- {unc:.1e} | {top:.4f} |")
     print("\n(llama-perplexity keeps its fp32 reference as 16-bit log-probabilities, which puts a floor of its"
@@ -294,8 +297,6 @@ def llama_hellaswag(args, loaded, data_dir: Path) -> None:
     import subprocess
     import tempfile
 
-    from phibook.weights.gguf import write_gguf
-
     source = Path(data_dir) / "hellaswag" / "hellaswag_val_full.txt.bz2"
     if not source.is_file():
         raise SystemExit(f"{source}: not found (llama-perplexity --hellaswag reads this file's text format)")
@@ -303,8 +304,8 @@ def llama_hellaswag(args, loaded, data_dir: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         (work / "hellaswag.txt").write_bytes(bz2.decompress(source.read_bytes()))
+        write_f32_and_q8_0(loaded.model, loaded.tokenizer, work)
         for fmt in ("f32", "q8_0"):
-            write_gguf(loaded.model, loaded.tokenizer, work / f"{fmt}.gguf", fmt, name="bench")
             run = subprocess.run([args.llama_perplexity, "-m", str(work / f"{fmt}.gguf"), "-f",
                                   str(work / "hellaswag.txt"), "--hellaswag", "--hellaswag-tasks",
                                   str(args.llama_tasks), "-c", "1024", "-b", "1024", "-t", str(args.threads)],

@@ -63,7 +63,7 @@ def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def can_gemv(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether phibook's own bf16 matrix-vector kernel runs batch-1 decode here: a bf16 model on
+    """Whether phibook's own bf16 matrix-vector kernel runs steps of 1-16 rows here: a bf16 model on
     a CPU with AVX512-BF16 at ATen's AVX512 level, the kernel built and checked
     (phibook.inference.kernels, "gemv-bf16"). Asked only where the flags allow it, so other CPUs
     never build or probe it."""
@@ -184,8 +184,8 @@ class FastForward:
             )
             pack = False
         self.packed = pack
-        # phibook's bf16 GEMV for batch-1 steps (can_gemv): by default wherever the flags allow it and
-        # its check passed; only beside oneDNN (prefill keeps oneDNN's matmul), never forced on.
+        # phibook's bf16 GEMV for steps of 1-16 rows (can_gemv): by default wherever the flags allow it
+        # and its check passed; only where oneDNN runs too (longer prefills), never forced on.
         self.gemv = bool(pack and (gemv is None or gemv) and can_gemv(self.dtype, self.device))
         # Shared with the model, never copied: a decode step reads one row of it, so
         # when it is a view of a memory-mapped checkpoint almost none of it is resident.

@@ -27,7 +27,7 @@ Kernels (``KERNELS``): ``int8pack`` (``_weight_int8pack_mm``), ``w8a8`` (fbgemm'
 ``onednn-bf16`` / ``onednn-fp16`` (``mkldnn._reorder_linear_weight`` + ``_linear_pointwise``,
 FastForward's prepacked linears), ``inductor`` (``torch.compile`` on the CPU, ``--compile``) and
 ``gemv-bf16`` (phibook's own bf16 matrix-vector kernel, ``csrc/gemv_bf16.cpp``, built here with
-torch.utils.cpp_extension: FastForward's batch-1 decode in bf16).
+torch.utils.cpp_extension: FastForward's bf16 steps of 1 to 16 rows).
 
 Test hook: ``PHIBOOK_KERNEL_PROBE_FAULT=name:crash`` (or ``name:wrong``) makes that kernel's
 probe child die with SIGSEGV (or see a wrong result), as a broken kernel would.
@@ -159,8 +159,8 @@ def gemv_bf16_refusal() -> str | None:
 
 @functools.cache
 def load_gemv_bf16() -> None:
-    """Build (once a machine, in the cache directory) and load the kernel; raises Unsupported with
-    the reason when it cannot be built here (no compiler, no ninja, a refusal above)."""
+    """Build (once a machine, under torch's extensions directory) and load the kernel; raises
+    Unsupported with the reason when it cannot be built here (no compiler, no ninja, a refusal above)."""
     why = gemv_bf16_refusal()
     if why:
         raise Unsupported(why)

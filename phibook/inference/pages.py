@@ -51,14 +51,19 @@ def malloc_trim() -> None:
         pass
 
 
-def dontneed(pages: tuple[int, int]) -> None:
+def _madvise(start: int, length: int, advice: int) -> None:
+    """madvise(2) on [start, start + length); advice the system refuses is ignored (it is advice)."""
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(pages[0]), ctypes.c_size_t(pages[1] - pages[0]), _MADV_DONTNEED)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice)
     except (OSError, AttributeError):
         pass
+
+
+def dontneed(pages: tuple[int, int]) -> None:
+    _madvise(pages[0], pages[1] - pages[0], _MADV_DONTNEED)
 
 
 def drop_file_pages(t: Tensor) -> None:
@@ -85,13 +90,7 @@ def huge_page_copy(t: Tensor) -> Tensor:
     nbytes = t.numel() * t.element_size()
     raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
     start = (-raw.data_ptr()) % HUGE_PAGE
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(raw.data_ptr() + start), ctypes.c_size_t(nbytes), _MADV_HUGEPAGE)
-    except (OSError, AttributeError):
-        pass
+    _madvise(raw.data_ptr() + start, nbytes, _MADV_HUGEPAGE)
     out = raw[start : start + nbytes].view(t.dtype).view(t.shape)
     out.copy_(t)
     return out
