@@ -343,6 +343,19 @@ def test_torn_last_line_is_dropped_and_redone(tmp_path: Path) -> None:
     assert failures.read_text() == '{"index": 3, "id": "x", "error": "e", "attempts": 1}\n'
 
 
+def test_a_bad_line_in_the_existing_output_names_its_line(tmp_path: Path) -> None:
+    """Resuming reads the output through phibook.documents' one reader: a damaged line stops the run
+    with file:line instead of a KeyError, and nothing is appended to the damaged file."""
+    out = tmp_path / "docs.jsonl"
+    run_synth(out, 4, BuiltinTeacher(), load_topics(), load_templates(), progress=False)
+    lines = out.read_text().splitlines(keepends=True)
+    damaged = lines[0] + '{"id": "x", "txt": "no text field"}\n' + "".join(lines[1:])
+    out.write_text(damaged)
+    with pytest.raises(PhibookError, match=rf"{re.escape(str(out))}:2: field 'text' is missing.*earlier run"):
+        run_synth(out, 8, BuiltinTeacher(), load_topics(), load_templates(), progress=False)
+    assert out.read_text() == damaged
+
+
 def test_web_samples_reach_the_prompt(tmp_path: Path) -> None:
     from phibook.data.synth.prompts import load_web_samples
 

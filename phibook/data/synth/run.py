@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phibook import faults, io
+from phibook import documents, faults, io
 from phibook.data.synth.prompts import DocSpec, Template, Topic, doc_id, plan, render_prompt
 from phibook.data.synth.teachers import Teacher, TeacherFailure
 from phibook.errors import PhibookError
@@ -77,18 +77,14 @@ def remove_partial_files(out: Path) -> list[Path]:
 
 
 def existing_ids(path: Path) -> set[str]:
-    """Ids already in the output; a torn last line (from a kill) is cut off."""
+    """Ids already in the output; a torn last line (from a kill) is cut off first, so its document
+    is redone. A line that is not a document stops the run with its ``file:line``."""
     if not path.exists():
         return set()
-    ids = set()
-    for lineno, line in enumerate(drop_torn_tail(path).splitlines(), 1):  # a torn line's document is redone
-        if not line.strip():
-            continue
-        try:
-            ids.add(json.loads(line)["id"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise PhibookError(f"{path}:{lineno}: existing output line is not a document ({exc})") from exc
-    return ids
+    drop_torn_tail(path)
+    hint = " (the output of an earlier run; fix or remove that line, or write to a new file)"
+    return {str(line.doc["id"]) for line in documents.read_lines(path, fill_id=True, bad_hint=hint)
+            if line.doc is not None}
 
 
 async def _run(
