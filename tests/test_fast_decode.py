@@ -92,9 +92,9 @@ def test_last_only_is_the_last_row_of_the_full_logits(pack: bool) -> None:
     full = fast(prompt)
     last = fast(prompt, last_only=True)
     assert last.shape == (2, 1, 320)
-    if fast.packed:  # oneDNN's packed kernel gives each row the same bits whatever the row count
+    if fast.packed and not fast.gemv:  # oneDNN's packed kernel gives each row the same bits whatever the row count
         assert torch.equal(full[:, -1:], last)
-    else:  # MKL picks its blocking by row count: the same sums in another order
+    else:  # MKL (or phibook's GEMV at 16 rows or fewer) sums in another order than at 18 rows
         assert (full[:, -1:] - last).abs().max().item() <= 1e-5
 
 
@@ -192,72 +192,91 @@ def test_gpu_bench_imports_on_cpu_and_its_static_step_is_exact() -> None:
 
 
 
-# --------------------------------------------------------------------------- phibook's bf16 GEMV
+# --------------------------------------------------------------------------- phibook's GEMV (bf16, fp32)
+
+GEMV_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float32, id="fp32")]
 
 
-def _gemv_or_skip() -> None:
-    why = K.gemv_bf16_refusal()
-    if why:
-        pytest.skip(f"phibook's bf16 GEMV does not run here: {why}")
-    if not K.gemv_bf16_ready():
-        pytest.skip("the gemv-bf16 kernel was refused on this CPU (its reason is on stderr)")
+def _gemv_or_skip(dtype: torch.dtype) -> K.GemvOp:
+    build, why = K.gemv_build(dtype)
+    if build is None:
+        pytest.skip(f"phibook's {dtype} GEMV does not run here: {why}")
+    op = K.gemv_kernel(dtype)
+    if op is None:
+        pytest.skip(f"the {K.GEMV_PROBES[dtype]} kernel was refused on this CPU (its reason is on stderr)")
+    return op
 
 
-def test_gemv_bf16_matches_a_double_reference() -> None:
-    _gemv_or_skip()
+@pytest.mark.parametrize("dtype", GEMV_DTYPES)
+def test_gemv_matches_a_double_reference(dtype: torch.dtype) -> None:
+    """The build this process's ATen level picks (CI's lower-level pass runs fp32's AVX2 build)."""
+    gemv = _gemv_or_skip(dtype)
+    rel = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-20
     g = torch.Generator().manual_seed(11)
-    for n, k in ((1, 32), (5, 64), (67, 2048), (300, 640)):  # row counts off the threads' 64-row grain
-        w = (torch.randn(n, k, generator=g) / k**0.5).to(torch.bfloat16)
-        for m in (1, 2, 7, K.GEMV_MAX_ROWS):
-            x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    for n, k in ((1, 32), (5, 64), (67, 2048), (300, 640)):  # row counts off the threads' grain
+        w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
+        for m in (1, 2, 3, 7, K.GEMV_MAX_ROWS):
+            x = torch.randn(m, k, generator=g).to(dtype)
             for bias in (torch.randn(n, generator=g), torch.empty(0)):
-                got = K.gemv_bf16(w, x, bias)
-                assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+                got = gemv(w, x, bias)
+                assert got.dtype == dtype and got.shape == (m, n)
                 want = x.double() @ w.double().T + (bias.double() if bias.numel() else 0)
-                bound = want.abs() * 2.0**-8 + (x.double().abs() @ w.double().abs().T) * 1e-5 + 1e-6
+                terms = x.double().abs() @ w.double().abs().T
+                bound = want.abs() * rel + terms * (1e-5 if dtype == torch.bfloat16 else k * 2.0**-23) + 1e-6
                 assert bool(((got.double() - want).abs() <= bound).all()), (n, k, m)
-    bf = torch.bfloat16
     with pytest.raises(RuntimeError, match="multiple of 32"):
-        K.gemv_bf16(torch.zeros(4, 48, dtype=bf), torch.zeros(1, 48, dtype=bf), torch.empty(0))
+        gemv(torch.zeros(4, 48, dtype=dtype), torch.zeros(1, 48, dtype=dtype), torch.empty(0))
     with pytest.raises(RuntimeError, match="1 to 16 rows"):
-        K.gemv_bf16(torch.zeros(4, 64, dtype=bf), torch.zeros(17, 64, dtype=bf), torch.empty(0))
+        gemv(torch.zeros(4, 64, dtype=dtype), torch.zeros(17, 64, dtype=dtype), torch.empty(0))
 
 
+@pytest.mark.parametrize("dtype", GEMV_DTYPES)
 @torch.inference_mode()
-def test_bf16_fast_path_decodes_through_the_gemv_as_closely_as_through_onednn() -> None:
-    """Steps of up to 16 rows go through the GEMV (longer prefills through oneDNN's matmul on the
-    same plain weights); teacher-forced, each step's logits are as close to the same bf16 weights
-    run in fp32 as oneDNN's packed path gets."""
-    _gemv_or_skip()
-    bf16 = _model(torch.bfloat16)
-    bf16.reset_rope()
-    exact = copy.deepcopy(bf16).float()
+def test_fast_path_decodes_through_the_gemv_as_closely_as_through_onednn(dtype: torch.dtype) -> None:
+    """Steps of up to 16 rows go through the GEMV (longer prefills through oneDNN's linear on the
+    same plain weights); teacher-forced, each step's logits are as close to the same weights run
+    in float64 as oneDNN's packed path gets."""
+    _gemv_or_skip(dtype)
+    model = _model(dtype)
+    model.reset_rope()
+    exact = copy.deepcopy(model).double()
     exact.reset_rope()
-    fast, onednn = FastForward(bf16), FastForward(bf16, gemv=False)
+    fast, onednn = FastForward(model), FastForward(model, gemv=False)
     assert fast.gemv and fast.blocks[0].proj_in.gemv and fast.lm_head.gemv and not onednn.gemv
+    assert onednn.blocks[0].proj_in.packed and not fast.blocks[0].proj_in.packed
     prompt = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(12))
     forced = torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(13))
     errors = {}
     for name, f in (("gemv", fast), ("onednn", onednn), ("exact", exact)):
-        cache = KVCache(bf16.config, 1, 32, dtype=torch.float32)
-        steps = [f(prompt, cache=cache)[:, -1].float()]
-        steps += [f(forced[:, i : i + 1], cache=cache)[:, -1].float() for i in range(forced.shape[1])]
+        cache = KVCache(model.config, 1, 32, dtype=torch.float64 if name == "exact" else torch.float32)
+        steps = [f(prompt, cache=cache)[:, -1].double()]
+        steps += [f(forced[:, i : i + 1], cache=cache)[:, -1].double() for i in range(forced.shape[1])]
         errors[name] = torch.stack(steps)
     gemv_err = (errors["gemv"] - errors["exact"]).abs().max().item()
     onednn_err = (errors["onednn"] - errors["exact"]).abs().max().item()
-    assert gemv_err <= max(1.5 * onednn_err, 0.02), (gemv_err, onednn_err)
+    floor = 0.02 if dtype == torch.bfloat16 else 1e-4
+    assert gemv_err <= max(1.5 * onednn_err, floor), (gemv_err, onednn_err)
     # Two rows in one step (a serving batch) through the GEMV; 40 tokens (a prefill) past its 16
-    # rows, through oneDNN's matmul on the plain weight.
+    # rows, through oneDNN's linear on the plain weight.
+    tol = {"atol": 0.05, "rtol": 0.02} if dtype == torch.bfloat16 else {"atol": 1e-4, "rtol": 1e-4}
     for ids in (torch.cat([prompt, prompt.flip(1)]), torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(14))):
-        torch.testing.assert_close(fast(ids).float(), onednn(ids).float(), atol=0.05, rtol=0.02)
+        torch.testing.assert_close(fast(ids).float(), onednn(ids).float(), **tol)
 
 
 def test_gemv_follows_the_switch_the_flags_and_the_aten_level(monkeypatch) -> None:
     monkeypatch.setenv(K.GEMV_ENV, "0")
-    assert K.gemv_bf16_refusal() == f"{K.GEMV_ENV}=0"
-    assert FastForward(_model(torch.bfloat16)).gemv is False
+    for dtype in (torch.bfloat16, torch.float32):
+        assert K.gemv_build(dtype) == (None, f"{K.GEMV_ENV}=0")
+        assert FastForward(_model(dtype)).gemv is False
     monkeypatch.delenv(K.GEMV_ENV)
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":  # CI's runs at the lower ATen levels
-        assert K.gemv_bf16_refusal() is not None
+    level = torch.backends.cpu.get_cpu_capability()
+    if level != "AVX512":  # CI's runs at the lower ATen levels
+        assert K.gemv_build(torch.bfloat16)[0] is None
         assert FastForward(_model(torch.bfloat16)).gemv is False
-    assert FastForward(_model(torch.float32)).gemv is False  # bf16 only
+    build, why = K.gemv_build(torch.float32)
+    if level == "DEFAULT":
+        assert build is None and "DEFAULT" in why
+        assert FastForward(_model(torch.float32)).gemv is False
+    elif build is not None:  # the build for this level, never another level's
+        assert build.level == level and build.namespace.endswith(level.lower())
+    assert K.gemv_build(torch.float16) == (None, f"no GEMV of phibook's for {torch.float16}")

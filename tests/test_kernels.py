@@ -8,6 +8,7 @@ way a broken kernel on another CPU would fail its probe.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -161,21 +162,24 @@ def test_refused_onednn_and_inductor_fall_back(fresh_verdicts: Path, monkeypatch
     assert StaticStep(model, compile=True).compiled is False  # eager, no compile attempted
 
 
-def test_refused_gemv_leaves_bf16_decode_to_onednn(fresh_verdicts: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_refused_gemv_leaves_decode_to_onednn(fresh_verdicts: Path, monkeypatch, dtype: torch.dtype) -> None:
     from phibook.inference.fast_decode import FastForward
     from phibook.model.config import PhiConfig
     from phibook.model.model import PhiModel
 
-    monkeypatch.setenv(K.FAULT_ENV, "gemv-bf16:crash")
+    monkeypatch.setenv(K.FAULT_ENV, f"{K.GEMV_PROBES[dtype]}:crash")
     model = PhiModel(PhiConfig(n_layer=2, d_model=64, n_head=2, rotary_dim=16, vocab_size=128, max_seq_len=32))
     model.init_weights(torch.Generator().manual_seed(0))
-    bf16 = model.to(torch.bfloat16)
-    bf16.reset_rope()
-    fast = FastForward(bf16)
-    assert fast.gemv is False and not fast.blocks[0].proj_in.gemv
+    ref = model.double()
+    ref.reset_rope()
+    low = copy.deepcopy(model).to(dtype)
+    low.reset_rope()
+    fast = FastForward(low)
+    assert fast.gemv is False and not fast.blocks[0].proj_in.gemv and fast.blocks[0].proj_in.packed == fast.packed
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        assert (fast(ids).float() - bf16(ids).float()).abs().max().item() <= 0.05
+        assert (fast(ids).double() - ref(ids)).abs().max().item() <= (0.05 if dtype == torch.bfloat16 else 1e-4)
 
 
 def test_every_kernel_passes_its_probe_or_is_refused_cleanly(fresh_verdicts: Path) -> None:
@@ -185,6 +189,7 @@ def test_every_kernel_passes_its_probe_or_is_refused_cleanly(fresh_verdicts: Pat
         assert K.kernel_ok(name), K.cached_verdicts().get(K.verdict_key(name))
     assert K.probe_in_child("onednn-fp16")[0] in (True, False)
     assert K.probe_in_child("gemv-bf16")[0] in (True, False)  # refused without AVX512-BF16, never a crash
+    assert K.probe_in_child("gemv-fp32")[0] in (True, False)  # refused at ATen's DEFAULT level
     keys = K.cached_verdicts()
     assert K.verdict_key("int8pack") in keys and f"aten {torch.backends.cpu.get_cpu_capability()}" in \
         K.verdict_key("int8pack")

@@ -23,10 +23,11 @@ for prefill and decode alike. Weights are copies: the model stays usable
 unless ``release_model=True`` frees its block and head weights as they are
 packed (peak memory = model + one block, not two models).
 
-In bf16 on a CPU with AVX512-BF16, steps of up to 16 rows (decode at batch 1 to 16) run
-through phibook's own GEMV on plain row-major weights in huge pages (``can_gemv``,
-phibook.inference.kernels' ``gemv-bf16``): at few rows it streams the weights faster than
-oneDNN's packed inner product; longer prefills use oneDNN's matmul on the same weights.
+Steps of up to 16 rows (decode at batch 1 to 16) run through phibook's own GEMV on plain
+row-major weights in huge pages wherever a build of it serves the dtype on this CPU
+(``gemv_op``; phibook.inference.kernels' ``gemv-bf16``: AVX512-BF16, and ``gemv-fp32``: an
+AVX-512F and an AVX2+FMA build): at few rows it streams the weights faster than oneDNN's packed
+inner product; longer prefills use oneDNN's linear on the same plain weights.
 
 Where oneDNN cannot take the dtype or device (CUDA, fp16 without AVX512-FP16,
 ``pack=False``), or its prepacked linear failed its check on this CPU
@@ -41,7 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from phibook.inference.kernels import DTYPE_SHORT, GEMV_MAX_ROWS, gemv_bf16, gemv_bf16_ready, kernel_ok
+from phibook.inference.kernels import (
+    DTYPE_SHORT,
+    GEMV_COLS_MULTIPLE,
+    GEMV_MAX_ROWS,
+    GemvOp,
+    gemv_kernel,
+    kernel_ok,
+)
 from phibook.inference.pages import dontneed, drop_file_pages, file_page_range, huge_page_copy, malloc_trim
 from phibook.model.model import KVCache, PhiModel, apply_rotary, causal_mask
 
@@ -62,29 +70,30 @@ def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
     return supported and kernel_ok(f"onednn-{DTYPE_SHORT[dtype]}")
 
 
-def can_gemv(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether phibook's own bf16 matrix-vector kernel runs steps of 1-16 rows here: a bf16 model on
-    a CPU with AVX512-BF16 at ATen's AVX512 level, the kernel built and checked
-    (phibook.inference.kernels, "gemv-bf16"). Asked only where the flags allow it, so other CPUs
-    never build or probe it."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and gemv_bf16_ready()
+def gemv_op(dtype: torch.dtype, device: torch.device) -> GemvOp | None:
+    """phibook's own matrix-vector kernel for steps of 1-16 rows of this dtype, or None: a bf16 model
+    on a CPU with AVX512-BF16 at ATen's AVX512 level, or an fp32 one at the AVX512 or AVX2 level,
+    the build loaded and checked (phibook.inference.kernels, "gemv-bf16" / "gemv-fp32"). Asked only
+    where the flags allow it, so other CPUs never build or probe it."""
+    return gemv_kernel(dtype) if device.type == "cpu" else None
 
 
 class _Linear:
     """y = x @ W^T + b, optionally followed by tanh-GELU, on a packed or plain weight.
 
-    With ``gemv`` (bf16, see can_gemv) the weight stays plain and row-major, in huge pages: up
-    to GEMV_MAX_ROWS rows of input (decode steps at batch 1 to 16) go through phibook's bf16
-    GEMV, which streams the weight faster than oneDNN's packed inner product does at few rows;
-    more rows (prefill) go through oneDNN's matmul on the plain weight (``F.linear``).
+    With ``gemv`` (see gemv_op) the weight stays plain and row-major, in huge pages: up to
+    GEMV_MAX_ROWS rows of input (decode steps at batch 1 to 16) go through phibook's GEMV, which
+    streams the weight faster than oneDNN's packed inner product does at few rows; more rows
+    (prefill) go through oneDNN's linear on the plain weight, as fast as on a packed one there
+    (the gemv probe checks that call too).
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor, pack: bool, gemv: bool = False) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor, pack: bool, gemv: GemvOp | None = None) -> None:
         self.out_features, self.in_features = weight.shape
         self.bias = bias.detach().contiguous()
-        self.gemv = gemv and self.in_features % 32 == 0
-        self.packed = pack and not self.gemv
-        if self.gemv:
+        self.gemv = gemv if self.in_features % GEMV_COLS_MULTIPLE == 0 else None
+        self.packed = pack and self.gemv is None
+        if self.gemv is not None:
             self.weight = huge_page_copy(weight.detach())
             self.bias_fp32 = self.bias.float()
         elif pack:
@@ -94,11 +103,11 @@ class _Linear:
             self.weight = weight.detach().contiguous()
 
     def __call__(self, x: Tensor, gelu: bool = False) -> Tensor:
-        if self.gemv and x.numel() <= GEMV_MAX_ROWS * self.in_features:
-            y = gemv_bf16(self.weight, x.reshape(-1, self.in_features), self.bias_fp32)
+        if self.gemv is not None and x.numel() <= GEMV_MAX_ROWS * self.in_features:
+            y = self.gemv(self.weight, x.reshape(-1, self.in_features), self.bias_fp32)
             y = y.view(*x.shape[:-1], self.out_features)
             return F.gelu(y, approximate="tanh") if gelu else y
-        if self.packed:
+        if self.packed or self.gemv is not None:  # oneDNN's linear takes a packed or a plain weight
             if gelu:
                 return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], "tanh")
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
@@ -115,7 +124,7 @@ class _FusedBlock:
     scale per row for both, i.e. re-quantizing.
     """
 
-    def __init__(self, block: torch.nn.Module, pack: bool, gemv: bool = False) -> None:
+    def __init__(self, block: torch.nn.Module, pack: bool, gemv: GemvOp | None = None) -> None:
         from phibook.inference.quant import QuantLinear, cat_rows
 
         attn, mlp = block.attn, block.mlp
@@ -184,9 +193,10 @@ class FastForward:
             )
             pack = False
         self.packed = pack
-        # phibook's bf16 GEMV for steps of 1-16 rows (can_gemv): by default wherever the flags allow it
-        # and its check passed; only where oneDNN runs too (longer prefills), never forced on.
-        self.gemv = bool(pack and (gemv is None or gemv) and can_gemv(self.dtype, self.device))
+        # phibook's GEMV for steps of 1-16 rows (gemv_op): by default wherever a build serves the
+        # dtype and its check passed; only where oneDNN runs too (longer prefills), never forced on.
+        op = gemv_op(self.dtype, self.device) if pack and (gemv is None or gemv) else None
+        self.gemv = op is not None
         # Shared with the model, never copied: a decode step reads one row of it, so
         # when it is a view of a memory-mapped checkpoint almost none of it is resident.
         self.embed = model.embed.weight.detach()
@@ -199,14 +209,14 @@ class FastForward:
         self.blocks: list[_FusedBlock] = []
         with torch.no_grad():
             for block in model.blocks:
-                self.blocks.append(_FusedBlock(block, pack, self.gemv))
+                self.blocks.append(_FusedBlock(block, pack, op))
                 if release_model:
                     _release(block)
             self.ln_f = (model.ln_f.weight.detach().clone(), model.ln_f.bias.detach().clone(), model.ln_f.eps)
             if isinstance(model.lm_head, QuantLinear):
                 self.lm_head = model.lm_head  # shared, not copied: quantized weights are already compact
             else:
-                self.lm_head = _Linear(model.lm_head.weight, model.lm_head.bias, pack, self.gemv)
+                self.lm_head = _Linear(model.lm_head.weight, model.lm_head.bias, pack, op)
                 if release_model:
                     _release(model.lm_head)
         self.released = release_model

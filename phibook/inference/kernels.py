@@ -50,6 +50,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,7 +63,7 @@ ALIGN = 64  # bytes: a cache line, and what AVX-512 loads want
 FAULT_ENV = "PHIBOOK_KERNEL_PROBE_FAULT"
 CACHE_FILE = "kernel-verdicts.json"
 # Child time limits (s). Importing torch is most of a plain probe; inductor compiles C++.
-PROBE_TIMEOUT_S = {"inductor": 600.0, "gemv-bf16": 600.0}
+PROBE_TIMEOUT_S = {"inductor": 600.0, "gemv-bf16": 600.0, "gemv-fp32": 600.0}
 DEFAULT_PROBE_TIMEOUT_S = 180.0
 
 
@@ -132,75 +133,106 @@ def w8a8_linear(x2: Tensor, packed: torch.ScriptObject, reduce_range: bool) -> T
     return torch.ops.quantized.linear_dynamic(x2, packed, reduce_range)
 
 
-# --------------------------------------------------------------------------- bf16 GEMV (our own)
+# --------------------------------------------------------------------------- GEMV (our own)
 
-GEMV_SOURCE = Path(__file__).resolve().parent / "csrc" / "gemv_bf16.cpp"
-GEMV_ENV = "PHIBOOK_GEMV"  # "0": never use the kernel (FastForward takes oneDNN's instead)
-GEMV_MAX_ROWS = 16  # input rows per call (csrc/gemv_bf16.cpp's kMaxRows): a batched decode step
+CSRC = Path(__file__).resolve().parent / "csrc"
+GEMV_ENV = "PHIBOOK_GEMV"  # "0": never use the kernels (FastForward takes oneDNN's instead)
+GEMV_MAX_ROWS = 16  # input rows per call (kMaxRows in csrc/gemv_*.cpp): a batched decode step
+GEMV_COLS_MULTIPLE = 32  # the input width must be a multiple of this (one bf16 vector)
 
 
-def gemv_bf16_refusal() -> str | None:
-    """Why the bf16 GEMV kernel is not for this process (None: it is), from the CPU's flags and
-    the ISA level ATen runs at, never a timing. It needs AVX512-BF16, and it follows
-    ``ATEN_CPU_CAPABILITY``: a process held below AVX512 gets the library kernels its level picks."""
+@dataclass(frozen=True)
+class GemvBuild:
+    """One build of one of phibook's GEMV sources: the dtype it multiplies, the ATen ISA level it
+    serves (a process held at a lower level by ``ATEN_CPU_CAPABILITY`` gets that level's build, or
+    none), the CPU flags it needs and the compiler flags that target them."""
+
+    dtype: torch.dtype
+    level: str
+    source: Path
+    cpu_flags: tuple[str, ...]
+    cflags: tuple[str, ...]
+
+    @property
+    def namespace(self) -> str:
+        """The operator namespace of this build (``torch.ops.<namespace>``); builds never clash."""
+        return f"phibook_gemv_{DTYPE_SHORT[self.dtype]}_{self.level.lower()}"
+
+    @property
+    def op(self) -> str:
+        return f"gemv_{'f32' if self.dtype == torch.float32 else 'bf16'}"
+
+
+GEMV_BUILDS = (
+    GemvBuild(torch.bfloat16, "AVX512", CSRC / "gemv_bf16.cpp", ("avx512f", "avx512bw", "avx512_bf16"),
+              ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")),
+    GemvBuild(torch.float32, "AVX512", CSRC / "gemv_f32.cpp", ("avx512f", "fma"), ("-mavx512f", "-mfma")),
+    GemvBuild(torch.float32, "AVX2", CSRC / "gemv_f32.cpp", ("avx2", "fma"), ("-mavx2", "-mfma")),
+)
+GEMV_PROBES = {torch.bfloat16: "gemv-bf16", torch.float32: "gemv-fp32"}
+
+
+def gemv_build(dtype: torch.dtype) -> tuple[GemvBuild | None, str | None]:
+    """(build, None) when one of phibook's GEMV builds serves ``dtype`` in this process, else (None,
+    why). Decided from the CPU's flags and the ISA level ATen runs at, never a timing: bf16 needs
+    AVX512-BF16 at ATen's AVX512 level; fp32 has an AVX-512F build and an AVX2+FMA build, and a
+    process held at ``ATEN_CPU_CAPABILITY=default`` gets neither (the library kernels its level picks)."""
     from phibook.cpu_features import cpu_flags, read_cpuinfo
 
     if os.environ.get(GEMV_ENV, "1") == "0":
-        return f"{GEMV_ENV}=0"
+        return None, f"{GEMV_ENV}=0"
+    builds = [b for b in GEMV_BUILDS if b.dtype == dtype]
+    if not builds:
+        return None, f"no GEMV of phibook's for {dtype}"
     flags = cpu_flags(read_cpuinfo()) or set()
-    missing = sorted({"avx512f", "avx512bw", "avx512_bf16"} - flags)
-    if missing:
-        return f"the CPU lacks {', '.join(missing)}"
+    usable = [b for b in builds if set(b.cpu_flags) <= flags]
+    if not usable:
+        missing = sorted(set(builds[-1].cpu_flags) - flags)
+        return None, f"the CPU lacks {', '.join(missing)}"
     level = torch.backends.cpu.get_cpu_capability()
-    if level != "AVX512":
-        return f"ATen runs at {level} here, not AVX512"
-    return None
+    for build in usable:
+        if build.level == level:
+            return build, None
+    return None, f"ATen runs at {level} here, not {' or '.join(b.level for b in usable)}"
 
 
 @functools.cache
-def load_gemv_bf16() -> None:
-    """Build (once a machine, under torch's extensions directory) and load the kernel; raises
-    Unsupported with the reason when it cannot be built here (no compiler, no ninja, a refusal above)."""
-    why = gemv_bf16_refusal()
-    if why:
-        raise Unsupported(why)
+def load_gemv(build: GemvBuild) -> None:
+    """Build (once a machine, under torch's extensions directory) and load one GEMV build; raises
+    Unsupported with the reason when it cannot be built here (no compiler, no ninja)."""
     from torch.utils import cpp_extension
 
-    # The name carries the source's digest: torch keeps each build under its extensions
-    # directory ($TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions) and rebuilds on a change.
-    digest = hashlib.sha1(GEMV_SOURCE.read_bytes()).hexdigest()[:12]
+    # The name carries the source's and the flags' digest: torch keeps each build under its
+    # extensions directory ($TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions) and rebuilds on a change.
+    digest = hashlib.sha1(build.source.read_bytes() + " ".join(build.cflags).encode()).hexdigest()[:12]
     try:
-        cpp_extension.load(name=f"phibook_gemv_bf16_{digest}", sources=[str(GEMV_SOURCE)],
+        cpp_extension.load(name=f"{build.namespace}_{digest}", sources=[str(build.source)],
                            # -fopenmp: at::parallel_for is inlined from ATen's headers and runs on
                            # OpenMP; the library's libgomp.so.1 resolves to the copy torch loaded
                            # (one soname, one thread pool, torch's thread count).
-                           extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
-                                         "-mavx512bf16"],
+                           extra_cflags=["-O3", "-fopenmp", f"-DPHIBOOK_GEMV_NS={build.namespace}", *build.cflags],
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as exc:  # a missing compiler or ninja is a refusal, not a crash
         raise Unsupported(f"the kernel did not build here ({type(exc).__name__}: {str(exc)[-300:]})") from exc
 
 
-def gemv_bf16_ready() -> bool:
-    """Whether this process may call ``gemv_bf16``: the flags allow it, its check passed on this
-    CPU (in a child, cached) and it is loaded here. Silent where the flags rule it out."""
-    if gemv_bf16_refusal() is not None or not kernel_ok("gemv-bf16"):
-        return False
+GemvOp = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def gemv_kernel(dtype: torch.dtype) -> GemvOp | None:
+    """phibook's GEMV for ``dtype`` in this process, or None: a build serves it here (``gemv_build``),
+    its check passed on this CPU (in a child, cached) and it loaded. Silent where the flags rule it
+    out. The op computes (m, out) = x (m <= GEMV_MAX_ROWS, in) @ weight (out, in)^T + bias_fp32
+    (out,) or empty, x and weight in ``dtype``, reading each weight row once for all m rows."""
+    build, _why = gemv_build(dtype)
+    if build is None or not kernel_ok(GEMV_PROBES[dtype]):
+        return None
     try:
-        load_gemv_bf16()
+        load_gemv(build)
     except Unsupported as exc:
-        _stderr(f"kernel check: gemv-bf16 passed its check but did not load here ({exc}); using oneDNN")
-        return False
-    return True
-
-
-def gemv_bf16(weight: Tensor, x: Tensor, bias_fp32: Tensor) -> Tensor:
-    """(m, out) bf16 = x (m <= GEMV_MAX_ROWS, in) bf16 @ weight (out, in) bf16 ^T + bias_fp32 (out,)
-    or empty; each weight row is read once for all m rows. Only after ``gemv_bf16_ready()``."""
-    return torch.ops.phibook_gemv.gemv_bf16(weight, x, bias_fp32)
-
-
-# --------------------------------------------------------------------------- probes (child side)
+        _stderr(f"kernel check: {GEMV_PROBES[dtype]} passed its check but did not load here ({exc}); using oneDNN")
+        return None
+    return getattr(getattr(torch.ops, build.namespace), build.op)
 
 
 class Unsupported(Exception):
@@ -296,22 +328,46 @@ def _probe_onednn(dtype: torch.dtype) -> Callable[[], None]:
     return probe
 
 
-def _probe_gemv_bf16() -> None:
-    load_gemv_bf16()
-    g = torch.Generator().manual_seed(0)
-    for n, k in ((1, 32), (7, 64), (130, 96), (64, 2048), (200, 10240)):
-        w = (torch.randn(n, k, generator=g) / k**0.5).to(torch.bfloat16)
-        b = torch.randn(n, generator=g)
-        for bias in (b, torch.empty(0)):
-            for x in (torch.randn(1, k, generator=g).to(torch.bfloat16),
-                      torch.randn(3, 2, k, generator=g).to(torch.bfloat16)[:, 1],  # a strided view
-                      torch.randn(GEMV_MAX_ROWS, k, generator=g).to(torch.bfloat16)):
-                got = gemv_bf16(aligned_owned(w), x, bias)
-                want = x.double() @ w.double().T + (bias.double() if bias.numel() else 0)
-                # Products of bf16 values are exact in fp32; the fp32 sum and the one bf16 rounding
-                # of the result are the error.
-                bound = want.abs() * 2.0**-8 + (x.double().abs() @ w.double().abs().T) * 1e-5 + 1e-6
-                _check("gemv-bf16", got, want, bound, f"n={n} k={k} rows={x.shape[0]} bias={bool(bias.numel())}")
+def _probe_gemv(dtype: torch.dtype) -> Callable[[], None]:
+    """The GEMV build serving this process's ATen level, against float64, at the row counts and
+    layouts FastForward passes; and oneDNN's linear on the same plain weights, which takes the
+    steps of more rows (prefill) in that mode."""
+    def probe() -> None:
+        name = GEMV_PROBES[dtype]
+        build, why = gemv_build(dtype)
+        if build is None:
+            raise Unsupported(why)
+        load_gemv(build)
+        op = getattr(getattr(torch.ops, build.namespace), build.op)
+        # bf16: products are exact in fp32, the fp32 sum and one bf16 rounding of the result are the
+        # error. fp32: the sum's rounding, in a different order than the reference.
+        rel = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-20
+        g = torch.Generator().manual_seed(0)
+        for n, k in ((1, 32), (7, 64), (130, 96), (64, 2048), (200, 10240)):
+            w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
+            b = torch.randn(n, generator=g)
+            for bias in (b, torch.empty(0)):
+                for x in (torch.randn(1, k, generator=g).to(dtype),
+                          torch.randn(3, 2, k, generator=g).to(dtype)[:, 1],  # a strided view
+                          torch.randn(GEMV_MAX_ROWS, k, generator=g).to(dtype)):
+                    got = op(aligned_owned(w), x, bias)
+                    want = x.double() @ w.double().T + (bias.double() if bias.numel() else 0)
+                    terms = x.double().abs() @ w.double().abs().T
+                    bound = want.abs() * rel + terms * (1e-5 if dtype == torch.bfloat16 else k * 2.0**-23) + 1e-6
+                    _check(name, got, want, bound, f"n={n} k={k} rows={x.shape[0]} bias={bool(bias.numel())}")
+        for n, k, rows in ((96, 64, 17), (320, 128, 40)):
+            w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
+            b = torch.randn(n, generator=g).to(dtype)
+            x = torch.randn(1, rows, k, generator=g).to(dtype)
+            want = x.double() @ w.double().T + b.double()
+            ulp = 2.0**-7 if dtype != torch.float32 else 2.0**-20
+            bound = (x.double().abs() @ w.double().abs().T + b.double().abs()) * ulp * 2 + 1e-5
+            got = torch.ops.mkldnn._linear_pointwise(x, aligned_owned(w), b, "none", [], "")
+            _check(name, got, want, bound, f"oneDNN plain weight n={n} k={k} rows={rows}")
+            got = torch.ops.mkldnn._linear_pointwise(x, aligned_owned(w), b, "gelu", [], "tanh")
+            _check(name, got, F.gelu(want, approximate="tanh"), bound * 2 + 1e-3,
+                   f"oneDNN plain weight, gelu n={n} k={k} rows={rows}")
+    return probe
 
 
 def _probe_inductor() -> None:
@@ -342,7 +398,8 @@ KERNELS: dict[str, Callable[[], None]] = {
     "onednn-bf16": _probe_onednn(torch.bfloat16),
     "onednn-fp16": _probe_onednn(torch.float16),
     "inductor": _probe_inductor,
-    "gemv-bf16": _probe_gemv_bf16,
+    "gemv-bf16": _probe_gemv(torch.bfloat16),
+    "gemv-fp32": _probe_gemv(torch.float32),
 }
 
 

@@ -9,6 +9,7 @@
 //
 // Built by torch.utils.cpp_extension with -mavx512bf16 and called only where the CPU has the
 // flag and the kernel passed its check (phibook.inference.kernels, probe "gemv-bf16").
+// PHIBOOK_GEMV_NS names the operator namespace (kernels.GemvBuild.namespace).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -17,6 +18,10 @@
 
 #include <cstdint>
 #include <cstring>
+
+#ifndef PHIBOOK_GEMV_NS
+#error "build with -DPHIBOOK_GEMV_NS=<operator namespace>"
+#endif
 
 namespace {
 
@@ -129,10 +134,10 @@ at::Tensor gemv_bf16(const at::Tensor& weight, const at::Tensor& x, const at::Te
 
 }  // namespace
 
-TORCH_LIBRARY(phibook_gemv, m) {
+TORCH_LIBRARY(PHIBOOK_GEMV_NS, m) {
   m.def("gemv_bf16(Tensor weight, Tensor x, Tensor bias_fp32) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(phibook_gemv, CPU, m) {
+TORCH_LIBRARY_IMPL(PHIBOOK_GEMV_NS, CPU, m) {
   m.impl("gemv_bf16", &gemv_bf16);
 }
