@@ -66,7 +66,9 @@ from common import (  # noqa: E402
     weight_bytes_per_token,
 )
 
-BASE_SYSTEMS = ("transformers", "phibook", "phibook-fast")
+# phibook-fast-onednn: the fast path on oneDNN's packed kernels alone (gemv=False), to see in one
+# run what phibook's own GEMV adds on this CPU (it is phibook-fast where no GEMV build serves).
+BASE_SYSTEMS = ("transformers", "phibook", "phibook-fast", "phibook-fast-onednn")
 QUANT_SYSTEMS = {"phibook-int8": "int8", "phibook-w8a8": "w8a8", "phibook-int4": "int4"}
 LLAMA_SYSTEMS = ("llama.cpp", "llama.cpp-q8_0")
 GGUF_TYPE = {"fp32": "f32", "bf16": "bf16"}
@@ -205,6 +207,7 @@ def main() -> int:
     cfg = model.config
     hf = hf_sharing(model, dtype) if "transformers" in args.systems else None
     fast = FastForward(model) if "phibook-fast" in args.systems else None
+    fast_onednn = FastForward(model, gemv=False) if "phibook-fast-onednn" in args.systems else None
     systems = list(args.systems)
     bytes_per_token = {s: weight_bytes_per_token(cfg, dtype) for s in BASE_SYSTEMS}
     skipped: dict[str, str] = {}
@@ -265,6 +268,7 @@ def main() -> int:
             "transformers": lambda: decode_hf(hf, prompt, args.new_tokens),
             "phibook": lambda: decode_ours(model, cfg, dtype, prompt, args.new_tokens),
             "phibook-fast": lambda: decode_ours(fast, cfg, dtype, prompt, args.new_tokens),
+            "phibook-fast-onednn": lambda: decode_ours(fast_onednn, cfg, dtype, prompt, args.new_tokens),
         }
         for s, g in quantized.items():
             runners[s] = lambda g=g: decode_ours(g.forward, cfg, dtype, prompt, args.new_tokens)
@@ -319,6 +323,7 @@ def main() -> int:
             "transformers": lambda p: prefill_hf(hf, p),
             "phibook": lambda p: prefill_ours(model, cfg, dtype, p),
             "phibook-fast": lambda p: prefill_ours(fast, cfg, dtype, p, last_only=True),
+            "phibook-fast-onednn": lambda p: prefill_ours(fast_onednn, cfg, dtype, p, last_only=True),
         }
         results = {f"{s}@{n}": [] for s in systems for n in args.prompt_lens}
         for s in systems:

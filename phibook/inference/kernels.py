@@ -25,9 +25,10 @@ Kernels (``KERNELS``): ``int8pack`` (``_weight_int8pack_mm``), ``w8a8`` (fbgemm'
 ``quantized.linear_prepack`` + ``linear_dynamic``), ``int4pack``
 (``_convert_weight_to_int4pack_for_cpu`` + ``_weight_int4pack_mm_for_cpu``), ``onednn-fp32`` /
 ``onednn-bf16`` / ``onednn-fp16`` (``mkldnn._reorder_linear_weight`` + ``_linear_pointwise``,
-FastForward's prepacked linears), ``inductor`` (``torch.compile`` on the CPU, ``--compile``) and
-``gemv-bf16`` (phibook's own bf16 matrix-vector kernel, ``csrc/gemv_bf16.cpp``, built here with
-torch.utils.cpp_extension: FastForward's bf16 steps of 1 to 16 rows).
+FastForward's prepacked linears), ``inductor`` (``torch.compile`` on the CPU, ``--compile``),
+``gemv-bf16`` and ``gemv-fp32`` (phibook's own matrix-vector kernels, ``csrc/gemv_*.cpp``, built
+here with torch.utils.cpp_extension for the ISA level ATen runs at: FastForward's steps of 1 to
+16 rows; ``GEMV_BUILDS``).
 
 Test hook: ``PHIBOOK_KERNEL_PROBE_FAULT=name:crash`` (or ``name:wrong``) makes that kernel's
 probe child die with SIGSEGV (or see a wrong result), as a broken kernel would.
