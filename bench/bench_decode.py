@@ -66,8 +66,8 @@ from common import (  # noqa: E402
     weight_bytes_per_token,
 )
 
-# phibook-fast-onednn: the fast path on oneDNN's packed kernels alone (gemv=False), to see in one
-# run what phibook's own GEMV adds on this CPU (it is phibook-fast where no GEMV build serves).
+# phibook-fast-onednn: the fast path on library kernels alone (oneDNN packed linears, ATen SDPA), to see in one
+# run what phibook's own GEMV and attention add on this CPU (phibook-fast where no build serves).
 BASE_SYSTEMS = ("transformers", "phibook", "phibook-fast", "phibook-fast-onednn")
 QUANT_SYSTEMS = {"phibook-int8": "int8", "phibook-w8a8": "w8a8", "phibook-int4": "int4"}
 LLAMA_SYSTEMS = ("llama.cpp", "llama.cpp-q8_0")
@@ -207,7 +207,7 @@ def main() -> int:
     cfg = model.config
     hf = hf_sharing(model, dtype) if "transformers" in args.systems else None
     fast = FastForward(model) if "phibook-fast" in args.systems else None
-    fast_onednn = FastForward(model, gemv=False) if "phibook-fast-onednn" in args.systems else None
+    fast_onednn = FastForward(model, gemv=False, own_attention=False) if "phibook-fast-onednn" in args.systems else None
     systems = list(args.systems)
     bytes_per_token = {s: weight_bytes_per_token(cfg, dtype) for s in BASE_SYSTEMS}
     skipped: dict[str, str] = {}

@@ -125,7 +125,11 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, usage: bo
 
 
 async def level(url: str, clients: int, requests: int, body: dict, usage: bool) -> dict:
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as client:
+    # A fresh connection per request (no keep-alive): a pooled connection that the server closed
+    # while idle fails the next request on it ("Server disconnected without sending a response",
+    # seen twice with llama-server); a loopback connect costs far less than the timing's spread.
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         async def worker(w: int) -> list[tuple[float, float, int]]:
             # A prompt of its own per request (a distinct first word): a server's prompt cache
             # (llama-server reuses a slot's matching prefix) must not skip the prefill it times.

@@ -10,10 +10,12 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from phibook.inference import kernels as K
 from phibook.inference.fast_decode import FastForward, can_pack
 from phibook.inference.generate import Generator, SamplingParams
+from phibook.inference.pages import huge_page_zeros
 from phibook.model.config import PhiConfig
 from phibook.model.model import KVCache, PhiModel
 
@@ -261,6 +263,76 @@ def test_fast_path_decodes_through_the_gemv_as_closely_as_through_onednn(dtype: 
     tol = {"atol": 0.05, "rtol": 0.02} if dtype == torch.bfloat16 else {"atol": 1e-4, "rtol": 1e-4}
     for ids in (torch.cat([prompt, prompt.flip(1)]), torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(14))):
         torch.testing.assert_close(fast(ids).float(), onednn(ids).float(), **tol)
+
+
+def _attention_or_skip() -> K.AttentionOp:
+    build, why = K.gemv_build(torch.float32)
+    if build is None:
+        pytest.skip(f"phibook's fp32 decode kernels do not run here: {why}")
+    op = K.attention_kernel()
+    if op is None:
+        pytest.skip("the attention-fp32 kernel was refused on this CPU (its reason is on stderr)")
+    return op
+
+
+def test_attention_kernel_matches_float64_sdpa() -> None:
+    """One query per (row, head) over a cache view wider than the keys read, with and without a
+    padding mask shared by the rows or one per row, a strided q; the build this ATen level picks."""
+    attention = _attention_or_skip()
+    g = torch.Generator().manual_seed(21)
+    for batch, heads, seen, dim in ((1, 1, 1, 16), (2, 4, 17, 64), (3, 2, 300, 32), (1, 32, 1025, 64)):
+        k = torch.randn(batch, heads, seen + 5, dim, generator=g)[:, :, :seen]
+        v = torch.randn(batch, heads, seen + 5, dim, generator=g)[:, :, :seen]
+        q = torch.randn(batch, 1, heads * 2, dim, generator=g).transpose(1, 2)[:, heads:]
+        shared = torch.rand(1, 1, 1, seen, generator=g) > 0.5
+        per_row = torch.rand(batch, 1, 1, seen, generator=g) > 0.5
+        for mask in (None, shared, per_row):
+            if mask is not None:
+                mask[..., -1] = True
+            want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+            got = attention(q, k, v, mask if mask is not None else torch.empty(0, dtype=torch.bool))
+            assert got.shape == (batch, heads, 1, dim) and got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    q, k = torch.zeros(1, 1, 1, 24), torch.zeros(1, 1, 3, 24)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        attention(q, k, k, torch.empty(0, dtype=torch.bool))
+    q, k = torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 3, 16)
+    with pytest.raises(RuntimeError, match="mask must be bool"):
+        attention(q, k, k, torch.ones(1, 1, 1, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype", GEMV_DTYPES)
+@torch.inference_mode()
+def test_decode_steps_through_own_attention_match_sdpa(dtype: torch.dtype) -> None:
+    """A left-padded batch decoded through phibook's attention and through ATen's SDPA (the same
+    fast path otherwise) gives the same logits within fp32 rounding, step after step."""
+    _attention_or_skip()
+    model = _model(dtype)
+    ours, theirs = FastForward(model), FastForward(model, own_attention=False)
+    assert ours.own_attention and ours.blocks[0].attention is not None and not theirs.own_attention
+    prompt = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(22))
+    mask = torch.ones(2, 10 + 12, dtype=torch.long)
+    mask[1, :4] = 0
+    caches = [KVCache(model.config, 2, 32, dtype=torch.float32) for _ in range(2)]
+    tokens = prompt
+    for step in range(12):
+        width = caches[0].pos + tokens.shape[1]
+        a = ours(tokens, cache=caches[0], attention_mask=mask[:, :width])[:, -1].float()
+        b = theirs(tokens, cache=caches[1], attention_mask=mask[:, :width])[:, -1].float()
+        tol = 1e-4 if dtype == torch.float32 else 0.05
+        assert (a - b).abs().max().item() <= tol, f"step {step}"
+        tokens = a.argmax(-1, keepdim=True)
+
+
+def test_kv_caches_live_in_huge_pages() -> None:
+    """Zeros on a 2 MiB boundary (huge pages where the kernel allows them), used by the Generator's
+    cache; on another device the allocator is plain torch.zeros."""
+    t = huge_page_zeros((3, 1000, 7), torch.float32)
+    assert t.is_contiguous() and t.shape == (3, 1000, 7) and not t.any()
+    assert t.data_ptr() % (2 << 20) == 0
+    cache = KVCache(_model().config, 1, 8, allocate=huge_page_zeros)
+    assert cache.k.data_ptr() % (2 << 20) == 0 and cache.v.data_ptr() % (2 << 20) == 0 and not cache.k.any()
+    assert huge_page_zeros((2,), torch.float32, device="meta").device.type == "meta"
 
 
 def test_gemv_follows_the_switch_the_flags_and_the_aten_level(monkeypatch) -> None:

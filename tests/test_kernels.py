@@ -182,6 +182,24 @@ def test_refused_gemv_leaves_decode_to_onednn(fresh_verdicts: Path, monkeypatch,
         assert (fast(ids).double() - ref(ids)).abs().max().item() <= (0.05 if dtype == torch.bfloat16 else 1e-4)
 
 
+def test_refused_attention_leaves_decode_to_sdpa(fresh_verdicts: Path, monkeypatch) -> None:
+    from phibook.inference.fast_decode import FastForward
+    from phibook.model.config import PhiConfig
+    from phibook.model.model import KVCache, PhiModel
+
+    monkeypatch.setenv(K.FAULT_ENV, f"{K.ATTENTION_PROBE}:crash")
+    model = PhiModel(PhiConfig(n_layer=2, d_model=64, n_head=2, rotary_dim=16, vocab_size=128, max_seq_len=32))
+    model.init_weights(torch.Generator().manual_seed(0))
+    fast = FastForward(model)
+    assert fast.own_attention is False and fast.blocks[0].attention is None
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        cache, ref_cache = KVCache(model.config, 1, 16), KVCache(model.config, 1, 16)
+        fast(ids, cache=cache), model(ids, cache=ref_cache)
+        step = torch.tensor([[3]])
+        assert (fast(step, cache=cache) - model(step, cache=ref_cache)).abs().max().item() <= 1e-4
+
+
 def test_every_kernel_passes_its_probe_or_is_refused_cleanly(fresh_verdicts: Path) -> None:
     """Each probe runs in a child and ends in a verdict (never a crash of this process); the ones
     phibook relies on by default pass on any x86 CPU PyTorch supports."""
@@ -190,6 +208,7 @@ def test_every_kernel_passes_its_probe_or_is_refused_cleanly(fresh_verdicts: Pat
     assert K.probe_in_child("onednn-fp16")[0] in (True, False)
     assert K.probe_in_child("gemv-bf16")[0] in (True, False)  # refused without AVX512-BF16, never a crash
     assert K.probe_in_child("gemv-fp32")[0] in (True, False)  # refused at ATen's DEFAULT level
+    assert K.probe_in_child(K.ATTENTION_PROBE)[0] in (True, False)
     keys = K.cached_verdicts()
     assert K.verdict_key("int8pack") in keys and f"aten {torch.backends.cpu.get_cpu_capability()}" in \
         K.verdict_key("int8pack")

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from phibook.errors import PhibookError
+from phibook.inference.pages import huge_page_zeros
 from phibook.model.model import KVCache, PhiModel, attention_dtype
 
 
@@ -245,7 +246,7 @@ class LoglikelihoodScorer:
         # hidden-state row of each group's last prefix position, where a member scores from it
         from_prefix = [g for g, grp in enumerate(batch) if any(r.n_ctx == p_lens[g] for r in grp.rows)]
         first_row = {g: i for i, g in enumerate(from_prefix)}
-        cache = KVCache(self.cfg, G, L, dtype=attention_dtype(self.dtype, dev), device=dev)
+        cache = KVCache(self.cfg, G, L, dtype=attention_dtype(self.dtype, dev), device=dev, allocate=huge_page_zeros)
         p_ids = torch.zeros(G, L, dtype=torch.long)
         p_mask = torch.zeros(G, L, dtype=torch.long)
         for g, grp in enumerate(batch):
@@ -291,7 +292,7 @@ class LoglikelihoodScorer:
         dev = self.device
         R, L = len(chunk), cache.k.shape[3]
         g_of_row = torch.tensor([g for g, _ in chunk], device=dev)
-        big = KVCache(self.cfg, R, L + T, dtype=cache.k.dtype, device=dev)
+        big = KVCache(self.cfg, R, L + T, dtype=cache.k.dtype, device=dev, allocate=huge_page_zeros)
         big.k[:, :, :, :L] = cache.k[:, g_of_row]
         big.v[:, :, :, :L] = cache.v[:, g_of_row]
         big.pos = L

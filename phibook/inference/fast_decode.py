@@ -43,10 +43,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from phibook.inference.kernels import (
+    ATTENTION_HEAD_MULTIPLE,
     DTYPE_SHORT,
     GEMV_COLS_MULTIPLE,
     GEMV_MAX_ROWS,
+    AttentionOp,
     GemvOp,
+    attention_kernel,
     gemv_kernel,
     kernel_ok,
 )
@@ -124,7 +127,8 @@ class _FusedBlock:
     scale per row for both, i.e. re-quantizing.
     """
 
-    def __init__(self, block: torch.nn.Module, pack: bool, gemv: GemvOp | None = None) -> None:
+    def __init__(self, block: torch.nn.Module, pack: bool, gemv: GemvOp | None = None,
+                 attention: AttentionOp | None = None) -> None:
         from phibook.inference.quant import QuantLinear, cat_rows
 
         attn, mlp = block.attn, block.mlp
@@ -133,6 +137,7 @@ class _FusedBlock:
         self.eps = block.ln.eps
         self.d = attn.out.in_features
         self.n_head, self.head_dim, self.layer = attn.n_head, attn.head_dim, attn.layer
+        self.attention = attention if self.head_dim % ATTENTION_HEAD_MULTIPLE == 0 else None
         self.quantized = isinstance(attn.qkv, QuantLinear)
         if self.quantized:
             fused = cat_rows(attn.qkv, mlp.fc1)
@@ -155,7 +160,11 @@ class _FusedBlock:
         v = u[..., 2 * d : 3 * d].view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        if T == 1 and self.attention is not None and k.dtype == torch.float32 and k.device.type == "cpu":
+            empty = torch.empty(0, dtype=torch.bool)
+            y = self.attention(q.float(), k, v, mask if mask is not None else empty)  # a decode step
+        else:
+            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         g = F.gelu(u[..., 3 * d :], approximate="tanh")
         y = y.transpose(1, 2).reshape(B, T, d).to(x.dtype)
         if self.quantized:
@@ -177,7 +186,7 @@ class FastForward:
     """PhiModel.forward over packed, fused weights (see the module docstring)."""
 
     def __init__(self, model: PhiModel, pack: bool | None = None, release_model: bool = False,
-                 gemv: bool | None = None) -> None:
+                 gemv: bool | None = None, own_attention: bool | None = None) -> None:
         from phibook.inference.quant import QuantLinear, quant_mode_of
 
         self.config = model.config
@@ -197,6 +206,10 @@ class FastForward:
         # dtype and its check passed; only where oneDNN runs too (longer prefills), never forced on.
         op = gemv_op(self.dtype, self.device) if pack and (gemv is None or gemv) else None
         self.gemv = op is not None
+        # phibook's one-query attention for decode steps (kernels.attention_kernel; ATen's SDPA
+        # for prefill and where it is refused): by default wherever the fp32 build serves.
+        attention = attention_kernel() if self.device.type == "cpu" and own_attention is not False else None
+        self.own_attention = attention is not None
         # Shared with the model, never copied: a decode step reads one row of it, so
         # when it is a view of a memory-mapped checkpoint almost none of it is resident.
         self.embed = model.embed.weight.detach()
@@ -209,7 +222,7 @@ class FastForward:
         self.blocks: list[_FusedBlock] = []
         with torch.no_grad():
             for block in model.blocks:
-                self.blocks.append(_FusedBlock(block, pack, op))
+                self.blocks.append(_FusedBlock(block, pack, op, attention))
                 if release_model:
                     _release(block)
             self.ln_f = (model.ln_f.weight.detach().clone(), model.ln_f.bias.detach().clone(), model.ln_f.eps)

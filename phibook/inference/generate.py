@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from phibook.errors import PhibookError
+from phibook.inference.pages import huge_page_zeros
 from phibook.inference.sampling import (  # noqa: F401 (SamplingParams, Completion, the filter: re-exported)
     Completion,
     RowDecoder,
@@ -112,7 +113,8 @@ class _Batch:
         prompt_mask = self.mask[:, :S]
         positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
         self.positions = positions[:, -1:].clone()  # (B, 1): position of the last token fed
-        self.cache = KVCache(self.model.config, B, self.cache_len, dtype=attention_dtype(self.dtype, dev), device=dev)
+        self.cache = KVCache(self.model.config, B, self.cache_len, dtype=attention_dtype(self.dtype, dev), device=dev,
+                             allocate=huge_page_zeros)
         if self.sampling.penalty is not None:
             self.seen = torch.zeros((B, self.model.config.vocab_size), dtype=torch.bool, device=dev)
             # Padding slots point at the row's last (real) token, so only real ids are marked.

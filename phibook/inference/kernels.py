@@ -26,9 +26,10 @@ Kernels (``KERNELS``): ``int8pack`` (``_weight_int8pack_mm``), ``w8a8`` (fbgemm'
 (``_convert_weight_to_int4pack_for_cpu`` + ``_weight_int4pack_mm_for_cpu``), ``onednn-fp32`` /
 ``onednn-bf16`` / ``onednn-fp16`` (``mkldnn._reorder_linear_weight`` + ``_linear_pointwise``,
 FastForward's prepacked linears), ``inductor`` (``torch.compile`` on the CPU, ``--compile``),
-``gemv-bf16`` and ``gemv-fp32`` (phibook's own matrix-vector kernels, ``csrc/gemv_*.cpp``, built
-here with torch.utils.cpp_extension for the ISA level ATen runs at: FastForward's steps of 1 to
-16 rows; ``GEMV_BUILDS``).
+``gemv-bf16`` and ``gemv-fp32`` (phibook's own matrix-vector kernels, ``csrc/gemv_bf16.cpp`` and
+``csrc/decode_f32.cpp``, built here with torch.utils.cpp_extension for the ISA level ATen runs at:
+FastForward's steps of 1 to 16 rows; ``GEMV_BUILDS``) and ``attention-fp32`` (one query's
+attention over the fp32 KV cache, in the fp32 build: FastForward's decode steps).
 
 Test hook: ``PHIBOOK_KERNEL_PROBE_FAULT=name:crash`` (or ``name:wrong``) makes that kernel's
 probe child die with SIGSEGV (or see a wrong result), as a broken kernel would.
@@ -64,7 +65,7 @@ ALIGN = 64  # bytes: a cache line, and what AVX-512 loads want
 FAULT_ENV = "PHIBOOK_KERNEL_PROBE_FAULT"
 CACHE_FILE = "kernel-verdicts.json"
 # Child time limits (s). Importing torch is most of a plain probe; inductor compiles C++.
-PROBE_TIMEOUT_S = {"inductor": 600.0, "gemv-bf16": 600.0, "gemv-fp32": 600.0}
+PROBE_TIMEOUT_S = {"inductor": 600.0, "gemv-bf16": 600.0, "gemv-fp32": 600.0, "attention-fp32": 600.0}
 DEFAULT_PROBE_TIMEOUT_S = 180.0
 
 
@@ -167,8 +168,8 @@ class GemvBuild:
 GEMV_BUILDS = (
     GemvBuild(torch.bfloat16, "AVX512", CSRC / "gemv_bf16.cpp", ("avx512f", "avx512bw", "avx512_bf16"),
               ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")),
-    GemvBuild(torch.float32, "AVX512", CSRC / "gemv_f32.cpp", ("avx512f", "fma"), ("-mavx512f", "-mfma")),
-    GemvBuild(torch.float32, "AVX2", CSRC / "gemv_f32.cpp", ("avx2", "fma"), ("-mavx2", "-mfma")),
+    GemvBuild(torch.float32, "AVX512", CSRC / "decode_f32.cpp", ("avx512f", "fma"), ("-mavx512f", "-mfma")),
+    GemvBuild(torch.float32, "AVX2", CSRC / "decode_f32.cpp", ("avx2", "fma"), ("-mavx2", "-mfma")),
 )
 GEMV_PROBES = {torch.bfloat16: "gemv-bf16", torch.float32: "gemv-fp32"}
 
@@ -234,6 +235,28 @@ def gemv_kernel(dtype: torch.dtype) -> GemvOp | None:
         _stderr(f"kernel check: {GEMV_PROBES[dtype]} passed its check but did not load here ({exc}); using oneDNN")
         return None
     return getattr(getattr(torch.ops, build.namespace), build.op)
+
+
+AttentionOp = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+ATTENTION_PROBE = "attention-fp32"
+ATTENTION_HEAD_MULTIPLE = 16  # the head size must be a multiple of this (csrc/decode_f32.cpp)
+
+
+def attention_kernel() -> AttentionOp | None:
+    """phibook's one-query attention over an fp32 KV cache (``attention_f32`` in
+    ``csrc/decode_f32.cpp``, in the fp32 GEMV's build for this ATen level), or None: that build
+    serves this process (``gemv_build(torch.float32)``; ``PHIBOOK_GEMV=0`` switches both off), its
+    own check passed and it loaded. The op takes q (B, H, 1, D), k and v (B, H, S, D) and a bool
+    mask (1|B, 1, 1, S) or an empty tensor, and returns (B, H, 1, D)."""
+    build, _why = gemv_build(torch.float32)
+    if build is None or not kernel_ok(ATTENTION_PROBE):
+        return None
+    try:
+        load_gemv(build)
+    except Unsupported as exc:
+        _stderr(f"kernel check: {ATTENTION_PROBE} passed its check but did not load here ({exc}); using SDPA")
+        return None
+    return getattr(torch.ops, build.namespace).attention_f32
 
 
 class Unsupported(Exception):
@@ -371,6 +394,32 @@ def _probe_gemv(dtype: torch.dtype) -> Callable[[], None]:
     return probe
 
 
+def _probe_attention() -> None:
+    """One query's attention against float64 SDPA: a cache view wider than the keys read, batch
+    rows with and without a padding mask, a strided q, head sizes 16-64."""
+    build, why = gemv_build(torch.float32)
+    if build is None:
+        raise Unsupported(why)
+    load_gemv(build)
+    op = getattr(torch.ops, build.namespace).attention_f32
+    g = torch.Generator().manual_seed(0)
+    for batch, heads, seen, dim in ((1, 2, 1, 16), (1, 32, 130, 64), (3, 4, 33, 32), (2, 3, 700, 64)):
+        k_cache = torch.randn(batch, heads, seen + 9, dim, generator=g)
+        v_cache = torch.randn(batch, heads, seen + 9, dim, generator=g)
+        k, v = aligned_owned(k_cache)[:, :, :seen], aligned_owned(v_cache)[:, :, :seen]
+        q = torch.randn(batch, 1, 2 * heads, dim, generator=g).transpose(1, 2)[:, :heads]  # (B, H, 1, D), strided
+        masks = [torch.empty(0, dtype=torch.bool)]
+        keep = torch.rand(batch, 1, 1, seen, generator=g) > 0.4
+        keep[..., -1] = True  # every query sees its own key (model.causal_mask)
+        masks.append(keep)
+        for mask in masks:
+            want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                  attn_mask=mask if mask.numel() else None)
+            got = op(q, k, v, mask)
+            _check(ATTENTION_PROBE, got, want, 1e-5 * (1 + want.abs()),
+                   f"batch={batch} heads={heads} keys={seen} dim={dim} mask={bool(mask.numel())}")
+
+
 def _probe_inductor() -> None:
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
@@ -401,6 +450,7 @@ KERNELS: dict[str, Callable[[], None]] = {
     "inductor": _probe_inductor,
     "gemv-bf16": _probe_gemv(torch.bfloat16),
     "gemv-fp32": _probe_gemv(torch.float32),
+    ATTENTION_PROBE: _probe_attention,
 }
 
 

@@ -1,9 +1,11 @@
 """Giving memory back: the pages of memory-mapped weights a process no longer needs, and malloc's
 free lists (used by fast_decode and quant after they copy weights into their own layouts); and
-taking it in 2 MiB pages where a kernel streams it (``huge_page_copy``)."""
+taking it in 2 MiB pages where a kernel streams it (``huge_page_copy`` for weights,
+``huge_page_zeros`` for KV caches)."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -79,18 +81,30 @@ def drop_file_pages(t: Tensor) -> None:
         dontneed(pages)
 
 
-def huge_page_copy(t: Tensor) -> Tensor:
-    """A contiguous copy of ``t`` in fresh memory that starts on a 2 MiB boundary and is
-    madvise(MADV_HUGEPAGE)'d before the copy touches it, so the kernel backs it with huge pages
-    where transparent huge pages are allowed ("madvise" or "always"). A decode step streams
-    every weight once, and with 4 KiB pages the TLB misses cost about a tenth of the bandwidth
-    (docs/performance.md). Where the advice is refused the copy is an ordinary one. The slack
-    before the boundary is never touched, so it is address space, not memory.
+def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """An uninitialised contiguous CPU tensor in fresh memory that starts on a 2 MiB boundary and
+    is madvise(MADV_HUGEPAGE)'d before anything touches it, so the kernel backs it with huge pages
+    where transparent huge pages are allowed ("madvise" or "always"). Decode streams every weight
+    once a step, and attention reads every cached key and value: with 4 KiB pages the TLB misses
+    cost the weights about a tenth of their bandwidth, and a step's attention over 1,024 cached
+    tokens a third of its time (docs/performance.md). Where the advice is refused the memory is
+    ordinary. The slack before the boundary is never touched, so it is address space, not memory.
     """
-    nbytes = t.numel() * t.element_size()
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
     start = (-raw.data_ptr()) % HUGE_PAGE
     _madvise(raw.data_ptr() + start, nbytes, _MADV_HUGEPAGE)
-    out = raw[start : start + nbytes].view(t.dtype).view(t.shape)
-    out.copy_(t)
-    return out
+    return raw[start : start + nbytes].view(dtype).view(shape)
+
+
+def huge_page_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> Tensor:
+    """Zeros in huge pages (``huge_page_empty``) on the CPU; plain ``torch.zeros`` elsewhere. The
+    signature of ``KVCache(allocate=...)``: phibook's CPU KV caches live here."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return huge_page_empty(shape, dtype).zero_()
+
+
+def huge_page_copy(t: Tensor) -> Tensor:
+    """A contiguous copy of ``t`` in huge pages (``huge_page_empty``): FastForward's GEMV weights."""
+    return huge_page_empty(tuple(t.shape), t.dtype).copy_(t)

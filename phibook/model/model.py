@@ -18,6 +18,7 @@ as a Protocol, which the inference fast path and the compiled step also satisfy.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -110,10 +111,15 @@ class KVCache:
         max_len: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        allocate: Callable[[tuple[int, ...], torch.dtype, torch.device | str], Tensor] | None = None,
     ) -> None:
+        """``allocate(shape, dtype, device)`` returns zeros (default ``torch.zeros``); inference
+        passes phibook.inference.pages.huge_page_zeros, since attention reads the whole cache
+        every step and 4 KiB pages make that TLB-bound."""
         shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        zeros = allocate or (lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device))
+        self.k = zeros(shape, dtype, device)
+        self.v = zeros(shape, dtype, device)
         self.max_len = max_len
         self.pos = 0
 

@@ -50,6 +50,7 @@ from torch import Tensor
 
 from phibook.errors import PhibookError
 from phibook.inference.generate import Generator
+from phibook.inference.pages import huge_page_zeros
 from phibook.inference.sampling import (
     RowDecoder,
     RowSampling,
@@ -81,8 +82,10 @@ class SlotCache:
         # Columns grow on demand (doubling, up to max_len): phi-1.5's full cache is 0.8 GB per slot
         # in fp32, more than short requests ever touch.
         shape = (cfg.n_layer, slots, cfg.n_head, min(initial, self.max_len), cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # In huge pages on the CPU: a decode step's attention reads every cached column
+        # (phibook.inference.pages.huge_page_zeros).
+        self.k = huge_page_zeros(shape, dtype, device)
+        self.v = huge_page_zeros(shape, dtype, device)
         self.lengths = [0] * slots
         self.pos = 0  # read by the model as the call's start column; advanced by it (ignored here)
         self._mode = ""
@@ -111,7 +114,7 @@ class SlotCache:
         n = min(n, self.max_len)
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = old.new_zeros((*old.shape[:3], n, old.shape[4]))
+            new = huge_page_zeros((*old.shape[:3], n, old.shape[4]), old.dtype, old.device)
             new[:, :, :, : old.shape[3]] = old
             setattr(self, name, new)
 

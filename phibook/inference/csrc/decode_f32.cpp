@@ -1,6 +1,8 @@
-// A few fp32 rows times an fp32 weight matrix: a decode step's linears at batch 1 to 16
-// (phibook.inference.kernels, used by FastForward), the fp32 sibling of gemv_bf16.cpp.
+// A decode step's fp32 kernels (phibook.inference.kernels, used by FastForward): the linears at
+// batch 1 to 16 (gemv_f32, the fp32 sibling of gemv_bf16.cpp) and one query's attention over the
+// KV cache (attention_f32).
 //
+// gemv_f32:
 // y[i, r] = sum_k W[r, k] * x[i, k] + bias[r], W (rows, cols) row-major fp32, x (m <= 16, cols)
 // fp32, summed in fp32 with fused multiply-adds. Decode reads every weight once per token, so the
 // speed is how fast W streams from memory: rows are split across torch's own intra-op threads
@@ -16,7 +18,10 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
+#include <vector>
 
 #ifndef PHIBOOK_GEMV_NS
 #error "build with -DPHIBOOK_GEMV_NS=<operator namespace>"
@@ -33,6 +38,8 @@ inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline vec vfma(vec a, vec b, vec acc) { return _mm512_fmadd_ps(a, b, acc); }
 inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+inline vec vset1(float f) { return _mm512_set1_ps(f); }
+inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
 #elif defined(__AVX2__) && defined(__FMA__)
 using vec = __m256;
 constexpr int64_t kLanes = 8;
@@ -46,6 +53,8 @@ inline float vsum(vec v) {
   const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
 }
+inline vec vset1(float f) { return _mm256_set1_ps(f); }
+inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
 #else
 #error "build with -mavx512f, or with -mavx2 -mfma"
 #endif
@@ -142,12 +151,90 @@ at::Tensor gemv_f32(const at::Tensor& weight, const at::Tensor& x, const at::Ten
   return y;
 }
 
+// attention_f32: softmax(q k^T / sqrt(D) + mask) v for ONE query per (batch row, head), the decode
+// step's attention. q (B, H, 1, D); k, v (B, H, S, D) views of the cache (any strides, the last
+// dimension contiguous); mask empty or bool (1 or B, 1, 1, S), false = not seen. Each (row, head)
+// reads its S cached keys and values once, as one forward stream each; the pairs are split
+// across torch's threads. ATen's CPU flash attention read a cold cache at half this speed for one
+// query (docs/performance.md). A row with every key masked gives NaN, as SDPA does; phibook's
+// masks never build one (model.causal_mask: every query sees its own key).
+at::Tensor attention_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention_f32: q, k, v must be 4-D (B, H, S, D)");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "attention_f32: q, k, v must be fp32");
+  const int64_t B = k.size(0), H = k.size(1), S = k.size(2), D = k.size(3);
+  TORCH_CHECK(q.size(0) == B && q.size(1) == H && q.size(2) == 1 && q.size(3) == D, "attention_f32: q must be (",
+              B, ", ", H, ", 1, ", D, ")");
+  TORCH_CHECK(v.sizes() == k.sizes(), "attention_f32: v must have k's shape");
+  TORCH_CHECK(D % 16 == 0, "attention_f32: the head size must be a multiple of 16, got ", D);
+  TORCH_CHECK(S >= 1, "attention_f32: no cached keys");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "attention_f32: the last dimension of q, k and v must be contiguous");
+  const bool* mp = nullptr;
+  int64_t mask_row = 0, mask_col = 0;
+  if (mask.numel()) {
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 4 && (mask.size(0) == 1 || mask.size(0) == B) &&
+                    mask.size(1) == 1 && mask.size(2) == 1 && mask.size(3) == S,
+                "attention_f32: mask must be bool (1 or ", B, ", 1, 1, ", S, ")");
+    mp = mask.data_ptr<bool>();
+    mask_row = mask.size(0) == 1 ? 0 : mask.stride(0);
+    mask_col = mask.stride(3);
+  }
+  at::Tensor out = at::empty({B, H, 1, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const float minus_inf = -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(S);
+    std::vector<float> acc(D);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H;
+      const float* qh = qp + b * q.stride(0) + h * q.stride(1);
+      const float* kh = kp + b * k.stride(0) + h * k.stride(1);
+      const float* vh = vp + b * v.stride(0) + h * v.stride(1);
+      float top = minus_inf;
+      for (int64_t t = 0; t < S; ++t) {
+        if (mp && !mp[b * mask_row + t * mask_col]) {
+          p[t] = minus_inf;
+          continue;
+        }
+        const float* kt = kh + t * k.stride(2);
+        vec a = vzero();
+        for (int64_t d = 0; d < D; d += kLanes) a = vfma(vload(qh + d), vload(kt + d), a);
+        p[t] = vsum(a) * scale;
+        top = std::max(top, p[t]);
+      }
+      float sum = 0.0f;
+      for (int64_t t = 0; t < S; ++t) {
+        p[t] = std::exp(p[t] - top);  // exp(-inf) = 0: a masked key weighs nothing
+        sum += p[t];
+      }
+      for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f;
+      for (int64_t t = 0; t < S; ++t) {
+        if (p[t] == 0.0f) continue;
+        const vec w = vset1(p[t]);
+        const float* vt = vh + t * v.stride(2);
+        for (int64_t d = 0; d < D; d += kLanes) vstore(&acc[d], vfma(w, vload(vt + d), vload(&acc[d])));
+      }
+      float* o = op + i * D;
+      const float inv = 1.0f / sum;
+      for (int64_t d = 0; d < D; ++d) o[d] = acc[d] * inv;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(PHIBOOK_GEMV_NS, m) {
   m.def("gemv_f32(Tensor weight, Tensor x, Tensor bias) -> Tensor");
+  m.def("attention_f32(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(PHIBOOK_GEMV_NS, CPU, m) {
   m.impl("gemv_f32", &gemv_f32);
+  m.impl("attention_f32", &attention_f32);
 }
