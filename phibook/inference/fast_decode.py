@@ -27,7 +27,9 @@ Steps of up to 16 rows (decode at batch 1 to 16) run through phibook's own GEMV 
 row-major weights in huge pages wherever a build of it serves the dtype on this CPU
 (``gemv_op``; phibook.inference.kernels' ``gemv-bf16``: AVX512-BF16, and ``gemv-fp32``: an
 AVX-512F and an AVX2+FMA build): at few rows it streams the weights faster than oneDNN's packed
-inner product; longer prefills use oneDNN's linear on the same plain weights.
+inner product; longer prefills use oneDNN's linear on the same plain weights. Decode steps
+(one query) run attention through phibook's own kernel over the fp32 KV cache where the fp32
+build serves (``attention-fp32``): ATen's flash attention read a cold cache at half the speed.
 
 Where oneDNN cannot take the dtype or device (CUDA, fp16 without AVX512-FP16,
 ``pack=False``), or its prepacked linear failed its check on this CPU
