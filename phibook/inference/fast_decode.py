@@ -83,6 +83,9 @@ def gemv_op(dtype: torch.dtype, device: torch.device) -> GemvOp | None:
     return gemv_kernel(dtype) if device.type == "cpu" else None
 
 
+_NO_MASK = torch.empty(0, dtype=torch.bool)  # attention_f32's "no mask", made once, not per layer and step
+
+
 class _Linear:
     """y = x @ W^T + b, optionally followed by tanh-GELU, on a packed or plain weight.
 
@@ -163,8 +166,7 @@ class _FusedBlock:
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         if T == 1 and self.attention is not None and k.dtype == torch.float32 and k.device.type == "cpu":
-            empty = torch.empty(0, dtype=torch.bool)
-            y = self.attention(q.float(), k, v, mask if mask is not None else empty)  # a decode step
+            y = self.attention(q.float(), k, v, mask if mask is not None else _NO_MASK)  # a decode step
         else:
             y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         g = F.gelu(u[..., 3 * d :], approximate="tanh")

@@ -226,15 +226,22 @@ def gemv_kernel(dtype: torch.dtype) -> GemvOp | None:
     its check passed on this CPU (in a child, cached) and it loaded. Silent where the flags rule it
     out. The op computes (m, out) = x (m <= GEMV_MAX_ROWS, in) @ weight (out, in)^T + bias_fp32
     (out,) or empty, x and weight in ``dtype``, reading each weight row once for all m rows."""
+    return _checked_op(dtype, GEMV_PROBES[dtype], None, "oneDNN")
+
+
+def _checked_op(dtype: torch.dtype, probe: str, op: str | None, fallback: str) -> Callable | None:
+    """Operator ``op`` (None: the build's GEMV) of the build serving ``dtype`` here, once probe
+    ``probe`` passed and the build loaded; None (and one line on stderr when it passed but did not
+    load) otherwise."""
     build, _why = gemv_build(dtype)
-    if build is None or not kernel_ok(GEMV_PROBES[dtype]):
+    if build is None or not kernel_ok(probe):
         return None
     try:
         load_gemv(build)
     except Unsupported as exc:
-        _stderr(f"kernel check: {GEMV_PROBES[dtype]} passed its check but did not load here ({exc}); using oneDNN")
+        _stderr(f"kernel check: {probe} passed its check but did not load here ({exc}); using {fallback}")
         return None
-    return getattr(getattr(torch.ops, build.namespace), build.op)
+    return getattr(getattr(torch.ops, build.namespace), op or build.op)
 
 
 AttentionOp = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -248,15 +255,7 @@ def attention_kernel() -> AttentionOp | None:
     serves this process (``gemv_build(torch.float32)``; ``PHIBOOK_GEMV=0`` switches both off), its
     own check passed and it loaded. The op takes q (B, H, 1, D), k and v (B, H, S, D) and a bool
     mask (1|B, 1, 1, S) or an empty tensor, and returns (B, H, 1, D)."""
-    build, _why = gemv_build(torch.float32)
-    if build is None or not kernel_ok(ATTENTION_PROBE):
-        return None
-    try:
-        load_gemv(build)
-    except Unsupported as exc:
-        _stderr(f"kernel check: {ATTENTION_PROBE} passed its check but did not load here ({exc}); using SDPA")
-        return None
-    return getattr(torch.ops, build.namespace).attention_f32
+    return _checked_op(torch.float32, ATTENTION_PROBE, "attention_f32", "SDPA")
 
 
 class Unsupported(Exception):
