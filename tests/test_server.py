@@ -28,7 +28,7 @@ import pytest
 import uvicorn
 
 from phibook.inference.generate import Generator, SamplingParams
-from phibook.serve.server import CHAT_STOPS, ChatMessage, create_app, render_chat
+from phibook.serve.server import CHAT_STOPS, ChatMessage, create_app, render_chat, run_server
 
 MODEL = "tiny-test"
 TIMEOUT = 60.0  # seconds: bound on every HTTP call and wait below
@@ -364,6 +364,36 @@ def test_serve_cli_subprocess_end_to_end(tiny_checkpoint, generator):
         with pytest.raises(openai.NotFoundError):
             c.completions.create(model=MODEL, prompt="x")
     assert proc.returncode == 0
+
+
+def test_run_server_runs_the_engine_in_the_calling_thread(generator):
+    """phibook serve's path: the model runs in the thread that loaded it (one OpenMP pool;
+    Engine.run says why), uvicorn in another, and SIGINT drains and returns instead of raising."""
+    seen: set[str] = set()
+    app = create_app(generator, MODEL, max_batch_size=2, engine_thread=False,
+                     step_hook=lambda _: seen.add(threading.current_thread().name))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    answers: list[str] = []
+
+    def drive() -> None:
+        try:
+            wait_for(lambda: _health_ok(url), "run_server's /health")
+            r = client(url).completions.create(model=MODEL, prompt="def f(x):", max_tokens=6, temperature=0)
+            answers.append(r.choices[0].text)
+        finally:
+            os.kill(os.getpid(), signal.SIGINT)  # run_server's handler: drain and return
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    run_server(app, sock, log_level="warning", drain_timeout=5)
+    driver.join(TIMEOUT)
+    sock.close()
+    assert answers == [greedy(generator, "def f(x):", 6)]
+    assert seen == {threading.main_thread().name}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "run_server restores the handlers"
 
 
 @contextlib.contextmanager

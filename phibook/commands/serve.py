@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
         generator.dtype, "?")
     app = create_app(generator, model_name=name, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                     prefill_chunk=args.prefill_chunk, request_timeout=args.request_timeout)
+                     prefill_chunk=args.prefill_chunk, request_timeout=args.request_timeout,
+                     engine_thread=False)  # run_server runs it here, in the thread that loaded the model
 
     # Bind here, not in uvicorn, so a busy port is a clean error and --port 0
     # can report the port it got before serving starts.
@@ -132,14 +133,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"phibook serve: model {name!r} from {path} ({dtype_name}{', ' + args.quant if args.quant else ''}, "
           f"{device}) "
           f"listening on http://{host}:{port}/v1", file=sys.stderr, flush=True)
-    # uvicorn drains on SIGINT and SIGTERM alike, then re-raises the signal to the handler that was
-    # there before it; for SIGTERM that would be the default (death by signal, exit status -15).
-    # A drained stop is a normal stop: make SIGTERM end like Ctrl-C, with exit code 0.
+    # run_server drains on SIGINT and SIGTERM alike and returns: a drained stop is a normal stop,
+    # exit code 0. A signal before it takes them over (or after) ends the process like Ctrl-C.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         run_server(app, sock, log_level=args.log_level, drain_timeout=args.drain_timeout)
     except KeyboardInterrupt:
-        # uvicorn shuts down gracefully on Ctrl-C and then re-raises it; that is a normal stop.
         pass
     print("phibook serve: stopped", file=sys.stderr)
     return 0

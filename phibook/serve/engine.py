@@ -2,7 +2,8 @@
 
 Order: ``SlotCache`` -> ``Job`` / ``TokenLogprob`` -> ``ServeStats`` -> ``Engine``.
 
-One worker thread owns the model. Each iteration of its loop:
+One worker thread owns the model: the caller of ``Engine.run`` (``phibook serve`` runs it in the
+thread that loaded the model) or the thread ``Engine.start`` makes. Each iteration of its loop:
 
 1. admits waiting jobs into free slots (lowest slot first), and drops rows whose
    client went away or whose deadline passed, freeing their slots at once;
@@ -308,8 +309,10 @@ class Engine:
         self.waiting: deque[Job] = deque()
         self.rows: list[_Row | None] = [None] * max_slots
         self.cond = threading.Condition()
-        self.thread: threading.Thread | None = None
+        self.thread: threading.Thread | None = None  # set by start(); None while run() is called directly
         self.stopping = False
+        self._looping = False  # run() has begun (in whichever thread)
+        self._finished = threading.Event()  # run() has returned
         self.cache: SlotCache | None = None
         self.seen: Tensor | None = None  # (slots, vocab) bool: tokens present per row (repetition penalty)
         self._sampling_key: tuple = ()
@@ -319,18 +322,40 @@ class Engine:
     # ------------------------------------------------------------------ event-loop side
 
     def start(self) -> None:
-        self.cache = SlotCache(self.cfg, self.max_slots, dtype=attention_dtype(self.gen.dtype, self.device),
-                               device=self.device)
-        self.thread = threading.Thread(target=self._loop, name="phibook-engine", daemon=True)
+        """Run the worker loop (``run``) in a new thread."""
+        self.thread = threading.Thread(target=self.run, name="phibook-engine", daemon=True)
         self.thread.start()
 
+    def run(self) -> None:
+        """Run the worker loop in the calling thread until ``stop``.
+
+        Best called from the thread that loaded the model (``phibook serve`` does): torch's
+        OpenMP runtime keeps a pool of helper threads for each thread that has run parallel
+        work, and once the pools hold more threads than the CPU has cores, idle helpers sleep
+        between ops instead of spinning, so every op of a decode step pays a wake-up
+        (docs/serve.md has the measurement).
+        """
+        with self.cond:
+            self._looping = True
+        try:
+            # Allocated (and first touched) by the thread that will use it.
+            self.cache = SlotCache(self.cfg, self.max_slots, dtype=attention_dtype(self.gen.dtype, self.device),
+                                   device=self.device)
+            self._loop()
+        finally:
+            self._finished.set()
+
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop the worker; jobs still queued or running get a Stopped error."""
+        """Stop the worker loop and wait for it (up to ``timeout`` s); jobs still queued or running
+        get a Stopped error."""
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
+            looping = self._looping
         if self.thread is not None:
             self.thread.join(timeout)
+        elif looping:
+            self._finished.wait(timeout)
 
     def submit(self, jobs: list[Job]) -> None:
         """Queue jobs (all or none); QueueFull when the waiting queue has no room for them."""

@@ -17,6 +17,8 @@ import asyncio
 import json
 import logging
 import math
+import signal
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -327,6 +329,7 @@ class _Service:
         self.context = int(generator.context)
         self.names = _Tokens(generator.tokenizer)
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.engine_thread = True  # create_app's engine_thread: the app's startup starts the engine's thread
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
@@ -516,22 +519,28 @@ def create_app(
     prefill_chunk: int = 256,
     request_timeout: float = 600.0,
     step_hook: Callable | None = None,
+    engine_thread: bool = True,
 ) -> FastAPI:
     """The FastAPI app serving ``generator`` as model ``model_name`` (OpenAI API shapes).
 
     max_batch_size: KV-cache slots (sequences decoded together); max_queue: sequences that may
     wait for a slot before requests get 503; prefill_chunk: prompt tokens read per iteration;
     request_timeout: seconds from arrival after which a request is dropped (504);
-    step_hook: tests only, called by the engine's worker at the top of every iteration.
+    step_hook: tests only, called by the engine's worker at the top of every iteration;
+    engine_thread: True, the app's startup starts the engine's worker thread (``Engine.start``);
+    False, whoever serves the app runs ``app.state.service.engine.run()`` in a thread of its
+    choosing, as ``run_server`` does.
     """
     if request_timeout <= 0 or not math.isfinite(request_timeout):
         raise PhibookError(f"request_timeout (--request-timeout) must be a positive number, got {request_timeout}")
     service = _Service(generator, model_name, max_batch_size, max_queue, prefill_chunk, request_timeout, step_hook)
+    service.engine_thread = engine_thread
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         service.loop = asyncio.get_running_loop()
-        service.engine.start()
+        if engine_thread:
+            service.engine.start()
         try:
             yield
         finally:
@@ -800,9 +809,42 @@ def run_server(app: FastAPI, sock: Any, log_level: str = "info", drain_timeout: 
     On either signal uvicorn stops accepting connections and lets the requests in flight
     finish (up to ``drain_timeout`` seconds); then the engine stops and anything left is
     answered 503.
+
+    For an app made with ``engine_thread=False`` the engine runs in the calling thread, and
+    uvicorn in a second one, which never runs the model. ``phibook serve`` calls this from the
+    thread that loaded the model, so one thread runs every parallel op and torch keeps one
+    pool of OpenMP helpers (``Engine.run`` says why that matters). The signals are then taken
+    here and handed to uvicorn; it returns normally after the drain. Otherwise uvicorn runs
+    in the calling thread, takes the signals itself and re-raises them after the drain.
     """
     import uvicorn
 
     config = uvicorn.Config(app, log_level=log_level, access_log=log_level == "debug",
                             timeout_graceful_shutdown=drain_timeout)
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    service: _Service = app.state.service
+    if service.engine_thread:
+        server.run(sockets=[sock])
+        return
+    engine = service.engine
+
+    def serve() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:
+            engine.stop(timeout=0)  # the lifespan's shutdown has stopped it, unless startup failed
+
+    if threading.current_thread() is not threading.main_thread():
+        raise PhibookError("run_server runs the engine in the calling thread and takes SIGINT/SIGTERM, "
+                           "so it must be called from the main thread")
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    http = threading.Thread(target=serve, name="phibook-http", daemon=True)
+    http.start()
+    try:
+        engine.run()
+    finally:
+        engine.stop(timeout=0)
+        server.should_exit = True  # the engine is gone (normally because uvicorn's shutdown stopped it)
+        http.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
