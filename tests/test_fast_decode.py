@@ -302,6 +302,46 @@ def test_attention_kernel_matches_float64_sdpa() -> None:
 
 
 @pytest.mark.parametrize("dtype", GEMV_DTYPES)
+def test_decode_glue_matches_atens_ops(dtype: torch.dtype) -> None:
+    """split_rotary and merge_gelu against the ops they replace (model.apply_rotary, the fp32
+    widening, F.gelu, the concatenation), run in the same dtype: one rounding apart at most; rows
+    with their own positions or one shared; u a strided view. The build this ATen level picks."""
+    from phibook.model.model import apply_rotary
+
+    _attention_or_skip()
+    glue = K.decode_glue()
+    if glue is None:
+        pytest.skip("the decode-glue kernels were refused on this CPU (the reason is on stderr)")
+    g = torch.Generator().manual_seed(31)
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-20
+    for batch, heads, dim, rot, ff, rows in ((1, 2, 32, 16, 96, 1), (3, 4, 64, 32, 1024, 3), (2, 32, 64, 32, 8192, 1)):
+        d = heads * dim
+        u = (torch.randn(batch, 1, 3 * d + ff + 7, generator=g) * 4).to(dtype)[..., : 3 * d + ff]
+        angle = torch.rand(rows, 1, 1, rot // 2, generator=g) * 100
+        cos = torch.cat([angle.cos(), angle.cos()], dim=-1)
+        sin = torch.cat([angle.sin(), angle.sin()], dim=-1)
+        q, k, v = glue.split_rotary(u, cos, sin, heads, dim).unbind(0)
+        qk = apply_rotary(u[..., : 2 * d].view(batch, 1, 2 * heads, dim), cos, sin).transpose(1, 2).float()
+        want_v = u[..., 2 * d : 3 * d].view(batch, 1, heads, dim).transpose(1, 2).float()
+        for got, want in ((q, qk[:, :heads]), (k, qk[:, heads:]), (v, want_v)):
+            assert got.dtype == torch.float32 and got.shape == (batch, heads, 1, dim)
+            torch.testing.assert_close(got, want, atol=ulp * 4, rtol=ulp)
+        y = torch.randn(batch, heads, 1, dim, generator=g)
+        merged = glue.merge_gelu(y, u)
+        want = torch.cat([y.transpose(1, 2).reshape(batch, 1, d).to(dtype),
+                          F.gelu(u[..., 3 * d :], approximate="tanh")], dim=-1)
+        assert merged.dtype == dtype and merged.shape == (batch, 1, d + ff)
+        torch.testing.assert_close(merged.float(), want.float(), atol=ulp * 4, rtol=ulp)
+    u = torch.zeros(1, 1, 3 * 64 + 8)
+    with pytest.raises(RuntimeError, match="fewer than q, k and v"):
+        glue.split_rotary(u, torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 1, 16), 2, 64)
+    with pytest.raises(RuntimeError, match="rotary width must be even"):
+        glue.split_rotary(u, torch.zeros(1, 1, 1, 15), torch.zeros(1, 1, 1, 15), 1, 64)
+    with pytest.raises(RuntimeError, match="u must be fp32 or bf16"):
+        glue.merge_gelu(torch.zeros(1, 1, 1, 64), u.half())
+
+
+@pytest.mark.parametrize("dtype", GEMV_DTYPES)
 @torch.inference_mode()
 def test_decode_steps_through_own_attention_match_sdpa(dtype: torch.dtype) -> None:
     """A left-padded batch decoded through phibook's attention and through ATen's SDPA (the same
@@ -310,6 +350,7 @@ def test_decode_steps_through_own_attention_match_sdpa(dtype: torch.dtype) -> No
     model = _model(dtype)
     ours, theirs = FastForward(model), FastForward(model, own_attention=False)
     assert ours.own_attention and ours.blocks[0].attention is not None and not theirs.own_attention
+    assert ours.own_glue == (K.decode_glue() is not None) and not theirs.own_glue
     prompt = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(22))
     mask = torch.ones(2, 10 + 12, dtype=torch.long)
     mask[1, :4] = 0

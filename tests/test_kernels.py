@@ -200,6 +200,30 @@ def test_refused_attention_leaves_decode_to_sdpa(fresh_verdicts: Path, monkeypat
         assert (fast(step, cache=cache) - model(step, cache=ref_cache)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("fault", ["crash", "wrong"])
+def test_refused_decode_glue_leaves_the_step_to_aten(fresh_verdicts: Path, monkeypatch, fault: str) -> None:
+    """A decode-glue probe that crashes or answers wrong: FastForward keeps our attention and runs
+    the elementwise work through ATen's ops, with the model's logits."""
+    from phibook.inference.fast_decode import FastForward
+    from phibook.model.config import PhiConfig
+    from phibook.model.model import KVCache, PhiModel
+
+    if K.attention_kernel() is None:
+        pytest.skip("phibook's fp32 decode kernels do not run here (see gemv_build)")
+    monkeypatch.setenv(K.FAULT_ENV, f"{K.GLUE_PROBE}:{fault}")
+    assert K.decode_glue() is None
+    model = PhiModel(PhiConfig(n_layer=2, d_model=64, n_head=2, rotary_dim=16, vocab_size=128, max_seq_len=32))
+    model.init_weights(torch.Generator().manual_seed(0))
+    fast = FastForward(model)
+    assert fast.own_attention and fast.own_glue is False and fast.blocks[0].glue is None
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        cache, ref_cache = KVCache(model.config, 1, 16), KVCache(model.config, 1, 16)
+        fast(ids, cache=cache), model(ids, cache=ref_cache)
+        step = torch.tensor([[3]])
+        assert (fast(step, cache=cache) - model(step, cache=ref_cache)).abs().max().item() <= 1e-4
+
+
 def test_every_kernel_passes_its_probe_or_is_refused_cleanly(fresh_verdicts: Path) -> None:
     """Each probe runs in a child and ends in a verdict (never a crash of this process); the ones
     phibook relies on by default pass on any x86 CPU PyTorch supports."""
@@ -209,6 +233,7 @@ def test_every_kernel_passes_its_probe_or_is_refused_cleanly(fresh_verdicts: Pat
     assert K.probe_in_child("gemv-bf16")[0] in (True, False)  # refused without AVX512-BF16, never a crash
     assert K.probe_in_child("gemv-fp32")[0] in (True, False)  # refused at ATen's DEFAULT level
     assert K.probe_in_child(K.ATTENTION_PROBE)[0] in (True, False)
+    assert K.probe_in_child(K.GLUE_PROBE)[0] in (True, False)
     keys = K.cached_verdicts()
     assert K.verdict_key("int8pack") in keys and f"aten {torch.backends.cpu.get_cpu_capability()}" in \
         K.verdict_key("int8pack")

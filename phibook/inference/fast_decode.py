@@ -30,6 +30,8 @@ AVX-512F and an AVX2+FMA build): at few rows it streams the weights faster than 
 inner product; longer prefills use oneDNN's linear on the same plain weights. Decode steps
 (one query) run attention through phibook's own kernel over the fp32 KV cache where the fp32
 build serves (``attention-fp32``): ATen's flash attention read a cold cache at half the speed.
+There the elementwise work around it (rotary, the fp32 widening for the cache, GELU, [y | g])
+runs as two ops of the same build too (``decode-glue``), not some 20 ATen dispatches a layer.
 
 Where oneDNN cannot take the dtype or device (CUDA, fp16 without AVX512-FP16,
 ``pack=False``), or its prepacked linear failed its check on this CPU
@@ -50,8 +52,10 @@ from phibook.inference.kernels import (
     GEMV_COLS_MULTIPLE,
     GEMV_MAX_ROWS,
     AttentionOp,
+    DecodeGlue,
     GemvOp,
     attention_kernel,
+    decode_glue,
     gemv_kernel,
     kernel_ok,
 )
@@ -133,7 +137,7 @@ class _FusedBlock:
     """
 
     def __init__(self, block: torch.nn.Module, pack: bool, gemv: GemvOp | None = None,
-                 attention: AttentionOp | None = None) -> None:
+                 attention: AttentionOp | None = None, glue: DecodeGlue | None = None) -> None:
         from phibook.inference.quant import QuantLinear, cat_rows
 
         attn, mlp = block.attn, block.mlp
@@ -144,6 +148,9 @@ class _FusedBlock:
         self.n_head, self.head_dim, self.layer = attn.n_head, attn.head_dim, attn.layer
         self.attention = attention if self.head_dim % ATTENTION_HEAD_MULTIPLE == 0 else None
         self.quantized = isinstance(attn.qkv, QuantLinear)
+        # The decode step's elementwise work in two ops (kernels.DecodeGlue), where our attention
+        # runs too; a quantized block keeps ATen's ops (its output projection takes y and g apart).
+        self.glue = glue if self.attention is not None and not self.quantized else None
         if self.quantized:
             fused = cat_rows(attn.qkv, mlp.fc1)
             self.proj_in = fused if fused is not None else _Stacked(attn.qkv, mlp.fc1)
@@ -160,6 +167,12 @@ class _FusedBlock:
         B, T, d = x.shape
         h = F.layer_norm(x, (d,), self.ln_weight, self.ln_bias, self.eps)
         u = self.proj_in(h)  # (B, T, 3d + d_ff)
+        if T == 1 and self.glue is not None and cache is not None and cache.k.dtype == torch.float32 \
+                and cache.k.device.type == "cpu":  # a decode step over an fp32 cache
+            q, k, v = self.glue.split_rotary(u, cos, sin, self.n_head, self.head_dim).unbind(0)
+            k, v = cache.update(self.layer, k, v)
+            y = self.attention(q, k, v, mask if mask is not None else _NO_MASK)
+            return x + self.proj_out(self.glue.merge_gelu(y, u))
         qk = apply_rotary(u[..., : 2 * d].view(B, T, 2 * self.n_head, self.head_dim), cos, sin)
         q, k = qk.transpose(1, 2).split(self.n_head, dim=1)  # (B, H, T, D) each
         v = u[..., 2 * d : 3 * d].view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -214,6 +227,9 @@ class FastForward:
         # for prefill and where it is refused): by default wherever the fp32 build serves.
         attention = attention_kernel() if self.device.type == "cpu" and own_attention is not False else None
         self.own_attention = attention is not None
+        # With it, the elementwise work around a decode step's attention (kernels.decode_glue).
+        glue = decode_glue() if attention is not None else None
+        self.own_glue = glue is not None
         # Shared with the model, never copied: a decode step reads one row of it, so
         # when it is a view of a memory-mapped checkpoint almost none of it is resident.
         self.embed = model.embed.weight.detach()
@@ -226,7 +242,7 @@ class FastForward:
         self.blocks: list[_FusedBlock] = []
         with torch.no_grad():
             for block in model.blocks:
-                self.blocks.append(_FusedBlock(block, pack, op, attention))
+                self.blocks.append(_FusedBlock(block, pack, op, attention, glue))
                 if release_model:
                     _release(block)
             self.ln_f = (model.ln_f.weight.detach().clone(), model.ln_f.bias.detach().clone(), model.ln_f.eps)
@@ -274,8 +290,9 @@ class FastForward:
             )
         if positions.dim() == 1:
             positions = positions.unsqueeze(0)
-        cos = self.rope_cos[positions].unsqueeze(2)  # (B|1, T, 1, R): heads are dim 2 here
-        sin = self.rope_sin[positions].unsqueeze(2)
+        # (B|1, T, 1, R): heads are dim 2 here; fp32, as apply_rotary's products are
+        cos = self.rope_cos[positions].unsqueeze(2).float()
+        sin = self.rope_sin[positions].unsqueeze(2).float()
         mask = causal_mask(T, start, attention_mask, idx.device)
         x = F.embedding(idx, self.embed)
         if self._embed_pages is not None:

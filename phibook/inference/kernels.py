@@ -65,7 +65,8 @@ ALIGN = 64  # bytes: a cache line, and what AVX-512 loads want
 FAULT_ENV = "PHIBOOK_KERNEL_PROBE_FAULT"
 CACHE_FILE = "kernel-verdicts.json"
 # Child time limits (s). Importing torch is most of a plain probe; inductor compiles C++.
-PROBE_TIMEOUT_S = {"inductor": 600.0, "gemv-bf16": 600.0, "gemv-fp32": 600.0, "attention-fp32": 600.0}
+PROBE_TIMEOUT_S = {"inductor": 600.0, "gemv-bf16": 600.0, "gemv-fp32": 600.0, "attention-fp32": 600.0,
+                  "decode-glue": 600.0}
 DEFAULT_PROBE_TIMEOUT_S = 180.0
 
 
@@ -258,6 +259,35 @@ def attention_kernel() -> AttentionOp | None:
     return _checked_op(torch.float32, ATTENTION_PROBE, "attention_f32", "SDPA")
 
 
+GLUE_PROBE = "decode-glue"
+
+
+@dataclass(frozen=True)
+class DecodeGlue:
+    """The elementwise work of a decode step's block, in two ops of the fp32 build
+    (``csrc/decode_f32.cpp``) instead of some 20 ATen ops a layer.
+
+    ``split_rotary(u, cos, sin, n_head, head_dim)``: u (B, 1, N) bf16 or fp32, the input
+    projection's output [q | k | v | fc1]; cos, sin fp32 (1|B, 1, 1, R). Returns (3, B, H, 1, D)
+    fp32: q and k rotated as ``model.apply_rotary`` does (rounded to u's dtype), then v.
+
+    ``merge_gelu(y, u)``: y (B, H, 1, D) fp32, the attention output. Returns (B, 1, d + F) in u's
+    dtype: [y | gelu_tanh(fc1)], the output projection's input.
+    """
+
+    split_rotary: Callable[[Tensor, Tensor, Tensor, int, int], Tensor]
+    merge_gelu: Callable[[Tensor, Tensor], Tensor]
+
+
+def decode_glue() -> DecodeGlue | None:
+    """phibook's ops for a decode step's elementwise work (``DecodeGlue``), or None: the fp32 build
+    serves this process (``gemv_build(torch.float32)``; ``PHIBOOK_GEMV=0`` switches them off too),
+    their check passed and it loaded."""
+    split = _checked_op(torch.float32, GLUE_PROBE, "split_rotary", "ATen's ops")
+    merge = _checked_op(torch.float32, GLUE_PROBE, "merge_gelu", "ATen's ops") if split is not None else None
+    return DecodeGlue(split, merge) if split is not None and merge is not None else None
+
+
 class Unsupported(Exception):
     """The kernel says it cannot run here (not a wrong answer)."""
 
@@ -419,6 +449,41 @@ def _probe_attention() -> None:
                    f"batch={batch} heads={heads} keys={seen} dim={dim} mask={bool(mask.numel())}")
 
 
+def _probe_decode_glue() -> None:
+    """split_rotary and merge_gelu against ATen's ops (model.apply_rotary, F.gelu) in float64:
+    bf16 and fp32, one and three rows, cos/sin shared and per row, u a strided view."""
+    from phibook.model.model import apply_rotary
+
+    build, why = gemv_build(torch.float32)
+    if build is None:
+        raise Unsupported(why)
+    load_gemv(build)
+    ops = getattr(torch.ops, build.namespace)
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for batch, heads, dim, rot, ff in ((1, 2, 16, 8, 48), (3, 4, 64, 32, 1024), (2, 32, 64, 32, 8192)):
+            d = heads * dim
+            u = (torch.randn(batch, 1, 3 * d + ff + 5, generator=g) * 3).to(dtype)[..., : 3 * d + ff]  # strided rows
+            rows = batch if batch > 1 else 1
+            angle = torch.rand(rows, 1, 1, rot // 2, generator=g) * 6.3
+            cos = torch.cat([angle.cos(), angle.cos()], dim=-1)
+            sin = torch.cat([angle.sin(), angle.sin()], dim=-1)
+            qk = u[..., : 2 * d].view(batch, 1, 2 * heads, dim)
+            want_qk = apply_rotary(qk.double(), cos.double(), sin.double()).transpose(1, 2)
+            want = torch.cat([want_qk.reshape(batch, 2, heads, 1, dim).transpose(0, 1),
+                              u[..., 2 * d : 3 * d].double().view(batch, 1, heads, dim).transpose(1, 2)[None]])
+            got = ops.split_rotary(u, cos, sin, heads, dim)
+            ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-18  # one rounding to the dtype, and fp32's
+            _check(GLUE_PROBE, got, want, ulp * (1 + want.abs()), f"split_rotary {dtype} batch={batch} heads={heads}")
+            y = torch.randn(batch, heads, 1, dim, generator=g)
+            want = torch.cat([y.double().transpose(1, 2).reshape(batch, 1, d),
+                              F.gelu(u[..., 3 * d :].double(), approximate="tanh")], dim=-1)
+            got = ops.merge_gelu(y, u)
+            if got.dtype != dtype or got.shape != want.shape:
+                raise AssertionError(f"merge_gelu gave {got.dtype} {tuple(got.shape)}, not {dtype} {tuple(want.shape)}")
+            _check(GLUE_PROBE, got, want, ulp * (1 + want.abs()), f"merge_gelu {dtype} batch={batch} heads={heads}")
+
+
 def _probe_inductor() -> None:
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
@@ -450,6 +515,7 @@ KERNELS: dict[str, Callable[[], None]] = {
     "gemv-bf16": _probe_gemv(torch.bfloat16),
     "gemv-fp32": _probe_gemv(torch.float32),
     ATTENTION_PROBE: _probe_attention,
+    GLUE_PROBE: _probe_decode_glue,
 }
 
 

@@ -1,6 +1,6 @@
 // A decode step's fp32 kernels (phibook.inference.kernels, used by FastForward): the linears at
-// batch 1 to 16 (gemv_f32, the fp32 sibling of gemv_bf16.cpp) and one query's attention over the
-// KV cache (attention_f32).
+// batch 1 to 16 (gemv_f32, the fp32 sibling of gemv_bf16.cpp), one query's attention over the
+// KV cache (attention_f32) and the elementwise work around it (split_rotary, merge_gelu).
 //
 // gemv_f32:
 // y[i, r] = sum_k W[r, k] * x[i, k] + bias[r], W (rows, cols) row-major fp32, x (m <= 16, cols)
@@ -18,8 +18,10 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -227,14 +229,173 @@ at::Tensor attention_f32(const at::Tensor& q, const at::Tensor& k, const at::Ten
   return out;
 }
 
+// split_rotary and merge_gelu: the elementwise work of a decode step's block between its two
+// GEMVs, which ATen runs as some 20 ops a layer (slices, a negation, concatenations, dtype
+// conversions, the rotary products, GELU), each a dispatch costing more than its arithmetic. Both
+// run on the calling thread (a step has a few thousand elements a row) in plain loops the compiler
+// vectorizes, and read the model's dtype (bf16 or fp32) directly.
+
+// bf16 values travel as their bits (uint16_t): the conversions below are plain integer and float
+// operations the compiler vectorizes, where c10::BFloat16's per-value NaN branch stops it.
+inline float widen(float x) { return x; }
+inline float widen(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &wide, sizeof f);
+  return f;
+}
+// To the model's dtype as ATen's .to() rounds: to nearest, ties to even; a NaN stays a (quiet) NaN.
+inline void narrow_to(float x, float* out) { *out = x; }
+inline void narrow_to(float x, uint16_t* out) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  *out = x != x ? static_cast<uint16_t>(0x7fc0) : static_cast<uint16_t>(rounded);
+}
+// A value the model's dtype can hold (what apply_rotary's .to(x.dtype) leaves), back in fp32.
+template <typename T>
+inline float round_as(float x) {
+  T t;
+  narrow_to(x, &t);
+  return widen(t);
+}
+
+// qkv (3, B, H, 1, D) fp32 from u (B, 1, >= 3 H D), the input projection's output [q | k | v | fc1]
+// in the model's dtype: q and k rotated on their first R channels by cos and sin (B or 1, 1, 1, R)
+// as phibook.model.model.apply_rotary does (products in fp32, the result rounded to the model's
+// dtype), v as it is; all widened to fp32 for the cache and attention.
+template <typename T>
+void split_rotary_rows(const T* u, int64_t u_row, const float* cos, const float* sin, int64_t cs_row, float* out,
+                       int64_t B, int64_t H, int64_t D, int64_t R) {
+  const int64_t half = R / 2, d = H * D;
+  for (int64_t b = 0; b < B; ++b) {
+    const T* row = u + b * u_row;
+    const float* c = cos + b * cs_row;
+    const float* s = sin + b * cs_row;
+    for (int64_t part = 0; part < 3; ++part) {
+      for (int64_t h = 0; h < H; ++h) {
+        const T* x = row + part * d + h * D;
+        float* o = out + ((part * B + b) * H + h) * D;
+        int64_t i = 0;
+        if (part < 2) {
+          for (; i < half; ++i) {
+            const float x1 = widen(x[i]), x2 = widen(x[i + half]);
+            o[i] = round_as<T>(x1 * c[i] - x2 * s[i]);
+            o[i + half] = round_as<T>(x2 * c[i + half] + x1 * s[i + half]);
+          }
+          i = R;
+        }
+        for (; i < D; ++i) o[i] = widen(x[i]);
+      }
+    }
+  }
+}
+
+at::Tensor split_rotary(const at::Tensor& u, const at::Tensor& cos, const at::Tensor& sin, int64_t n_head,
+                        int64_t head_dim) {
+  TORCH_CHECK(u.dim() == 3 && u.size(1) == 1 && u.stride(2) == 1, "split_rotary: u must be (B, 1, N), the last "
+              "dimension contiguous");
+  TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kBFloat16, "split_rotary: u must be fp32 or bf16");
+  const int64_t B = u.size(0), H = n_head, D = head_dim;
+  TORCH_CHECK(H >= 1 && D >= 1 && 3 * H * D <= u.size(2), "split_rotary: u has ", u.size(2),
+              " channels, fewer than q, k and v's 3 x ", H, " x ", D);
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.sizes() == sin.sizes() &&
+                  cos.strides() == sin.strides() && cos.dim() == 4 && (cos.size(0) == 1 || cos.size(0) == B) &&
+                  cos.size(1) == 1 && cos.size(2) == 1 && cos.stride(3) == 1,
+              "split_rotary: cos and sin must be fp32 (1 or B, 1, 1, R), alike, the last dimension contiguous");
+  const int64_t R = cos.size(3);
+  TORCH_CHECK(R % 2 == 0 && R <= D, "split_rotary: the rotary width must be even and at most the head size, got ", R);
+  at::Tensor out = at::empty({3, B, H, 1, D}, u.options().dtype(at::kFloat));
+  const int64_t cs_row = cos.size(0) == 1 ? 0 : cos.stride(0);
+  if (u.scalar_type() == at::kFloat) {
+    split_rotary_rows(u.data_ptr<float>(), u.stride(0), cos.data_ptr<float>(), sin.data_ptr<float>(), cs_row,
+                      out.data_ptr<float>(), B, H, D, R);
+  } else {
+    split_rotary_rows(static_cast<const uint16_t*>(u.data_ptr()), u.stride(0), cos.data_ptr<float>(),
+                      sin.data_ptr<float>(), cs_row, out.data_ptr<float>(), B, H, D, R);
+  }
+  return out;
+}
+
+// exp(t) for t in [-87, 88] (inputs outside are clamped): t = n ln2 + r with |r| <= ln2 / 2, exp(r) by
+// its Taylor series to r^7 (relative error under 1e-8 there), 2^n built in the exponent bits.
+inline float exp_clamped(float t) {
+  t = std::min(std::max(t, -87.0f), 88.0f);
+  const float n = std::nearbyint(t * 1.44269504088896341f);
+  const float r = (t - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;  // ln2 in two parts
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// GELU, tanh form: 0.5 x (1 + tanh(a)) = x / (1 + exp(-2a)), a = sqrt(2/pi) (x + 0.044715 x^3).
+inline float gelu_tanh(float x) {
+  const float a = 0.797884560802865355f * (x + 0.044715f * x * x * x);
+  return x / (1.0f + exp_clamped(-2.0f * a));
+}
+
+template <typename T>
+void merge_gelu_rows(const float* y, int64_t y_row, const T* u, int64_t u_row, T* out, int64_t B, int64_t d,
+                     int64_t ff) {
+  for (int64_t b = 0; b < B; ++b) {
+    const float* yb = y + b * y_row;
+    const T* g = u + b * u_row + 3 * d;
+    T* o = out + b * (d + ff);
+    for (int64_t i = 0; i < d; ++i) narrow_to(yb[i], o + i);
+    // In chunks through an fp32 buffer: three simple loops vectorize, one mixing widths did not.
+    float buf[256];
+    for (int64_t start = 0; start < ff; start += 256) {
+      const int64_t n = std::min<int64_t>(256, ff - start);
+      for (int64_t i = 0; i < n; ++i) buf[i] = widen(g[start + i]);
+      for (int64_t i = 0; i < n; ++i) buf[i] = gelu_tanh(buf[i]);
+      for (int64_t i = 0; i < n; ++i) narrow_to(buf[i], o + d + start + i);
+    }
+  }
+}
+
+// (B, 1, d + F) in u's dtype: [y | gelu_tanh(u[..., 3d:])], the output projection's input, from the
+// attention output y (B, H, 1, D) fp32 (heads side by side, rounded to the dtype) and the input
+// projection's output u (B, 1, 3d + F): its fc1 part through GELU in fp32, rounded once.
+at::Tensor merge_gelu(const at::Tensor& y, const at::Tensor& u) {
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.dim() == 4 && y.size(2) == 1, "merge_gelu: y must be fp32 (B, H, 1, D)");
+  TORCH_CHECK(u.dim() == 3 && u.size(1) == 1 && u.stride(2) == 1 &&
+                  (u.scalar_type() == at::kFloat || u.scalar_type() == at::kBFloat16),
+              "merge_gelu: u must be fp32 or bf16 (B, 1, N), the last dimension contiguous");
+  const int64_t B = y.size(0), d = y.size(1) * y.size(3);
+  TORCH_CHECK(u.size(0) == B && u.size(2) > 3 * d, "merge_gelu: u must be (", B, ", 1, N) with N > ", 3 * d);
+  const at::Tensor yc = y.contiguous();
+  const int64_t ff = u.size(2) - 3 * d;
+  at::Tensor out = at::empty({B, 1, d + ff}, u.options().memory_format(at::MemoryFormat::Contiguous));
+  if (u.scalar_type() == at::kFloat) {
+    merge_gelu_rows(yc.data_ptr<float>(), d, u.data_ptr<float>(), u.stride(0), out.data_ptr<float>(), B, d, ff);
+  } else {
+    merge_gelu_rows(yc.data_ptr<float>(), d, static_cast<const uint16_t*>(u.data_ptr()), u.stride(0),
+                    static_cast<uint16_t*>(out.data_ptr()), B, d, ff);
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(PHIBOOK_GEMV_NS, m) {
   m.def("gemv_f32(Tensor weight, Tensor x, Tensor bias) -> Tensor");
   m.def("attention_f32(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
+  m.def("split_rotary(Tensor u, Tensor cos, Tensor sin, int n_head, int head_dim) -> Tensor");
+  m.def("merge_gelu(Tensor y, Tensor u) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(PHIBOOK_GEMV_NS, CPU, m) {
   m.impl("gemv_f32", &gemv_f32);
   m.impl("attention_f32", &attention_f32);
+  m.impl("split_rotary", &split_rotary);
+  m.impl("merge_gelu", &merge_gelu);
 }
