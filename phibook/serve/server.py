@@ -848,3 +848,5 @@ def run_server(app: FastAPI, sock: Any, log_level: str = "info", drain_timeout: 
         http.join()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if not server.started:
+        raise PhibookError("the HTTP server stopped before it started serving (its log above says why)")
