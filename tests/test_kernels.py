@@ -182,22 +182,30 @@ def test_refused_gemv_leaves_decode_to_onednn(fresh_verdicts: Path, monkeypatch,
         assert (fast(ids).double() - ref(ids)).abs().max().item() <= (0.05 if dtype == torch.bfloat16 else 1e-4)
 
 
-def test_refused_attention_leaves_decode_to_sdpa(fresh_verdicts: Path, monkeypatch) -> None:
-    from phibook.inference.fast_decode import FastForward
+def _decode_step_error(make_fast) -> tuple[float, object]:
+    """Max logit error of one decode step (after a 9-token prefill) of ``make_fast(model)`` against
+    a small fp32 PhiModel, and the FastForward for its caller's asserts."""
     from phibook.model.config import PhiConfig
     from phibook.model.model import KVCache, PhiModel
 
-    monkeypatch.setenv(K.FAULT_ENV, f"{K.ATTENTION_PROBE}:crash")
     model = PhiModel(PhiConfig(n_layer=2, d_model=64, n_head=2, rotary_dim=16, vocab_size=128, max_seq_len=32))
     model.init_weights(torch.Generator().manual_seed(0))
-    fast = FastForward(model)
-    assert fast.own_attention is False and fast.blocks[0].attention is None
+    fast = make_fast(model)
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         cache, ref_cache = KVCache(model.config, 1, 16), KVCache(model.config, 1, 16)
         fast(ids, cache=cache), model(ids, cache=ref_cache)
         step = torch.tensor([[3]])
-        assert (fast(step, cache=cache) - model(step, cache=ref_cache)).abs().max().item() <= 1e-4
+        return (fast(step, cache=cache) - model(step, cache=ref_cache)).abs().max().item(), fast
+
+
+def test_refused_attention_leaves_decode_to_sdpa(fresh_verdicts: Path, monkeypatch) -> None:
+    from phibook.inference.fast_decode import FastForward
+
+    monkeypatch.setenv(K.FAULT_ENV, f"{K.ATTENTION_PROBE}:crash")
+    error, fast = _decode_step_error(FastForward)
+    assert fast.own_attention is False and fast.blocks[0].attention is None
+    assert error <= 1e-4
 
 
 @pytest.mark.parametrize("fault", ["crash", "wrong"])
@@ -205,23 +213,14 @@ def test_refused_decode_glue_leaves_the_step_to_aten(fresh_verdicts: Path, monke
     """A decode-glue probe that crashes or answers wrong: FastForward keeps our attention and runs
     the elementwise work through ATen's ops, with the model's logits."""
     from phibook.inference.fast_decode import FastForward
-    from phibook.model.config import PhiConfig
-    from phibook.model.model import KVCache, PhiModel
 
     if K.attention_kernel() is None:
         pytest.skip("phibook's fp32 decode kernels do not run here (see gemv_build)")
     monkeypatch.setenv(K.FAULT_ENV, f"{K.GLUE_PROBE}:{fault}")
     assert K.decode_glue() is None
-    model = PhiModel(PhiConfig(n_layer=2, d_model=64, n_head=2, rotary_dim=16, vocab_size=128, max_seq_len=32))
-    model.init_weights(torch.Generator().manual_seed(0))
-    fast = FastForward(model)
+    error, fast = _decode_step_error(FastForward)
     assert fast.own_attention and fast.own_glue is False and fast.blocks[0].glue is None
-    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        cache, ref_cache = KVCache(model.config, 1, 16), KVCache(model.config, 1, 16)
-        fast(ids, cache=cache), model(ids, cache=ref_cache)
-        step = torch.tensor([[3]])
-        assert (fast(step, cache=cache) - model(step, cache=ref_cache)).abs().max().item() <= 1e-4
+    assert error <= 1e-4
 
 
 def test_every_kernel_passes_its_probe_or_is_refused_cleanly(fresh_verdicts: Path) -> None:
