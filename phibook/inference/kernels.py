@@ -461,10 +461,11 @@ def _probe_decode_glue() -> None:
     ops = getattr(torch.ops, build.namespace)
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
-        for batch, heads, dim, rot, ff in ((1, 2, 16, 8, 48), (3, 4, 64, 32, 1024), (2, 32, 64, 32, 8192)):
+        # rows: positions per batch row (B) or shared (1)
+        for batch, heads, dim, rot, ff, rows in ((1, 2, 16, 8, 48, 1), (3, 4, 64, 32, 1024, 3),
+                                                 (2, 32, 64, 32, 8192, 1)):
             d = heads * dim
             u = (torch.randn(batch, 1, 3 * d + ff + 5, generator=g) * 3).to(dtype)[..., : 3 * d + ff]  # strided rows
-            rows = batch if batch > 1 else 1
             angle = torch.rand(rows, 1, 1, rot // 2, generator=g) * 6.3
             cos = torch.cat([angle.cos(), angle.cos()], dim=-1)
             sin = torch.cat([angle.sin(), angle.sin()], dim=-1)

@@ -309,10 +309,9 @@ class Engine:
         self.waiting: deque[Job] = deque()
         self.rows: list[_Row | None] = [None] * max_slots
         self.cond = threading.Condition()
-        self.thread: threading.Thread | None = None  # set by start(); None while run() is called directly
         self.stopping = False
-        self._looping = False  # run() has begun (in whichever thread)
-        self._finished = threading.Event()  # run() has returned
+        self._looping = False  # the worker loop was started (start) or entered (run)
+        self._finished = threading.Event()  # ... and has returned
         self.cache: SlotCache | None = None
         self.seen: Tensor | None = None  # (slots, vocab) bool: tokens present per row (repetition penalty)
         self._sampling_key: tuple = ()
@@ -323,8 +322,9 @@ class Engine:
 
     def start(self) -> None:
         """Run the worker loop (``run``) in a new thread."""
-        self.thread = threading.Thread(target=self.run, name="phibook-engine", daemon=True)
-        self.thread.start()
+        with self.cond:
+            self._looping = True
+        threading.Thread(target=self.run, name="phibook-engine", daemon=True).start()
 
     def run(self) -> None:
         """Run the worker loop in the calling thread until ``stop``.
@@ -352,9 +352,7 @@ class Engine:
             self.stopping = True
             self.cond.notify_all()
             looping = self._looping
-        if self.thread is not None:
-            self.thread.join(timeout)
-        elif looping:
+        if looping:
             self._finished.wait(timeout)
 
     def submit(self, jobs: list[Job]) -> None:

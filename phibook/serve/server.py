@@ -318,7 +318,8 @@ class _Service:
     """What the routes share: the generator's facts, the engine and the counters."""
 
     def __init__(self, generator: Generator, model_name: str, max_batch_size: int, max_queue: int,
-                 prefill_chunk: int, request_timeout: float, step_hook: Callable | None) -> None:
+                 prefill_chunk: int, request_timeout: float, step_hook: Callable | None,
+                 engine_thread: bool) -> None:
         self.generator = generator
         self.model_name = model_name
         self.created = int(time.time())
@@ -329,7 +330,7 @@ class _Service:
         self.context = int(generator.context)
         self.names = _Tokens(generator.tokenizer)
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.engine_thread = True  # create_app's engine_thread: the app's startup starts the engine's thread
+        self.engine_thread = engine_thread  # create_app's: the app's startup starts the engine's thread
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
@@ -533,13 +534,13 @@ def create_app(
     """
     if request_timeout <= 0 or not math.isfinite(request_timeout):
         raise PhibookError(f"request_timeout (--request-timeout) must be a positive number, got {request_timeout}")
-    service = _Service(generator, model_name, max_batch_size, max_queue, prefill_chunk, request_timeout, step_hook)
-    service.engine_thread = engine_thread
+    service = _Service(generator, model_name, max_batch_size, max_queue, prefill_chunk, request_timeout, step_hook,
+                       engine_thread)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         service.loop = asyncio.get_running_loop()
-        if engine_thread:
+        if service.engine_thread:
             service.engine.start()
         try:
             yield
@@ -804,28 +805,26 @@ def _prometheus(service: _Service) -> str:
 
 
 def run_server(app: FastAPI, sock: Any, log_level: str = "info", drain_timeout: float = 30.0) -> None:
-    """Serve ``app`` on an already-bound socket until SIGINT/SIGTERM.
+    """Serve ``app`` (made with ``engine_thread=False``) on an already-bound socket until
+    SIGINT/SIGTERM, its engine running in the calling thread.
 
-    On either signal uvicorn stops accepting connections and lets the requests in flight
-    finish (up to ``drain_timeout`` seconds); then the engine stops and anything left is
-    answered 503.
-
-    For an app made with ``engine_thread=False`` the engine runs in the calling thread, and
-    uvicorn in a second one, which never runs the model. ``phibook serve`` calls this from the
-    thread that loaded the model, so one thread runs every parallel op and torch keeps one
-    pool of OpenMP helpers (``Engine.run`` says why that matters). The signals are then taken
-    here and handed to uvicorn; it returns normally after the drain. Otherwise uvicorn runs
-    in the calling thread, takes the signals itself and re-raises them after the drain.
+    uvicorn runs in a second thread, which never runs the model. ``phibook serve`` calls this
+    from the thread that loaded the model, so one thread runs every parallel op and torch keeps
+    one pool of OpenMP helpers (``Engine.run`` says why that matters). On either signal uvicorn
+    stops accepting connections and lets the requests in flight finish (up to ``drain_timeout``
+    seconds); then the engine stops, anything left is answered 503, and this returns.
     """
     import uvicorn
 
+    service: _Service = app.state.service
+    if service.engine_thread:
+        raise PhibookError("run_server runs the app's engine itself: make the app with create_app(engine_thread=False)")
+    if threading.current_thread() is not threading.main_thread():
+        raise PhibookError("run_server runs the engine in the calling thread and takes SIGINT/SIGTERM, "
+                           "so it must be called from the main thread")
     config = uvicorn.Config(app, log_level=log_level, access_log=log_level == "debug",
                             timeout_graceful_shutdown=drain_timeout)
     server = uvicorn.Server(config)
-    service: _Service = app.state.service
-    if service.engine_thread:
-        server.run(sockets=[sock])
-        return
     engine = service.engine
 
     def serve() -> None:
@@ -834,9 +833,6 @@ def run_server(app: FastAPI, sock: Any, log_level: str = "info", drain_timeout: 
         finally:
             engine.stop(timeout=0)  # the lifespan's shutdown has stopped it, unless startup failed
 
-    if threading.current_thread() is not threading.main_thread():
-        raise PhibookError("run_server runs the engine in the calling thread and takes SIGINT/SIGTERM, "
-                           "so it must be called from the main thread")
     previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
     http = threading.Thread(target=serve, name="phibook-http", daemon=True)
     http.start()
