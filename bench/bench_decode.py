@@ -104,9 +104,9 @@ def decode_hf(hf, prompt: torch.Tensor, n: int) -> tuple[float, list[int]]:
 
 @torch.inference_mode()
 def decode_ours(forward, cfg, dtype, prompt: torch.Tensor, n: int) -> tuple[float, list[int]]:
-    from phibook.model.model import KVCache, attention_dtype
+    from phibook.model.model import KVCache
 
-    cache = KVCache(cfg, 1, prompt.shape[1] + n, dtype=attention_dtype(dtype, "cpu"))  # as Generator allocates
+    cache = KVCache(cfg, 1, prompt.shape[1] + n, dtype=forward.cache_dtype)  # as Generator allocates
     token = forward(prompt, cache=cache)[:, -1].argmax(-1, keepdim=True)
     tokens, times = [int(token)], [time.perf_counter()]
     for _ in range(n - 1):
@@ -125,9 +125,9 @@ def prefill_hf(hf, prompt: torch.Tensor) -> float:
 
 @torch.inference_mode()
 def prefill_ours(forward, cfg, dtype, prompt: torch.Tensor, **kw) -> float:
-    from phibook.model.model import KVCache, attention_dtype
+    from phibook.model.model import KVCache
 
-    cache = KVCache(cfg, 1, prompt.shape[1] + 1, dtype=attention_dtype(dtype, "cpu"))
+    cache = KVCache(cfg, 1, prompt.shape[1] + 1, dtype=forward.cache_dtype)  # as Generator allocates
     t = time.perf_counter()
     forward(prompt, cache=cache, **kw)
     return prompt.shape[1] / (time.perf_counter() - t)

@@ -70,7 +70,7 @@ def child(system: str, root: Path, tokens: int, threads: int) -> dict:
             t1 = time.perf_counter()
             model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False)
         else:
-            from phibook.model.model import KVCache, attention_dtype
+            from phibook.model.model import KVCache
             from phibook.weights.checkpoint import load_model
 
             if system == "phibook-fast":
@@ -83,7 +83,7 @@ def child(system: str, root: Path, tokens: int, threads: int) -> dict:
                 forward, kw = loaded.model, {}
             loaded_kib = _status_kib("VmHWM")
             t1 = time.perf_counter()
-            cache = KVCache(loaded.config, 1, tokens, dtype=attention_dtype(torch.bfloat16, "cpu"))
+            cache = KVCache(loaded.config, 1, tokens, dtype=forward.cache_dtype)  # as Generator allocates
             for start in range(0, tokens, 512):  # Generator's prefill chunk
                 forward(prompt[:, start : start + 512], cache=cache, **kw)
     t2 = time.perf_counter()

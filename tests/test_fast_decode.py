@@ -6,6 +6,7 @@ Small configs on the CPU; exactness, never speed (timings live in bench/).
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 
 import pytest
@@ -277,28 +278,37 @@ def _attention_or_skip() -> K.AttentionOp:
 
 def test_attention_kernel_matches_float64_sdpa() -> None:
     """One query per (row, head) over a cache view wider than the keys read, with and without a
-    padding mask shared by the rows or one per row, a strided q; the build this ATen level picks."""
+    padding mask shared by the rows or one per row, a strided q, an fp32 and a bf16 cache (read
+    as the same floats widened: equal to the fp32 call on them); the build this ATen level picks."""
     attention = _attention_or_skip()
     g = torch.Generator().manual_seed(21)
-    for batch, heads, seen, dim in ((1, 1, 1, 16), (2, 4, 17, 64), (3, 2, 300, 32), (1, 32, 1025, 64)):
-        k = torch.randn(batch, heads, seen + 5, dim, generator=g)[:, :, :seen]
-        v = torch.randn(batch, heads, seen + 5, dim, generator=g)[:, :, :seen]
+    shapes = ((1, 1, 1, 16), (2, 4, 17, 64), (3, 2, 300, 32), (1, 32, 1025, 64))
+    for (batch, heads, seen, dim), cache_dtype in itertools.product(shapes, (torch.float32, torch.bfloat16)):
+        k = torch.randn(batch, heads, seen + 5, dim, generator=g).to(cache_dtype)[:, :, :seen]
+        v = torch.randn(batch, heads, seen + 5, dim, generator=g).to(cache_dtype)[:, :, :seen]
         q = torch.randn(batch, 1, heads * 2, dim, generator=g).transpose(1, 2)[:, heads:]
         shared = torch.rand(1, 1, 1, seen, generator=g) > 0.5
         per_row = torch.rand(batch, 1, 1, seen, generator=g) > 0.5
         for mask in (None, shared, per_row):
             if mask is not None:
                 mask[..., -1] = True
+            flat = mask if mask is not None else torch.empty(0, dtype=torch.bool)
             want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
-            got = attention(q, k, v, mask if mask is not None else torch.empty(0, dtype=torch.bool))
+            got = attention(q, k, v, flat)
             assert got.shape == (batch, heads, 1, dim) and got.dtype == torch.float32
             torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+            if cache_dtype == torch.bfloat16:
+                assert torch.equal(got, attention(q, k.float(), v.float(), flat))
     q, k = torch.zeros(1, 1, 1, 24), torch.zeros(1, 1, 3, 24)
     with pytest.raises(RuntimeError, match="multiple of 16"):
         attention(q, k, k, torch.empty(0, dtype=torch.bool))
     q, k = torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 3, 16)
     with pytest.raises(RuntimeError, match="mask must be bool"):
         attention(q, k, k, torch.ones(1, 1, 1, 4, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="both fp32 or both bf16"):
+        attention(q, k.bfloat16(), k, torch.empty(0, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="both fp32 or both bf16"):
+        attention(q, k.half(), k.half(), torch.empty(0, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("dtype", GEMV_DTYPES)
@@ -363,6 +373,66 @@ def test_decode_steps_through_own_attention_match_sdpa(dtype: torch.dtype) -> No
         tol = 1e-4 if dtype == torch.float32 else 0.05
         assert (a - b).abs().max().item() <= tol, f"step {step}"
         tokens = a.argmax(-1, keepdim=True)
+
+
+@torch.inference_mode()
+def test_a_bf16_model_decodes_on_a_bf16_cache_as_on_an_fp32_one() -> None:
+    """Where our attention runs, a bf16 model's FastForward asks for a bf16 cache: its keys and
+    values are bf16 values, so that cache holds the fp32 cache's numbers exactly in half the bytes,
+    and a left-padded batch decodes on it to the same logits, step after step. The plain model
+    keeps the fp32 cache its SDPA reads (a bf16 one would be widened every step)."""
+    _attention_or_skip()
+    model = _model(torch.bfloat16)
+    fast = FastForward(model)
+    assert fast.cache_dtype == torch.bfloat16 and model.cache_dtype == torch.float32
+    assert FastForward(model, own_attention=False).cache_dtype == torch.float32
+    assert FastForward(_model()).cache_dtype == torch.float32
+    prompt = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(23))
+    mask = torch.ones(2, 10 + 12, dtype=torch.long)
+    mask[1, :4] = 0
+    wide, narrow = (KVCache(model.config, 2, 32, dtype=dt) for dt in (torch.float32, torch.bfloat16))
+    tokens = fast(prompt, cache=wide, attention_mask=mask[:, :10])[:, -1:].argmax(-1)
+    narrow.k.copy_(wide.k)
+    narrow.v.copy_(wide.v)
+    narrow.pos = wide.pos
+    assert torch.equal(narrow.k.float(), wide.k) and torch.equal(narrow.v.float(), wide.v)  # exactly bf16 values
+    for step in range(12):
+        width = wide.pos + 1
+        a = fast(tokens, cache=wide, attention_mask=mask[:, :width])
+        b = fast(tokens, cache=narrow, attention_mask=mask[:, :width])
+        assert torch.equal(a, b), f"step {step}"
+        tokens = a[:, -1].float().argmax(-1, keepdim=True)
+    assert torch.equal(narrow.k.float(), wide.k) and torch.equal(narrow.v.float(), wide.v)
+    assert narrow.k.nbytes * 2 == wide.k.nbytes
+
+
+def test_the_generator_allocates_the_cache_its_forward_reads(tiny_checkpoint) -> None:
+    """Generator(fast=True) on a bf16 model decodes on FastForward.cache_dtype's cache (bf16 where
+    our attention runs) and picks the greedy tokens a hand loop over an fp32 cache picks."""
+    _attention_or_skip()
+    gen = Generator.from_path(tiny_checkpoint, device="cpu", dtype=torch.bfloat16, fast=True)
+    assert gen.cache_dtype == gen.forward.cache_dtype == torch.bfloat16
+    seen: list[torch.dtype] = []
+    forward = gen.forward
+
+    def spy(idx, positions=None, cache=None, attention_mask=None, *, last_only=False):
+        seen.append(cache.k.dtype)  # only reads the call
+        return forward(idx, positions, cache, attention_mask, last_only=last_only)
+
+    spy.cache_dtype = forward.cache_dtype
+    gen.forward = spy
+    prompt = "Once upon a time"
+    ids = gen.tokenizer.encode(prompt)
+    got = gen.run([prompt], SamplingParams(max_new_tokens=8, stop_at_eos=False))[0].token_ids
+    assert seen and set(seen) == {torch.bfloat16}
+    cache = KVCache(forward.config, 1, len(ids) + 8, dtype=torch.float32)
+    want: list[int] = []
+    with torch.inference_mode():
+        logits = forward(torch.tensor([ids]), cache=cache)[:, -1]
+        for _ in range(8):
+            want.append(int(logits[0, : gen.tokenizer.vocab_size].float().argmax()))
+            logits = forward(torch.tensor([[want[-1]]]), cache=cache)[:, -1]
+    assert got == want
 
 
 def test_kv_caches_live_in_huge_pages() -> None:

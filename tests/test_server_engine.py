@@ -470,21 +470,24 @@ def _app(generator: Generator, **kw):
     return create_app(generator, MODEL, **kw)
 
 
-def test_bf16_model_is_served_on_a_float32_cache(tiny_checkpoint, generator):
-    """A bf16 model's slot cache is float32 on CPU (model.attention_dtype). Three rows decode in one
-    batch through it to their full length, and a prompt's echoed log-probabilities (prefill through
-    the cache) stay within bf16's tolerance of the fp32 model's. Tolerances, not equal tokens: bf16
-    rounding differs with the batch's row count, and a near-tie may flip on another CPU."""
+def test_bf16_model_is_served_on_the_cache_its_forward_reads(tiny_checkpoint, generator):
+    """A bf16 model's slot cache is its forward's cache_dtype (bf16 where our attention runs, else
+    float32). Three rows decode in one batch through it to their full length, and a prompt's echoed
+    log-probabilities (prefill through the cache) stay within bf16's tolerance of the fp32 model's.
+    Tolerances, not equal tokens: bf16 rounding differs with the batch's row count, and a near-tie
+    may flip on another CPU."""
     gen = Generator.from_path(tiny_checkpoint, device="cpu", dtype=torch.bfloat16, fast=True)
     prompts = ["Once upon a time", "Alice was counting the apples in the basket", "Bob"]
     bodies = [{"model": MODEL, "prompt": p, "max_tokens": 6, "temperature": 0, "ignore_eos": True} for p in prompts]
     gate = Gate()
-    with serve_in_thread(_app(gen, step_hook=gate, prefill_chunk=8)) as url:
+    app = _app(gen, step_hook=gate, prefill_chunk=8)
+    with serve_in_thread(app) as url:
         threads = [in_thread(outcome, url, CMPL, b) for b in bodies]
         wait_for(lambda: health(url)["queued"] + health(url)["running"] == 3, "three requests in")
         gate.allow(None)
         assert [joined(*t)[1:] for t in threads] == [("length", 6)] * 3
         assert health(url)["stats"]["max_running_seen"] == 3
+        assert app.state.service.engine.cache.k.dtype == gen.forward.cache_dtype
         ids = generator.tokenizer.encode(prompts[1] + ", then she shared them with her friends.")
         r = httpx.post(f"{url}/v1/completions", timeout=TIMEOUT, json={
             "model": MODEL, "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1}).json()

@@ -246,6 +246,8 @@ class LoglikelihoodScorer:
         # hidden-state row of each group's last prefix position, where a member scores from it
         from_prefix = [g for g, grp in enumerate(batch) if any(r.n_ctx == p_lens[g] for r in grp.rows)]
         first_row = {g: i for i, g in enumerate(from_prefix)}
+        # attention_dtype's, not the forward's cache_dtype: scoring is all prefill, whose SDPA would
+        # widen a bf16 cache on every call.
         cache = KVCache(self.cfg, G, L, dtype=attention_dtype(self.dtype, dev), device=dev, allocate=huge_page_zeros)
         p_ids = torch.zeros(G, L, dtype=torch.long)
         p_mask = torch.zeros(G, L, dtype=torch.long)

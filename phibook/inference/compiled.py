@@ -25,11 +25,10 @@ never decided by a timing at start-up.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from phibook.inference.kernels import kernel_ok
-from phibook.model.model import KVCache, PhiModel, apply_rotary
+from phibook.model.model import KVCache, PhiModel, apply_rotary, attend
 
 BUCKET = 256
 
@@ -56,6 +55,11 @@ class StaticStep:
         self.compiled = compile and kernel_ok("inductor")
         self._fn = torch.compile(self._step, dynamic=False, fullgraph=False) if self.compiled else self._step
 
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The model's (``PhiModel.cache_dtype``): its SDPA reads that cache as it is."""
+        return self.model.cache_dtype
+
     def _step(self, token: Tensor, slot: Tensor, positions: Tensor, keep: Tensor, cache_k: Tensor,
               cache_v: Tensor) -> Tensor:
         m = self.model
@@ -73,7 +77,7 @@ class StaticStep:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             cache_k[i].index_copy_(2, slot, k.to(cache_k.dtype))
             cache_v[i].index_copy_(2, slot, v.to(cache_v.dtype))
-            y = F.scaled_dot_product_attention(q.to(cache_k.dtype), cache_k[i], cache_v[i], attn_mask=mask)
+            y = attend(q, cache_k[i], cache_v[i], mask, is_causal=False)
             x = x + a.out(y.transpose(1, 2).reshape(B, 1, -1).to(x.dtype)) + block.mlp(h)
         return m.lm_head(m.ln_f(x))
 

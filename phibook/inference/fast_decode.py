@@ -28,8 +28,9 @@ row-major weights in huge pages wherever a build of it serves the dtype on this 
 (``gemv_op``; phibook.inference.kernels' ``gemv-bf16``: AVX512-BF16, and ``gemv-fp32``: an
 AVX-512F and an AVX2+FMA build): at few rows it streams the weights faster than oneDNN's packed
 inner product; longer prefills use oneDNN's linear on the same plain weights. Decode steps
-(one query) run attention through phibook's own kernel over the fp32 KV cache where the fp32
-build serves (``attention-fp32``): ATen's flash attention read a cold cache at half the speed.
+(one query) run attention through phibook's own kernel where the fp32 build serves
+(``attention-fp32``): ATen's flash attention read a cold cache at half the speed. It reads an fp32
+cache or, for a bf16 model, a bf16 one (``FastForward.cache_dtype``): the same values in half the bytes.
 There the elementwise work around it (rotary, the fp32 widening for the cache, GELU, [y | g])
 runs as two ops of the same build too (``decode-glue``), not some 20 ATen dispatches a layer.
 
@@ -60,7 +61,7 @@ from phibook.inference.kernels import (
     kernel_ok,
 )
 from phibook.inference.pages import dontneed, drop_file_pages, file_page_range, huge_page_copy, malloc_trim
-from phibook.model.model import KVCache, PhiModel, apply_rotary, causal_mask
+from phibook.model.model import KVCache, PhiModel, apply_rotary, attend, attention_dtype, causal_mask
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
@@ -88,6 +89,7 @@ def gemv_op(dtype: torch.dtype, device: torch.device) -> GemvOp | None:
 
 
 _NO_MASK = torch.empty(0, dtype=torch.bool)  # attention_f32's "no mask", made once, not per layer and step
+OWN_ATTENTION_CACHE = (torch.float32, torch.bfloat16)  # the KV cache dtypes attention_f32 reads
 
 
 class _Linear:
@@ -167,8 +169,8 @@ class _FusedBlock:
         B, T, d = x.shape
         h = F.layer_norm(x, (d,), self.ln_weight, self.ln_bias, self.eps)
         u = self.proj_in(h)  # (B, T, 3d + d_ff)
-        if T == 1 and self.glue is not None and cache is not None and cache.k.dtype == torch.float32 \
-                and cache.k.device.type == "cpu":  # a decode step over an fp32 cache
+        if T == 1 and self.glue is not None and cache is not None and cache.k.dtype in OWN_ATTENTION_CACHE \
+                and cache.k.device.type == "cpu":  # a decode step over a cache our attention reads
             q, k, v = self.glue.split_rotary(u, cos, sin, self.n_head, self.head_dim).unbind(0)
             k, v = cache.update(self.layer, k, v)
             y = self.attention(q, k, v, mask if mask is not None else _NO_MASK)
@@ -178,10 +180,10 @@ class _FusedBlock:
         v = u[..., 2 * d : 3 * d].view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        if T == 1 and self.attention is not None and k.dtype == torch.float32 and k.device.type == "cpu":
+        if T == 1 and self.attention is not None and k.dtype in OWN_ATTENTION_CACHE and k.device.type == "cpu":
             y = self.attention(q.float(), k, v, mask if mask is not None else _NO_MASK)  # a decode step
         else:
-            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+            y = attend(q, k, v, mask, is_causal=mask is None and T > 1)
         g = F.gelu(u[..., 3 * d :], approximate="tanh")
         y = y.transpose(1, 2).reshape(B, T, d).to(x.dtype)
         if self.quantized:
@@ -255,6 +257,15 @@ class FastForward:
         self.released = release_model
         if release_model:
             malloc_trim()  # the concatenation temporaries: give glibc's freed heap back
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The KV cache dtype this forward reads best: a bf16 model's own dtype where our attention
+        runs (its keys and values are bf16 values: the same floats in half the bytes, widened as
+        read), else ``attention_dtype``'s (fp32 on CPU for bf16 and fp16)."""
+        if self.own_attention and self.dtype == torch.bfloat16:
+            return torch.bfloat16
+        return attention_dtype(self.dtype, self.device)
 
     @classmethod
     def from_path(cls, path, dtype: torch.dtype | str = torch.float32, pack: bool | None = None):

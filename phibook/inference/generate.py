@@ -51,7 +51,7 @@ from phibook.inference.sampling import (  # noqa: F401 (SamplingParams, Completi
     next_tokens,
     top_k_top_p_filter,
 )
-from phibook.model.model import DecoderForward, KVCache, PhiModel, attention_dtype
+from phibook.model.model import DecoderForward, KVCache, PhiModel
 
 if TYPE_CHECKING:
     from phibook.inference.fast_decode import FastForward
@@ -77,7 +77,7 @@ class _Batch:
 
     def __init__(self, gen: Generator, prompt_ids: list[list[int]], budgets: list[int], sampling: RowSampling,
                  decoders: list[RowDecoder]):
-        self.model, self.device, self.dtype = gen.model, gen.device, gen.dtype
+        self.model, self.device, self.dtype, self.cache_dtype = gen.model, gen.device, gen.dtype, gen.cache_dtype
         self.forward = gen.forward  # the model itself, or the fast path (phibook.inference.fast_decode)
         self.n_real = gen.n_real_vocab
         self.sampling = sampling
@@ -113,7 +113,7 @@ class _Batch:
         prompt_mask = self.mask[:, :S]
         positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
         self.positions = positions[:, -1:].clone()  # (B, 1): position of the last token fed
-        self.cache = KVCache(self.model.config, B, self.cache_len, dtype=attention_dtype(self.dtype, dev), device=dev,
+        self.cache = KVCache(self.model.config, B, self.cache_len, dtype=self.cache_dtype, device=dev,
                              allocate=huge_page_zeros)
         if self.sampling.penalty is not None:
             self.seen = torch.zeros((B, self.model.config.vocab_size), dtype=torch.bool, device=dev)
@@ -224,7 +224,7 @@ class Generator:
 
             self.static_step = StaticStep(model, compile=True)
         self.forward: DecoderForward = model
-        self.dtype: torch.dtype = next(model.parameters()).dtype  # the KV cache's dtype
+        self.dtype: torch.dtype = next(model.parameters()).dtype  # the activations'
         if fast is True:
             from phibook.inference.fast_decode import FastForward
 
@@ -232,6 +232,8 @@ class Generator:
         if fast:
             # The model's weights may be freed (release_model): the dtype is the fast path's.
             self.forward, self.dtype = fast, fast.dtype
+        # The KV cache's: what the decode step reads best (DecoderForward.cache_dtype).
+        self.cache_dtype: torch.dtype = (self.static_step or self.forward).cache_dtype
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if tokenizer.vocab_size > model.config.vocab_size:

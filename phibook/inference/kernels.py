@@ -29,7 +29,7 @@ FastForward's prepacked linears), ``inductor`` (``torch.compile`` on the CPU, ``
 ``gemv-bf16`` and ``gemv-fp32`` (phibook's own matrix-vector kernels, ``csrc/gemv_bf16.cpp`` and
 ``csrc/decode_f32.cpp``, built here with torch.utils.cpp_extension for the ISA level ATen runs at:
 FastForward's steps of 1 to 16 rows; ``GEMV_BUILDS``) and ``attention-fp32`` (one query's
-attention over the fp32 KV cache, in the fp32 build: FastForward's decode steps).
+attention in fp32 over an fp32 or bf16 KV cache, in the fp32 build: FastForward's decode steps).
 
 Test hook: ``PHIBOOK_KERNEL_PROBE_FAULT=name:crash`` (or ``name:wrong``) makes that kernel's
 probe child die with SIGSEGV (or see a wrong result), as a broken kernel would.
@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -251,11 +252,12 @@ ATTENTION_HEAD_MULTIPLE = 16  # the head size must be a multiple of this (csrc/d
 
 
 def attention_kernel() -> AttentionOp | None:
-    """phibook's one-query attention over an fp32 KV cache (``attention_f32`` in
+    """phibook's one-query attention, in fp32 over an fp32 or bf16 KV cache (``attention_f32`` in
     ``csrc/decode_f32.cpp``, in the fp32 GEMV's build for this ATen level), or None: that build
     serves this process (``gemv_build(torch.float32)``; ``PHIBOOK_GEMV=0`` switches both off), its
-    own check passed and it loaded. The op takes q (B, H, 1, D), k and v (B, H, S, D) and a bool
-    mask (1|B, 1, 1, S) or an empty tensor, and returns (B, H, 1, D)."""
+    own check passed and it loaded. The op takes q (B, H, 1, D) fp32, k and v (B, H, S, D) both
+    fp32 or both bf16 (widened as read) and a bool mask (1|B, 1, 1, S) or an empty tensor, and
+    returns (B, H, 1, D) fp32."""
     return _checked_op(torch.float32, ATTENTION_PROBE, "attention_f32", "SDPA")
 
 
@@ -425,16 +427,17 @@ def _probe_gemv(dtype: torch.dtype) -> Callable[[], None]:
 
 def _probe_attention() -> None:
     """One query's attention against float64 SDPA: a cache view wider than the keys read, batch
-    rows with and without a padding mask, a strided q, head sizes 16-64."""
+    rows with and without a padding mask, a strided q, head sizes 16-64, fp32 and bf16 caches."""
     build, why = gemv_build(torch.float32)
     if build is None:
         raise Unsupported(why)
     load_gemv(build)
     op = getattr(torch.ops, build.namespace).attention_f32
     g = torch.Generator().manual_seed(0)
-    for batch, heads, seen, dim in ((1, 2, 1, 16), (1, 32, 130, 64), (3, 4, 33, 32), (2, 3, 700, 64)):
-        k_cache = torch.randn(batch, heads, seen + 9, dim, generator=g)
-        v_cache = torch.randn(batch, heads, seen + 9, dim, generator=g)
+    shapes = ((1, 2, 1, 16), (1, 32, 130, 64), (3, 4, 33, 32), (2, 3, 700, 64))
+    for (batch, heads, seen, dim), cache_dtype in itertools.product(shapes, (torch.float32, torch.bfloat16)):
+        k_cache = torch.randn(batch, heads, seen + 9, dim, generator=g).to(cache_dtype)
+        v_cache = torch.randn(batch, heads, seen + 9, dim, generator=g).to(cache_dtype)
         k, v = aligned_owned(k_cache)[:, :, :seen], aligned_owned(v_cache)[:, :, :seen]
         q = torch.randn(batch, 1, 2 * heads, dim, generator=g).transpose(1, 2)[:, :heads]  # (B, H, 1, D), strided
         masks = [torch.empty(0, dtype=torch.bool)]
@@ -446,7 +449,8 @@ def _probe_attention() -> None:
                                                   attn_mask=mask if mask.numel() else None)
             got = op(q, k, v, mask)
             _check(ATTENTION_PROBE, got, want, 1e-5 * (1 + want.abs()),
-                   f"batch={batch} heads={heads} keys={seen} dim={dim} mask={bool(mask.numel())}")
+                   f"{DTYPE_SHORT[cache_dtype]} cache, batch={batch} heads={heads} keys={seen} dim={dim} "
+                   f"mask={bool(mask.numel())}")
 
 
 def _probe_decode_glue() -> None:

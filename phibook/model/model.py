@@ -57,17 +57,27 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def attention_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
-    """The dtype a model's keys, values and attention math use: float32 on CPU for a bf16 or
-    fp16 model, the model's own dtype elsewhere.
+    """The dtype a model's attention math uses: float32 on CPU for a bf16 or fp16 model, the
+    model's own dtype elsewhere. It is also the KV cache's, unless the forward reads a narrower
+    one (``DecoderForward.cache_dtype``).
 
     ATen's CPU attention kernels run reduced precision several times slower than float32
     (docs/inference.md has the measurement), and a decode step's attention grows with the
-    context while its matmuls do not. A float32 cache costs twice the memory of a bf16 one and
-    is the more precise of the two. Every forward accepts either (q follows the cache).
+    context while its matmuls do not. The cache may still be the model's dtype: its keys and
+    values are values of that dtype (apply_rotary rounds to it), so a bf16 cache holds them
+    exactly in half the bytes of a float32 one. Every forward accepts either (``attend``).
     """
     if torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16):
         return torch.float32
     return dtype
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+    """SDPA in the attention dtype of the keys' dtype (``attention_dtype``): q follows the cache,
+    and keys and values cached narrower than that (a bf16 model's bf16 cache on CPU, which holds
+    its values exactly) are widened first."""
+    dtype = attention_dtype(k.dtype, k.device)
+    return F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, is_causal=is_causal)
 
 
 def causal_mask(T: int, start: int, attention_mask: Tensor | None, device: torch.device) -> Tensor | None:
@@ -161,7 +171,7 @@ class Attention(nn.Module):
         # mask None + no cache (or a fresh cache) means plain causal attention;
         # a single decode step without padding attends to everything cached.
         is_causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=is_causal)
+        y = attend(q, k, v, mask, is_causal)
         return self.out(y.transpose(1, 2).reshape(B, T, C).to(x.dtype))
 
 
@@ -224,6 +234,12 @@ class PhiModel(nn.Module):
                 scale = 1 / math.sqrt(2 * self.config.n_layer) if name.endswith(("out.weight", "fc2.weight")) else 1.0
                 p.normal_(0.0, std * scale, generator=generator)
         self.reset_rope()
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The KV cache dtype this forward reads best: ``attention_dtype``'s (a bf16 cache would be
+        widened by every step's SDPA)."""
+        return attention_dtype(self.embed.weight.dtype, self.embed.weight.device)
 
     def reset_rope(self) -> None:
         """Recompute the rotary tables (after building on the meta device)."""
@@ -296,9 +312,12 @@ class DecoderForward(Protocol):
     ``forward(idx, positions, cache, attention_mask, last_only=True)`` writes the new tokens' K/V
     into ``cache`` at ``cache.pos``, advances it, and returns logits (B, T, vocab), or (B, 1,
     vocab) with ``last_only``. ``config`` is the model's PhiConfig (context, vocabulary).
+    ``cache_dtype`` is the KV cache dtype it reads best; every forward accepts an fp32 cache, and
+    a cache of the model's own dtype (its keys and values are that dtype's values).
     """
 
     config: PhiConfig
+    cache_dtype: torch.dtype
 
     def __call__(
         self,

@@ -62,7 +62,6 @@ from phibook.inference.sampling import (
     stack_sampling,
 )
 from phibook.model.config import PhiConfig
-from phibook.model.model import attention_dtype
 
 log = logging.getLogger("phibook.serve.engine")
 
@@ -145,7 +144,7 @@ class SlotCache:
         return positions, keep
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # a bf16 model's cache is float32 on CPU
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # exact either way for a bf16 model (fp32 or bf16 cache)
         if self._mode == "prefill":
             s, start = self._slot, self.pos
             end = start + k.shape[2]
@@ -339,7 +338,7 @@ class Engine:
             self._looping = True
         try:
             # Allocated (and first touched) by the thread that will use it.
-            self.cache = SlotCache(self.cfg, self.max_slots, dtype=attention_dtype(self.gen.dtype, self.device),
+            self.cache = SlotCache(self.cfg, self.max_slots, dtype=self.gen.cache_dtype,
                                    device=self.device)
             self._loop()
         finally:

@@ -37,6 +37,11 @@ constexpr int64_t kLanes = 16;
 constexpr int kTileRows = 4;  // weight rows per tile: 4 x 4 accumulators + 4 inputs + 1 weight of 32 registers
 inline vec vzero() { return _mm512_setzero_ps(); }
 inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+// 16 bf16 values (their bits) widened to fp32: a bf16 is the top half of an fp32.
+inline vec vload(const uint16_t* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
 inline vec vfma(vec a, vec b, vec acc) { return _mm512_fmadd_ps(a, b, acc); }
 inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
@@ -48,6 +53,10 @@ constexpr int64_t kLanes = 8;
 constexpr int kTileRows = 2;  // 2 x 4 accumulators + 4 inputs + 1 weight of 16 registers
 inline vec vzero() { return _mm256_setzero_ps(); }
 inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vec vload(const uint16_t* p) {  // 8 bf16 values (their bits) widened to fp32
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
 inline vec vfma(vec a, vec b, vec acc) { return _mm256_fmadd_ps(a, b, acc); }
 inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
 inline float vsum(vec v) {
@@ -154,16 +163,69 @@ at::Tensor gemv_f32(const at::Tensor& weight, const at::Tensor& x, const at::Ten
 }
 
 // attention_f32: softmax(q k^T / sqrt(D) + mask) v for ONE query per (batch row, head), the decode
-// step's attention. q (B, H, 1, D); k, v (B, H, S, D) views of the cache (any strides, the last
-// dimension contiguous); mask empty or bool (1 or B, 1, 1, S), false = not seen. Each (row, head)
-// reads its S cached keys and values once, as one forward stream each; the pairs are split
-// across torch's threads. ATen's CPU flash attention read a cold cache at half this speed for one
-// query (docs/performance.md). A row with every key masked gives NaN, as SDPA does; phibook's
-// masks never build one (model.causal_mask: every query sees its own key).
+// step's attention, in fp32. q (B, H, 1, D) fp32; k, v (B, H, S, D) views of the cache (any
+// strides, the last dimension contiguous), both fp32 or both bf16: a bf16 model's keys and values
+// are bf16 values (apply_rotary rounds to the model's dtype), so a bf16 cache holds them exactly in
+// half the bytes, widened here as they are read; mask empty or bool (1 or B, 1, 1, S), false = not
+// seen. Each (row, head) reads its S cached keys and values once, as one forward stream each; the
+// pairs are split across torch's threads. ATen's CPU flash attention read a cold cache at half
+// this speed for one query (docs/performance.md). A row with every key masked gives NaN, as SDPA
+// does; phibook's masks never build one (model.causal_mask: every query sees its own key).
+template <typename KV>
+void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mp, int64_t mask_row,
+                 int64_t mask_col, at::Tensor& out) {
+  const int64_t H = k.size(1), S = k.size(2), D = k.size(3);
+  const float* qp = q.data_ptr<float>();
+  const KV* kp = static_cast<const KV*>(k.data_ptr());
+  const KV* vp = static_cast<const KV*>(v.data_ptr());
+  float* op = out.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const float minus_inf = -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, k.size(0) * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(S);
+    std::vector<float> acc(D);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H;
+      const float* qh = qp + b * q.stride(0) + h * q.stride(1);
+      const KV* kh = kp + b * k.stride(0) + h * k.stride(1);
+      const KV* vh = vp + b * v.stride(0) + h * v.stride(1);
+      float top = minus_inf;
+      for (int64_t t = 0; t < S; ++t) {
+        if (mp && !mp[b * mask_row + t * mask_col]) {
+          p[t] = minus_inf;
+          continue;
+        }
+        const KV* kt = kh + t * k.stride(2);
+        vec a = vzero();
+        for (int64_t d = 0; d < D; d += kLanes) a = vfma(vload(qh + d), vload(kt + d), a);
+        p[t] = vsum(a) * scale;
+        top = std::max(top, p[t]);
+      }
+      float sum = 0.0f;
+      for (int64_t t = 0; t < S; ++t) {
+        p[t] = std::exp(p[t] - top);  // exp(-inf) = 0: a masked key weighs nothing
+        sum += p[t];
+      }
+      for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f;
+      for (int64_t t = 0; t < S; ++t) {
+        if (p[t] == 0.0f) continue;
+        const vec w = vset1(p[t]);
+        const KV* vt = vh + t * v.stride(2);
+        for (int64_t d = 0; d < D; d += kLanes) vstore(&acc[d], vfma(w, vload(vt + d), vload(&acc[d])));
+      }
+      float* o = op + i * D;
+      const float inv = 1.0f / sum;
+      for (int64_t d = 0; d < D; ++d) o[d] = acc[d] * inv;
+    }
+  });
+}
+
 at::Tensor attention_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention_f32: q, k, v must be 4-D (B, H, S, D)");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-              "attention_f32: q, k, v must be fp32");
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "attention_f32: q must be fp32");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() &&
+                  (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
+              "attention_f32: k and v must be both fp32 or both bf16");
   const int64_t B = k.size(0), H = k.size(1), S = k.size(2), D = k.size(3);
   TORCH_CHECK(q.size(0) == B && q.size(1) == H && q.size(2) == 1 && q.size(3) == D, "attention_f32: q must be (",
               B, ", ", H, ", 1, ", D, ")");
@@ -183,49 +245,11 @@ at::Tensor attention_f32(const at::Tensor& q, const at::Tensor& k, const at::Ten
     mask_col = mask.stride(3);
   }
   at::Tensor out = at::empty({B, H, 1, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const float minus_inf = -std::numeric_limits<float>::infinity();
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(S);
-    std::vector<float> acc(D);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H;
-      const float* qh = qp + b * q.stride(0) + h * q.stride(1);
-      const float* kh = kp + b * k.stride(0) + h * k.stride(1);
-      const float* vh = vp + b * v.stride(0) + h * v.stride(1);
-      float top = minus_inf;
-      for (int64_t t = 0; t < S; ++t) {
-        if (mp && !mp[b * mask_row + t * mask_col]) {
-          p[t] = minus_inf;
-          continue;
-        }
-        const float* kt = kh + t * k.stride(2);
-        vec a = vzero();
-        for (int64_t d = 0; d < D; d += kLanes) a = vfma(vload(qh + d), vload(kt + d), a);
-        p[t] = vsum(a) * scale;
-        top = std::max(top, p[t]);
-      }
-      float sum = 0.0f;
-      for (int64_t t = 0; t < S; ++t) {
-        p[t] = std::exp(p[t] - top);  // exp(-inf) = 0: a masked key weighs nothing
-        sum += p[t];
-      }
-      for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f;
-      for (int64_t t = 0; t < S; ++t) {
-        if (p[t] == 0.0f) continue;
-        const vec w = vset1(p[t]);
-        const float* vt = vh + t * v.stride(2);
-        for (int64_t d = 0; d < D; d += kLanes) vstore(&acc[d], vfma(w, vload(vt + d), vload(&acc[d])));
-      }
-      float* o = op + i * D;
-      const float inv = 1.0f / sum;
-      for (int64_t d = 0; d < D; ++d) o[d] = acc[d] * inv;
-    }
-  });
+  if (k.scalar_type() == at::kFloat) {
+    attend_rows<float>(q, k, v, mp, mask_row, mask_col, out);
+  } else {
+    attend_rows<uint16_t>(q, k, v, mp, mask_row, mask_col, out);
+  }
   return out;
 }
 
