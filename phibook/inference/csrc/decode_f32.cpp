@@ -47,6 +47,8 @@ inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
 inline vec vset1(float f) { return _mm512_set1_ps(f); }
 inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+inline float vhmax(vec v) { return _mm512_reduce_max_ps(v); }
 #elif defined(__AVX2__) && defined(__FMA__)
 using vec = __m256;
 constexpr int64_t kLanes = 8;
@@ -66,6 +68,12 @@ inline float vsum(vec v) {
 }
 inline vec vset1(float f) { return _mm256_set1_ps(f); }
 inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
+inline float vhmax(vec v) {
+  const __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 h = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
 #else
 #error "build with -mavx512f, or with -mavx2 -mfma"
 #endif
@@ -162,6 +170,26 @@ at::Tensor gemv_f32(const at::Tensor& weight, const at::Tensor& x, const at::Ten
   return y;
 }
 
+// exp(t) for t in [-87, 88] (inputs outside are clamped): t = n ln2 + r with |r| <= ln2 / 2, exp(r) by
+// its Taylor series to r^7 (relative error under 1e-8 there), 2^n built in the exponent bits.
+inline float exp_clamped(float t) {
+  t = std::min(std::max(t, -87.0f), 88.0f);
+  const float n = std::nearbyint(t * 1.44269504088896341f);
+  const float r = (t - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;  // ln2 in two parts
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
 // attention_f32: softmax(q k^T / sqrt(D) + mask) v for ONE query per (batch row, head), the decode
 // step's attention, in fp32. q (B, H, 1, D) fp32; k, v (B, H, S, D) views of the cache (any
 // strides, the last dimension contiguous), both fp32 or both bf16: a bf16 model's keys and values
@@ -171,6 +199,39 @@ at::Tensor gemv_f32(const at::Tensor& weight, const at::Tensor& x, const at::Ten
 // pairs are split across torch's threads. ATen's CPU flash attention read a cold cache at half
 // this speed for one query (docs/performance.md). A row with every key masked gives NaN, as SDPA
 // does; phibook's masks never build one (model.causal_mask: every query sees its own key).
+// The scores of keys [t, t + 4) for one query: four independent dot products at a time, so the
+// multiply-adds of one key do not wait on each other's latency.
+template <typename KV>
+inline void scores4(const float* q, const KV* k, int64_t k_row, int64_t D, float scale, float* p) {
+  vec a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+  for (int64_t d = 0; d < D; d += kLanes) {
+    const vec qd = vload(q + d);
+    a0 = vfma(qd, vload(k + d), a0);
+    a1 = vfma(qd, vload(k + k_row + d), a1);
+    a2 = vfma(qd, vload(k + 2 * k_row + d), a2);
+    a3 = vfma(qd, vload(k + 3 * k_row + d), a3);
+  }
+  p[0] = vsum(a0) * scale;
+  p[1] = vsum(a1) * scale;
+  p[2] = vsum(a2) * scale;
+  p[3] = vsum(a3) * scale;
+}
+
+// out[0, N * kLanes) += sum_t p[t] v[t, 0, N * kLanes): N accumulators held in registers over all
+// S keys (a key whose weight is exactly 0, a masked one, is skipped).
+template <int N, typename KV>
+inline void weigh_values(const float* p, const KV* v, int64_t v_row, int64_t S, float* out) {
+  vec acc[N];
+  for (int j = 0; j < N; ++j) acc[j] = vzero();
+  for (int64_t t = 0; t < S; ++t) {
+    if (p[t] == 0.0f) continue;
+    const vec w = vset1(p[t]);
+    const KV* vt = v + t * v_row;
+    for (int j = 0; j < N; ++j) acc[j] = vfma(w, vload(vt + j * kLanes), acc[j]);
+  }
+  for (int j = 0; j < N; ++j) vstore(out + j * kLanes, acc[j]);
+}
+
 template <typename KV>
 void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mp, int64_t mask_row,
                  int64_t mask_col, at::Tensor& out) {
@@ -181,41 +242,44 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   float* op = out.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const float minus_inf = -std::numeric_limits<float>::infinity();
+  const int64_t k_row = k.stride(2), v_row = v.stride(2);
   at::parallel_for(0, k.size(0) * H, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> p(S);
-    std::vector<float> acc(D);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H;
       const float* qh = qp + b * q.stride(0) + h * q.stride(1);
       const KV* kh = kp + b * k.stride(0) + h * k.stride(1);
       const KV* vh = vp + b * v.stride(0) + h * v.stride(1);
-      float top = minus_inf;
-      for (int64_t t = 0; t < S; ++t) {
-        if (mp && !mp[b * mask_row + t * mask_col]) {
-          p[t] = minus_inf;
-          continue;
-        }
-        const KV* kt = kh + t * k.stride(2);
+      int64_t t = 0;
+      for (; t + 4 <= S; t += 4) scores4(qh, kh + t * k_row, k_row, D, scale, &p[t]);
+      for (; t < S; ++t) {
         vec a = vzero();
-        for (int64_t d = 0; d < D; d += kLanes) a = vfma(vload(qh + d), vload(kt + d), a);
+        for (int64_t d = 0; d < D; d += kLanes) a = vfma(vload(qh + d), vload(kh + t * k_row + d), a);
         p[t] = vsum(a) * scale;
-        top = std::max(top, p[t]);
       }
-      float sum = 0.0f;
-      for (int64_t t = 0; t < S; ++t) {
-        p[t] = std::exp(p[t] - top);  // exp(-inf) = 0: a masked key weighs nothing
-        sum += p[t];
+      if (mp) {
+        const bool* m = mp + b * mask_row;
+        for (t = 0; t < S; ++t) p[t] = m[t * mask_col] ? p[t] : minus_inf;
       }
-      for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f;
-      for (int64_t t = 0; t < S; ++t) {
-        if (p[t] == 0.0f) continue;
-        const vec w = vset1(p[t]);
-        const KV* vt = vh + t * v.stride(2);
-        for (int64_t d = 0; d < D; d += kLanes) vstore(&acc[d], vfma(w, vload(vt + d), vload(&acc[d])));
-      }
+      vec top_v = vset1(minus_inf);
+      for (t = 0; t + kLanes <= S; t += kLanes) top_v = vmax(top_v, vload(&p[t]));
+      float top = vhmax(top_v);
+      for (; t < S; ++t) top = std::max(top, p[t]);
+      // A masked key weighs exactly 0 (exp_clamped alone would give exp(-87)); with every key
+      // masked, top is -inf, every weight 0 and the row NaN (0 / 0), as SDPA gives. A plain loop
+      // the compiler vectorizes, then the sum in vector lanes.
+      for (t = 0; t < S; ++t) p[t] = p[t] == minus_inf ? 0.0f : exp_clamped(p[t] - top);
+      vec sum_v = vzero();
+      for (t = 0; t + kLanes <= S; t += kLanes) sum_v = vadd(sum_v, vload(&p[t]));
+      float sum = vsum(sum_v);
+      for (; t < S; ++t) sum += p[t];
       float* o = op + i * D;
+      int64_t d = 0;
+      for (; d + 8 * kLanes <= D; d += 8 * kLanes) weigh_values<8>(p.data(), vh + d, v_row, S, o + d);
+      for (; d + 4 * kLanes <= D; d += 4 * kLanes) weigh_values<4>(p.data(), vh + d, v_row, S, o + d);
+      for (; d < D; d += kLanes) weigh_values<1>(p.data(), vh + d, v_row, S, o + d);
       const float inv = 1.0f / sum;
-      for (int64_t d = 0; d < D; ++d) o[d] = acc[d] * inv;
+      for (d = 0; d < D; ++d) o[d] *= inv;
     }
   });
 }
@@ -339,26 +403,6 @@ at::Tensor split_rotary(const at::Tensor& u, const at::Tensor& cos, const at::Te
                       sin.data_ptr<float>(), cs_row, out.data_ptr<float>(), B, H, D, R);
   }
   return out;
-}
-
-// exp(t) for t in [-87, 88] (inputs outside are clamped): t = n ln2 + r with |r| <= ln2 / 2, exp(r) by
-// its Taylor series to r^7 (relative error under 1e-8 there), 2^n built in the exponent bits.
-inline float exp_clamped(float t) {
-  t = std::min(std::max(t, -87.0f), 88.0f);
-  const float n = std::nearbyint(t * 1.44269504088896341f);
-  const float r = (t - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;  // ln2 in two parts
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
 }
 
 // GELU, tanh form: 0.5 x (1 + tanh(a)) = x / (1 + exp(-2a)), a = sqrt(2/pi) (x + 0.044715 x^3).
