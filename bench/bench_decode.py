@@ -103,7 +103,7 @@ def decode_hf(hf, prompt: torch.Tensor, n: int) -> tuple[float, list[int]]:
 
 
 @torch.inference_mode()
-def decode_ours(forward, cfg, dtype, prompt: torch.Tensor, n: int) -> tuple[float, list[int]]:
+def decode_ours(forward, cfg, prompt: torch.Tensor, n: int) -> tuple[float, list[int]]:
     from phibook.model.model import KVCache
 
     cache = KVCache(cfg, 1, prompt.shape[1] + n, dtype=forward.cache_dtype)  # as Generator allocates
@@ -124,7 +124,7 @@ def prefill_hf(hf, prompt: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
-def prefill_ours(forward, cfg, dtype, prompt: torch.Tensor, **kw) -> float:
+def prefill_ours(forward, cfg, prompt: torch.Tensor, **kw) -> float:
     from phibook.model.model import KVCache
 
     cache = KVCache(cfg, 1, prompt.shape[1] + 1, dtype=forward.cache_dtype)  # as Generator allocates
@@ -266,12 +266,12 @@ def main() -> int:
         prompt = torch.randint(0, min(50000, cfg.vocab_size), (1, args.prompt_len), generator=gen)
         runners = {
             "transformers": lambda: decode_hf(hf, prompt, args.new_tokens),
-            "phibook": lambda: decode_ours(model, cfg, dtype, prompt, args.new_tokens),
-            "phibook-fast": lambda: decode_ours(fast, cfg, dtype, prompt, args.new_tokens),
-            "phibook-fast-onednn": lambda: decode_ours(fast_onednn, cfg, dtype, prompt, args.new_tokens),
+            "phibook": lambda: decode_ours(model, cfg, prompt, args.new_tokens),
+            "phibook-fast": lambda: decode_ours(fast, cfg, prompt, args.new_tokens),
+            "phibook-fast-onednn": lambda: decode_ours(fast_onednn, cfg, prompt, args.new_tokens),
         }
         for s, g in quantized.items():
-            runners[s] = lambda g=g: decode_ours(g.forward, cfg, dtype, prompt, args.new_tokens)
+            runners[s] = lambda g=g: decode_ours(g.forward, cfg, prompt, args.new_tokens)
         for s, llm in llamas.items():
             runners[s] = lambda llm=llm: decode_llama(llm, prompt[0].tolist(), args.new_tokens)
         for s in ("llama-bench", "llama-bench-q8_0"):
@@ -321,9 +321,9 @@ def main() -> int:
         prompts = {n: torch.randint(0, 50000, (1, n), generator=gen) for n in args.prompt_lens}
         runners = {
             "transformers": lambda p: prefill_hf(hf, p),
-            "phibook": lambda p: prefill_ours(model, cfg, dtype, p),
-            "phibook-fast": lambda p: prefill_ours(fast, cfg, dtype, p, last_only=True),
-            "phibook-fast-onednn": lambda p: prefill_ours(fast_onednn, cfg, dtype, p, last_only=True),
+            "phibook": lambda p: prefill_ours(model, cfg, p),
+            "phibook-fast": lambda p: prefill_ours(fast, cfg, p, last_only=True),
+            "phibook-fast-onednn": lambda p: prefill_ours(fast_onednn, cfg, p, last_only=True),
         }
         results = {f"{s}@{n}": [] for s in systems for n in args.prompt_lens}
         for s in systems:

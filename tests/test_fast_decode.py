@@ -419,7 +419,6 @@ def test_the_generator_allocates_the_cache_its_forward_reads(tiny_checkpoint) ->
         seen.append(cache.k.dtype)  # only reads the call
         return forward(idx, positions, cache, attention_mask, last_only=last_only)
 
-    spy.cache_dtype = forward.cache_dtype
     gen.forward = spy
     prompt = "Once upon a time"
     ids = gen.tokenizer.encode(prompt)

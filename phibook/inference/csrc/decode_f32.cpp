@@ -190,15 +190,6 @@ inline float exp_clamped(float t) {
   return p * scale;
 }
 
-// attention_f32: softmax(q k^T / sqrt(D) + mask) v for ONE query per (batch row, head), the decode
-// step's attention, in fp32. q (B, H, 1, D) fp32; k, v (B, H, S, D) views of the cache (any
-// strides, the last dimension contiguous), both fp32 or both bf16: a bf16 model's keys and values
-// are bf16 values (apply_rotary rounds to the model's dtype), so a bf16 cache holds them exactly in
-// half the bytes, widened here as they are read; mask empty or bool (1 or B, 1, 1, S), false = not
-// seen. Each (row, head) reads its S cached keys and values once, as one forward stream each; the
-// pairs are split across torch's threads. ATen's CPU flash attention read a cold cache at half
-// this speed for one query (docs/performance.md). A row with every key masked gives NaN, as SDPA
-// does; phibook's masks never build one (model.causal_mask: every query sees its own key).
 // The scores of keys [t, t + 4) for one query: four independent dot products at a time, so the
 // multiply-adds of one key do not wait on each other's latency.
 template <typename KV>
@@ -284,6 +275,15 @@ void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   });
 }
 
+// attention_f32: softmax(q k^T / sqrt(D) + mask) v for ONE query per (batch row, head), the decode
+// step's attention, in fp32. q (B, H, 1, D) fp32; k, v (B, H, S, D) views of the cache (any
+// strides, the last dimension contiguous), both fp32 or both bf16: a bf16 model's keys and values
+// are bf16 values (apply_rotary rounds to the model's dtype), so a bf16 cache holds them exactly in
+// half the bytes, widened here as they are read; mask empty or bool (1 or B, 1, 1, S), false = not
+// seen. Each (row, head) reads its S cached keys and values once, as one forward stream each; the
+// pairs are split across torch's threads. ATen's CPU flash attention read a cold cache at half
+// this speed for one query (docs/performance.md). A row with every key masked gives NaN, as SDPA
+// does; phibook's masks never build one (model.causal_mask: every query sees its own key).
 at::Tensor attention_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention_f32: q, k, v must be 4-D (B, H, S, D)");
   TORCH_CHECK(q.scalar_type() == at::kFloat, "attention_f32: q must be fp32");
