@@ -351,6 +351,131 @@ def test_decode_glue_matches_atens_ops(dtype: torch.dtype) -> None:
         glue.merge_gelu(torch.zeros(1, 1, 1, 64), u.half())
 
 
+def _step_glue_or_skip() -> K.DecodeGlue:
+    _attention_or_skip()
+    glue = K.decode_glue()
+    if glue is None or glue.attend_step is None:
+        pytest.skip("the decode-glue or decode-step kernels were refused on this CPU (the reason is on stderr)")
+    return glue
+
+
+@pytest.mark.parametrize("dtype", GEMV_DTYPES)
+def test_attend_step_is_the_ops_it_joins(dtype: torch.dtype) -> None:
+    """attend_step writes each row's new key and value at exactly the columns listed for it (none
+    for -1, two for a row listing two), leaves every other cache value alone, and returns what
+    split_rotary, those writes, attention_f32 and merge_gelu give (a rounding apart at most), over
+    fp32 caches and, for a bf16 model, bf16 ones; it refuses what it cannot store exactly."""
+    glue = _step_glue_or_skip()
+    attention = K.attention_kernel()
+    g = torch.Generator().manual_seed(41)
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-20
+    heads, dim, rot, ff, seen, width = 4, 64, 32, 512, 21, 30
+    d = heads * dim
+    for cache_dtype in dict.fromkeys((torch.float32, dtype)):  # fp32, and bf16 for a bf16 model
+        u = (torch.randn(3, 1, 3 * d + ff, generator=g) * 3).to(dtype)
+        angle = torch.rand(3, 1, 1, rot // 2, generator=g) * 100
+        cos = torch.cat([angle.cos(), angle.cos()], dim=-1)
+        sin = torch.cat([angle.sin(), angle.sin()], dim=-1)
+        k_cache = torch.randn(3, heads, width, dim, generator=g).to(dtype).to(cache_dtype)
+        v_cache = torch.randn(3, heads, width, dim, generator=g).to(dtype).to(cache_dtype)
+        columns = torch.tensor([[seen - 1, 4], [seen - 1, -1], [-1, -1]])
+        mask = torch.rand(3, 1, 1, seen, generator=g) > 0.3
+        mask[..., -1] = True
+        k_got, v_got = k_cache.clone(), v_cache.clone()
+        got = glue.attend_step(u, cos, sin, heads, dim, k_got, v_got, columns, seen, mask)
+        q, k, v = glue.split_rotary(u, cos, sin, heads, dim).unbind(0)
+        k_want, v_want = k_cache.clone(), v_cache.clone()
+        for row, col in ((0, seen - 1), (0, 4), (1, seen - 1)):
+            k_want[row, :, col], v_want[row, :, col] = k[row, :, 0], v[row, :, 0]
+        assert torch.equal(k_got, k_want) and torch.equal(v_got, v_want)
+        want = glue.merge_gelu(attention(q, k_want[:, :, :seen], v_want[:, :, :seen], mask), u)
+        assert got.dtype == dtype and got.shape == (3, 1, d + ff)
+        torch.testing.assert_close(got.float(), want.float(), atol=ulp * 4, rtol=ulp)
+    u32 = torch.zeros(1, 1, 3 * d + ff)
+    cos, sin, none = torch.zeros(1, 1, 1, rot), torch.zeros(1, 1, 1, rot), torch.empty(0, dtype=torch.bool)
+    small = torch.zeros(1, heads, 8, dim)
+    with pytest.raises(RuntimeError, match="both bf16 for a bf16 u"):
+        glue.attend_step(u32, cos, sin, heads, dim, small.bfloat16(), small.bfloat16(), torch.tensor([[0]]), 1, none)
+    with pytest.raises(RuntimeError, match="past the cache"):
+        glue.attend_step(u32, cos, sin, heads, dim, small, small.clone(), torch.tensor([[8]]), 1, none)
+    with pytest.raises(RuntimeError, match="length must be in"):
+        glue.attend_step(u32, cos, sin, heads, dim, small, small.clone(), torch.tensor([[0]]), 9, none)
+
+
+@pytest.mark.parametrize("dtype", GEMV_DTYPES)
+def test_add_layer_norm_is_atens_add_then_layer_norm(dtype: torch.dtype) -> None:
+    """The sum exactly as ATen's add rounds it; the LayerNorm within a rounding of float64's."""
+    glue = _step_glue_or_skip()
+    g = torch.Generator().manual_seed(43)
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-20
+    for shape in ((1, 1, 128), (5, 1, 2048)):
+        x = (torch.randn(shape, generator=g) * 8 + 2).to(dtype)
+        y = torch.randn(shape, generator=g).to(dtype)
+        w, b = (torch.rand(shape[-1], generator=g) + 0.5).to(dtype), torch.randn(shape[-1], generator=g).to(dtype)
+        s, h = glue.add_layer_norm(x, y, w, b, 1e-5)
+        assert torch.equal(s, x + y) and h.dtype == dtype and h.shape == shape
+        want = F.layer_norm((x + y).double(), shape[-1:], w.double(), b.double(), 1e-5)
+        torch.testing.assert_close(h.double(), want, atol=ulp * 4, rtol=ulp)
+    with pytest.raises(RuntimeError, match="y must be contiguous, of x's shape"):
+        glue.add_layer_norm(x, y[:2], w, b, 1e-5)
+
+
+class _CountingCache(KVCache):
+    """A KVCache that counts the ``decode_slots`` calls it answers (and changes none)."""
+
+    slot_calls = 0
+
+    def decode_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        self.slot_calls += 1
+        return super().decode_slots(layer)
+
+
+class _UpdateOnlyCache:
+    """A KV cache with ``update`` and no ``decode_slots``: FastForward steps it block by block."""
+
+    def __init__(self, cache: KVCache) -> None:
+        self.inner = cache
+
+    k = property(lambda self: self.inner.k)
+    v = property(lambda self: self.inner.v)
+    batch = property(lambda self: self.inner.batch)
+    pos = property(lambda self: self.inner.pos, lambda self, value: setattr(self.inner, "pos", value))
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inner.update(layer, k, v)
+
+
+@pytest.mark.parametrize("dtype", GEMV_DTYPES)
+@torch.inference_mode()
+def test_one_loop_decode_steps_match_block_by_block_ones(dtype: torch.dtype) -> None:
+    """A left-padded batch decoded as one loop of native calls (attend_step, add_layer_norm) and,
+    on a cache without ``decode_slots``, block by block (the glue ops, the cache's update, ATen's
+    add and LayerNorm): the same logits within the LayerNorm's rounding, the same greedy tokens,
+    and caches that agree, step after step."""
+    _step_glue_or_skip()
+    model = _model(dtype)
+    fast = FastForward(model)
+    assert fast.own_step
+    prompt = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(23))
+    mask = torch.ones(2, 10 + 12, dtype=torch.long)
+    mask[1, :3] = 0
+    one_loop = _CountingCache(model.config, 2, 32, dtype=fast.cache_dtype)
+    block_by_block = _UpdateOnlyCache(KVCache(model.config, 2, 32, dtype=fast.cache_dtype))
+    tokens = prompt
+    tol = 1e-4 if dtype == torch.float32 else 0.05
+    for step in range(12):
+        width = one_loop.pos + tokens.shape[1]
+        a = fast(tokens, cache=one_loop, attention_mask=mask[:, :width])[:, -1].float()
+        b = fast(tokens, cache=block_by_block, attention_mask=mask[:, :width])[:, -1].float()
+        assert (a - b).abs().max().item() <= tol, f"step {step}"
+        assert torch.equal(a.argmax(-1), b.argmax(-1)), f"step {step}"
+        tokens = a.argmax(-1, keepdim=True)
+    assert one_loop.pos == block_by_block.pos == 10 + 11  # the prompt, then 11 one-token steps
+    assert one_loop.slot_calls == 11 * model.config.n_layer  # every step after the prompt took the one loop
+    torch.testing.assert_close(one_loop.k.float(), block_by_block.k.float(), atol=tol, rtol=0)
+    torch.testing.assert_close(one_loop.v.float(), block_by_block.v.float(), atol=tol, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", GEMV_DTYPES)
 @torch.inference_mode()
 def test_decode_steps_through_own_attention_match_sdpa(dtype: torch.dtype) -> None:

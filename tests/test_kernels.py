@@ -223,6 +223,23 @@ def test_refused_decode_glue_leaves_the_step_to_aten(fresh_verdicts: Path, monke
     assert error <= 1e-4
 
 
+@pytest.mark.parametrize("fault", ["crash", "wrong"])
+def test_refused_decode_step_leaves_the_step_to_the_glue_ops(fresh_verdicts: Path, monkeypatch, fault: str) -> None:
+    """A decode-step probe that crashes or answers wrong: FastForward keeps the glue ops and runs a
+    step block by block (split_rotary, the cache's update, attention_f32, merge_gelu), with the
+    model's logits."""
+    from phibook.inference.fast_decode import FastForward
+
+    if K.attention_kernel() is None or not K.kernel_ok(K.GLUE_PROBE):
+        pytest.skip("phibook's decode glue does not run here (see gemv_build and the decode-glue verdict)")
+    monkeypatch.setenv(K.FAULT_ENV, f"{K.STEP_PROBE}:{fault}")  # asked first after this
+    glue = K.decode_glue()
+    assert glue is not None and glue.attend_step is None and glue.add_layer_norm is None
+    error, fast = _decode_step_error(FastForward)
+    assert fast.own_glue and not fast.own_step
+    assert error <= 1e-4
+
+
 def test_every_kernel_passes_its_probe_or_is_refused_cleanly(fresh_verdicts: Path) -> None:
     """Each probe runs in a child and ends in a verdict (never a crash of this process); the ones
     phibook relies on by default pass on any x86 CPU PyTorch supports."""
@@ -233,6 +250,7 @@ def test_every_kernel_passes_its_probe_or_is_refused_cleanly(fresh_verdicts: Pat
     assert K.probe_in_child("gemv-fp32")[0] in (True, False)  # refused at ATen's DEFAULT level
     assert K.probe_in_child(K.ATTENTION_PROBE)[0] in (True, False)
     assert K.probe_in_child(K.GLUE_PROBE)[0] in (True, False)
+    assert K.probe_in_child(K.STEP_PROBE)[0] in (True, False)
     keys = K.cached_verdicts()
     assert K.verdict_key("int8pack") in keys and f"aten {torch.backends.cpu.get_cpu_capability()}" in \
         K.verdict_key("int8pack")

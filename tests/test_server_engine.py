@@ -494,3 +494,79 @@ def test_bf16_model_is_served_on_the_cache_its_forward_reads(tiny_checkpoint, ge
         got = r["choices"][0]["logprobs"]["token_logprobs"][1:]
     want, _ = _reference(generator, ids)  # the fp32 model
     assert got == pytest.approx(want, abs=0.1)
+
+
+class _CountingSlotCache:
+    """Counts the ``decode_slots`` calls a SlotCache answers; with ``hide=True`` it has none, so
+    FastForward takes its block-by-block path through ``update``."""
+
+    def __init__(self, inner, hide: bool) -> None:
+        object.__setattr__(self, "inner", inner)
+        object.__setattr__(self, "hide", hide)
+        object.__setattr__(self, "slot_calls", 0)
+
+    def __getattr__(self, name: str):
+        if name != "decode_slots":
+            return getattr(self.inner, name)
+        if self.hide:
+            raise AttributeError(name)
+
+        def counted(layer: int):
+            object.__setattr__(self, "slot_calls", self.slot_calls + 1)
+            return self.inner.decode_slots(layer)
+
+        return counted
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self.inner, name, value)
+
+
+@torch.inference_mode()
+def test_slot_cache_decode_slots_write_where_update_writes() -> None:
+    """Slots of different lengths (one outgrowing the first columns), an idle slot below the
+    highest and a slot sitting a step out: FastForward's one-loop steps over ``decode_slots``
+    write the same columns as its block-by-block steps over ``update`` and give the same logits
+    within fp32 rounding; a one-token prefill chunk takes the one loop too."""
+    from phibook.inference.fast_decode import FastForward
+    from phibook.model.config import PhiConfig
+    from phibook.model.model import PhiModel
+    from phibook.serve.engine import SlotCache
+
+    cfg = PhiConfig(n_layer=2, d_model=128, n_head=2, vocab_size=320, max_seq_len=64, init_std=0.1)
+    model = PhiModel(cfg)
+    model.init_weights(torch.Generator().manual_seed(3))
+    fast = FastForward(model.eval())
+    if not fast.own_step:
+        pytest.skip("phibook's one-call decode step does not run here (see the decode-step kernel verdict)")
+    caches = [_CountingSlotCache(SlotCache(cfg, 4, fast.cache_dtype, "cpu", initial=8), hide) for hide in (False, True)]
+    g = torch.Generator().manual_seed(4)
+    prompts = {0: torch.randint(0, 320, (5,), generator=g), 1: torch.randint(0, 320, (9,), generator=g),
+               3: torch.randint(0, 320, (3,), generator=g)}
+    last: list[dict[int, torch.Tensor]] = [{}, {}]
+    for cache, got in zip(caches, last):
+        for slot, ids in prompts.items():
+            for start, end in ((0, len(ids) - 1), (len(ids) - 1, len(ids))):  # the last token alone
+                cache.bind_prefill(slot, end - start)
+                logits = fast(ids[None, start:end], positions=torch.arange(start, end), cache=cache, last_only=True)
+                cache.lengths[slot] = end
+            got[slot] = logits[0, -1].float()
+    assert caches[0].slot_calls == len(prompts) * cfg.n_layer and caches[1].slot_calls == 0
+    for slot in prompts:
+        torch.testing.assert_close(last[0][slot], last[1][slot], atol=1e-4, rtol=0)
+    tokens = {slot: int(last[0][slot].argmax()) for slot in prompts}
+    for step, slots in enumerate(([0, 1, 3], [1, 3], [0, 1, 3], [0, 3])):
+        logits = []
+        for cache in caches:
+            positions, keep = cache.bind_decode(slots, torch.device("cpu"))
+            idx = torch.zeros((positions.shape[0], 1), dtype=torch.long)
+            idx[slots, 0] = torch.tensor([tokens[s] for s in slots])
+            logits.append(fast(idx, positions=positions, cache=cache, attention_mask=keep, last_only=True)[slots, -1])
+            for s in slots:
+                cache.lengths[s] += 1
+        torch.testing.assert_close(logits[0].float(), logits[1].float(), atol=1e-4, rtol=0, msg=f"step {step}")
+        tokens.update({s: int(t) for s, t in zip(slots, logits[0].float().argmax(-1))})
+    one_loop, block_by_block = (c.inner for c in caches)
+    assert one_loop.lengths == block_by_block.lengths == [8, 12, 0, 7]
+    for s, n in enumerate(one_loop.lengths):
+        torch.testing.assert_close(one_loop.k[:, s, :, :n], block_by_block.k[:, s, :, :n], atol=1e-5, rtol=0)
+        torch.testing.assert_close(one_loop.v[:, s, :, :n], block_by_block.v[:, s, :, :n], atol=1e-5, rtol=0)

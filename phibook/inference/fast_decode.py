@@ -33,6 +33,11 @@ inner product; longer prefills use oneDNN's linear on the same plain weights. De
 cache or, for a bf16 model, a bf16 one (``FastForward.cache_dtype``): the same values in half the bytes.
 There the elementwise work around it (rotary, the fp32 widening for the cache, GELU, [y | g])
 runs as two ops of the same build too (``decode-glue``), not some 20 ATen dispatches a layer.
+Where the cache says where a step writes (``decode_slots``: KVCache and the server's SlotCache)
+and the ``decode-step`` check passed, a one-token step is one loop of native calls per block
+(``_FusedBlock.step_out``: GEMV, ``attend_step``, GEMV; then ``add_layer_norm``, the residual add
+with the next LayerNorm): after a GEMV has streamed its weight through the CPU caches, each
+separate op pays a cold start, so fewer of them between the GEMVs is time saved.
 
 Where oneDNN cannot take the dtype or device (CUDA, fp16 without AVX512-FP16,
 ``pack=False``), or its prepacked linear failed its check on this CPU
@@ -191,6 +196,15 @@ class _FusedBlock:
         return x + self.proj_out(torch.cat([y, g], dim=-1))
 
 
+    def step_out(self, h: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, mask: Tensor) -> Tensor:
+        """A decode step's block output before the residual add, from h = ln(x): the two GEMVs and
+        ``attend_step`` between them, which writes k and v where ``cache.decode_slots`` says."""
+        u = self.proj_in(h)
+        k_all, v_all, columns, length = cache.decode_slots(self.layer)
+        return self.proj_out(self.glue.attend_step(u, cos, sin, self.n_head, self.head_dim, k_all, v_all, columns,
+                                                   length, mask))
+
+
 class _Stacked:
     """[a(x) | b(x)] for two quantized linears that cannot share one weight."""
 
@@ -254,6 +268,13 @@ class FastForward:
                 self.lm_head = _Linear(model.lm_head.weight, model.lm_head.bias, pack, op)
                 if release_model:
                     _release(model.lm_head)
+        # A decode step's blocks as one loop of step_out and add_layer_norm (the residual add and the
+        # next LayerNorm in one op), where every block has the glue and its one-call ops passed.
+        step_glue = glue if glue is not None and glue.attend_step is not None and glue.add_layer_norm is not None \
+            else None
+        self._step_glue = step_glue if all(block.glue is step_glue for block in self.blocks) else None
+        self.own_step = self._step_glue is not None
+        self._next_ln = [(b.ln_weight, b.ln_bias, b.eps) for b in self.blocks[1:]] + [self.ln_f]
         self.released = release_model
         if release_model:
             malloc_trim()  # the concatenation temporaries: give glibc's freed heap back
@@ -308,6 +329,10 @@ class FastForward:
         x = F.embedding(idx, self.embed)
         if self._embed_pages is not None:
             dontneed(self._embed_pages)
+        if T == 1 and self._steps_in_one_loop(cache):
+            h = self._decode_step(x, cos, sin, cache, mask if mask is not None else _NO_MASK)
+            cache.pos += 1
+            return self.lm_head(h)
         for block in self.blocks:
             x = block(x, cos, sin, cache, mask)
         if cache is not None:
@@ -316,6 +341,26 @@ class FastForward:
             x = x[:, -1:]
         w, b, eps = self.ln_f
         return self.lm_head(F.layer_norm(x, (x.shape[-1],), w, b, eps))
+
+
+    def _steps_in_one_loop(self, cache: KVCache | None) -> bool:
+        """Whether a one-token call over ``cache`` runs as _decode_step: the one-call ops passed, and
+        the cache says where a step writes (``decode_slots``) in a dtype attend_step stores exactly."""
+        if self._step_glue is None or cache is None or not hasattr(cache, "decode_slots"):
+            return False
+        k, v = cache.k, cache.v
+        return k.device.type == "cpu" and k.dtype == v.dtype and k.dtype in (torch.float32, self.dtype)
+
+    def _decode_step(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, mask: Tensor) -> Tensor:
+        """The blocks of a one-token step, returning the final LayerNorm's output. Each block is
+        three native calls and the residual add rides with the next LayerNorm: right after a GEMV
+        has streamed its weight through the CPU caches, every separate op starts cold."""
+        first = self.blocks[0]
+        h = F.layer_norm(x, (x.shape[-1],), first.ln_weight, first.ln_bias, first.eps)
+        add_layer_norm = self._step_glue.add_layer_norm
+        for block, (w, b, eps) in zip(self.blocks, self._next_ln):
+            x, h = add_layer_norm(x, block.step_out(h, cos, sin, cache, mask), w, b, eps)
+        return h
 
 
 def _release(module: torch.nn.Module) -> None:

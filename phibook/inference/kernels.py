@@ -29,7 +29,9 @@ FastForward's prepacked linears), ``inductor`` (``torch.compile`` on the CPU, ``
 ``gemv-bf16`` and ``gemv-fp32`` (phibook's own matrix-vector kernels, ``csrc/gemv_bf16.cpp`` and
 ``csrc/decode_f32.cpp``, built here with torch.utils.cpp_extension for the ISA level ATen runs at:
 FastForward's steps of 1 to 16 rows; ``GEMV_BUILDS``) and ``attention-fp32`` (one query's
-attention in fp32 over an fp32 or bf16 KV cache, in the fp32 build: FastForward's decode steps).
+attention in fp32 over an fp32 or bf16 KV cache, in the fp32 build: FastForward's decode steps),
+``decode-glue`` (the elementwise work around it, ``DecodeGlue``) and ``decode-step`` (that work, the
+cache writes and the attention in one call).
 
 Test hook: ``PHIBOOK_KERNEL_PROBE_FAULT=name:crash`` (or ``name:wrong``) makes that kernel's
 probe child die with SIGSEGV (or see a wrong result), as a broken kernel would.
@@ -67,7 +69,7 @@ FAULT_ENV = "PHIBOOK_KERNEL_PROBE_FAULT"
 CACHE_FILE = "kernel-verdicts.json"
 # Child time limits (s). Importing torch is most of a plain probe; inductor compiles C++.
 PROBE_TIMEOUT_S = {"inductor": 600.0, "gemv-bf16": 600.0, "gemv-fp32": 600.0, "attention-fp32": 600.0,
-                  "decode-glue": 600.0}
+                  "decode-glue": 600.0, "decode-step": 600.0}
 DEFAULT_PROBE_TIMEOUT_S = 180.0
 
 
@@ -262,6 +264,7 @@ def attention_kernel() -> AttentionOp | None:
 
 
 GLUE_PROBE = "decode-glue"
+STEP_PROBE = "decode-step"
 
 
 @dataclass(frozen=True)
@@ -275,10 +278,23 @@ class DecodeGlue:
 
     ``merge_gelu(y, u)``: y (B, H, 1, D) fp32, the attention output. Returns (B, 1, d + F) in u's
     dtype: [y | gelu_tanh(fc1)], the output projection's input.
+
+    ``attend_step(u, cos, sin, n_head, head_dim, k_cache, v_cache, columns, length, mask)``, or None
+    where its own check (``decode-step``) refused it: split_rotary, the cache writes,
+    ``attention_f32`` and merge_gelu in one call. k_cache, v_cache (B, H, L, D) a layer's cache, both
+    fp32 or both bf16 (bf16 for a bf16 u only); columns int64 (B, C): the columns row b's new key and
+    value go to (entries < 0: none); the attention reads columns [0, length) under mask (as
+    ``attention_f32``'s). Returns merge_gelu's output.
+
+    ``add_layer_norm(x, y, weight, bias, eps)``, or None with attend_step: the residual add and
+    the next LayerNorm of a decode step in one call. x, y (..., d) of one dtype (fp32 or bf16);
+    returns (x + y rounded to the dtype as ATen's add rounds it, LayerNorm of that).
     """
 
     split_rotary: Callable[[Tensor, Tensor, Tensor, int, int], Tensor]
     merge_gelu: Callable[[Tensor, Tensor], Tensor]
+    attend_step: Callable[[Tensor, Tensor, Tensor, int, int, Tensor, Tensor, Tensor, int, Tensor], Tensor] | None = None
+    add_layer_norm: Callable[[Tensor, Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]] | None = None
 
 
 def decode_glue() -> DecodeGlue | None:
@@ -287,7 +303,11 @@ def decode_glue() -> DecodeGlue | None:
     their check passed and it loaded."""
     split = _checked_op(torch.float32, GLUE_PROBE, "split_rotary", "ATen's ops")
     merge = _checked_op(torch.float32, GLUE_PROBE, "merge_gelu", "ATen's ops") if split is not None else None
-    return DecodeGlue(split, merge) if split is not None and merge is not None else None
+    if split is None or merge is None:
+        return None
+    step = _checked_op(torch.float32, STEP_PROBE, "attend_step", "the separate glue ops")
+    add_ln = _checked_op(torch.float32, STEP_PROBE, "add_layer_norm", "ATen's ops") if step is not None else None
+    return DecodeGlue(split, merge, step, add_ln)
 
 
 class Unsupported(Exception):
@@ -489,6 +509,66 @@ def _probe_decode_glue() -> None:
             _check(GLUE_PROBE, got, want, ulp * (1 + want.abs()), f"merge_gelu {dtype} batch={batch} heads={heads}")
 
 
+def _probe_decode_step() -> None:
+    """attend_step against the ops it joins (split_rotary, the writes, attention_f32, merge_gelu;
+    each checked against float64 by its own probe): fp32 and bf16 models over fp32 and bf16 caches,
+    one and three rows, a mask or none, rows writing one column, two or none. add_layer_norm's sum
+    against ATen's add (exactly) and its LayerNorm against float64."""
+    build, why = gemv_build(torch.float32)
+    if build is None:
+        raise Unsupported(why)
+    load_gemv(build)
+    ops = getattr(torch.ops, build.namespace)
+    g = torch.Generator().manual_seed(0)
+    for dtype, cache_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                               (torch.bfloat16, torch.bfloat16)):
+        for batch, heads, dim, rot, ff, seen in ((1, 2, 16, 8, 48, 5), (3, 4, 64, 32, 1024, 37)):
+            d, width = heads * dim, seen + 7
+            u = (torch.randn(batch, 1, 3 * d + ff + 5, generator=g) * 3).to(dtype)[..., : 3 * d + ff]
+            angle = torch.rand(batch, 1, 1, rot // 2, generator=g) * 6.3
+            cos = torch.cat([angle.cos(), angle.cos()], dim=-1)
+            sin = torch.cat([angle.sin(), angle.sin()], dim=-1)
+            k_cache = aligned_owned(torch.randn(batch, heads, width, dim, generator=g).to(dtype).to(cache_dtype))
+            v_cache = aligned_owned(torch.randn(batch, heads, width, dim, generator=g).to(dtype).to(cache_dtype))
+            columns = torch.full((batch, 2), -1, dtype=torch.long)
+            columns[:, 0] = seen - 1
+            columns[0, 1] = 1  # a row writing two columns; the others one, the scratch column
+            keep = torch.rand(batch, 1, 1, seen, generator=g) > 0.4
+            keep[..., -1] = True
+            for mask in (torch.empty(0, dtype=torch.bool), keep):
+                k_got, v_got = k_cache.clone(), v_cache.clone()
+                got = ops.attend_step(u, cos, sin, heads, dim, k_got, v_got, columns, seen, mask)
+                q, k, v = ops.split_rotary(u, cos, sin, heads, dim).unbind(0)
+                k_want, v_want = k_cache.clone(), v_cache.clone()
+                for row in range(batch):
+                    for col in columns[row].tolist():
+                        if col >= 0:
+                            k_want[row, :, col] = k[row, :, 0].to(cache_dtype)
+                            v_want[row, :, col] = v[row, :, 0].to(cache_dtype)
+                what = f"{DTYPE_SHORT[dtype]} model, {DTYPE_SHORT[cache_dtype]} cache, batch={batch} heads={heads}"
+                if not (torch.equal(k_got, k_want) and torch.equal(v_got, v_want)):
+                    raise AssertionError(f"attend_step wrote other cache columns or values than split_rotary's ({what})")
+                want = ops.merge_gelu(ops.attention_f32(q, k_want[:, :, :seen], v_want[:, :, :seen], mask), u)
+                if got.dtype != want.dtype or got.shape != want.shape:
+                    raise AssertionError(f"attend_step gave {got.dtype} {tuple(got.shape)}, not {want.dtype} "
+                                         f"{tuple(want.shape)} ({what})")
+                ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-18  # a rounding apart at most
+                _check(STEP_PROBE, got, want, ulp * (1 + want.double().abs()), f"attend_step {what}")
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in ((1, 1, 64), (3, 1, 2048)):
+            x = (torch.randn(shape, generator=g) * 4 + 1).to(dtype)
+            y = torch.randn(shape, generator=g).to(dtype)
+            w = (torch.rand(shape[-1], generator=g) + 0.5).to(dtype)
+            b = torch.randn(shape[-1], generator=g).to(dtype)
+            got_s, got_h = ops.add_layer_norm(x, y, w, b, 1e-5)
+            want_s = (x.float() + y.float()).to(dtype)
+            if not torch.equal(got_s, want_s):
+                raise AssertionError(f"add_layer_norm's sum is not ATen's add ({DTYPE_SHORT[dtype]}, {shape})")
+            want_h = F.layer_norm(want_s.double(), shape[-1:], w.double(), b.double(), 1e-5)
+            ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-18
+            _check(STEP_PROBE, got_h, want_h, ulp * (1 + want_h.abs()), f"add_layer_norm {DTYPE_SHORT[dtype]} {shape}")
+
+
 def _probe_inductor() -> None:
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
@@ -521,6 +601,7 @@ KERNELS: dict[str, Callable[[], None]] = {
     "gemv-fp32": _probe_gemv(torch.float32),
     ATTENTION_PROBE: _probe_attention,
     GLUE_PROBE: _probe_decode_glue,
+    STEP_PROBE: _probe_decode_step,
 }
 
 

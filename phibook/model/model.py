@@ -132,10 +132,20 @@ class KVCache:
         self.v = zeros(shape, dtype, device)
         self.max_len = max_len
         self.pos = 0
+        self._columns = torch.empty(0, dtype=torch.long)  # decode_slots' answer, remade when pos moves
 
     @property
     def batch(self) -> int:
         return self.k.shape[1]
+
+    def decode_slots(self, layer: int) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Where a one-token step writes, for a kernel that stores its keys and values itself (what
+        ``update`` does otherwise): the layer's keys and values (B, H, max_len, D), the columns
+        (B, 1) int64 each row's new key and value go to, and how many columns the step's attention
+        reads. Every row writes at ``pos``."""
+        if self._columns.numel() != self.batch or int(self._columns[0, 0]) != self.pos:
+            self._columns = torch.full((self.batch, 1), self.pos, dtype=torch.long, device=self.k.device)
+        return self.k[layer], self.v[layer], self._columns, self.pos + 1
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v (B, H, T, D) at the current position; return all keys/values so far."""

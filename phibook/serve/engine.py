@@ -94,6 +94,7 @@ class SlotCache:
         self._m = 0
         self._rows: Tensor | None = None  # decoding slots (index into [0, hi))
         self._cols: Tensor | None = None  # their own next columns
+        self._columns: Tensor | None = None  # decode_slots' columns for the bound call
 
     @property
     def batch(self) -> int:
@@ -122,6 +123,7 @@ class SlotCache:
         self._mode, self._slot = "prefill", slot
         self.pos = self.lengths[slot]
         self.reserve(self.pos + tokens)
+        self._columns = None
 
     def bind_decode(self, slots: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
         """Set up a decode step for ``slots`` (each writes its next column); return the
@@ -135,6 +137,10 @@ class SlotCache:
         self._rows = torch.tensor(slots, device=device)
         self._cols = torch.tensor(cols, device=device)
         self.pos = m
+        # Every row of [0, hi) writes the scratch column m; a decoding slot its own column too.
+        self._columns = torch.full((hi, 2), -1, dtype=torch.long, device=device)
+        self._columns[:, 0] = m
+        self._columns[self._rows, 1] = self._cols
         positions = torch.zeros((hi, 1), dtype=torch.long, device=device)
         positions[self._rows, 0] = self._cols
         keep = torch.zeros((hi, m + 1), dtype=torch.long, device=device)
@@ -157,6 +163,18 @@ class SlotCache:
         self.k[layer, self._rows, :, self._cols] = k[self._rows, :, 0]
         self.v[layer, self._rows, :, self._cols] = v[self._rows, :, 0]
         return self.k[layer, :hi, :, : m + 1], self.v[layer, :hi, :, : m + 1]
+
+    def decode_slots(self, layer: int) -> tuple[Tensor, Tensor, Tensor, int]:
+        """For a one-token call, where ``update`` would write (the contract is KVCache.decode_slots'):
+        the layer's keys and values for the call's rows, the columns each row's new key and value
+        go to (-1: none), and how many columns the call's attention reads."""
+        if self._mode == "prefill":
+            s, start = self._slot, self.pos
+            if self._columns is None:
+                self._columns = torch.full((1, 1), start, dtype=torch.long, device=self.k.device)
+            return self.k[layer, s : s + 1], self.v[layer, s : s + 1], self._columns, start + 1
+        hi = self._hi
+        return self.k[layer, :hi], self.v[layer, :hi], self._columns, self._m + 1
 
 
 # --------------------------------------------------------------------------- jobs

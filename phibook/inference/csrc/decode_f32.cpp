@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #ifndef PHIBOOK_GEMV_NS
@@ -44,6 +45,7 @@ inline vec vload(const uint16_t* p) {
 }
 inline vec vfma(vec a, vec b, vec acc) { return _mm512_fmadd_ps(a, b, acc); }
 inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
 inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
 inline vec vset1(float f) { return _mm512_set1_ps(f); }
 inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
@@ -61,6 +63,7 @@ inline vec vload(const uint16_t* p) {  // 8 bf16 values (their bits) widened to 
 }
 inline vec vfma(vec a, vec b, vec acc) { return _mm256_fmadd_ps(a, b, acc); }
 inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
 inline float vsum(vec v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -452,6 +455,136 @@ at::Tensor merge_gelu(const at::Tensor& y, const at::Tensor& u) {
   return out;
 }
 
+
+// Writes row b's new key and value (qkv[1], qkv[2]: (B, H, 1, D) fp32 holding values of the cache's
+// dtype) into the layer's cache at each column columns[b, :] lists (entries < 0: none).
+template <typename KV>
+void store_columns(const float* qkv, int64_t part_stride, KV* k, KV* v, const at::Tensor& k_cache,
+                   const at::Tensor& v_cache, const int64_t* cols, int64_t n_cols, int64_t B, int64_t H, int64_t D) {
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t c = 0; c < n_cols; ++c) {
+      const int64_t col = cols[b * n_cols + c];
+      if (col < 0) continue;
+      for (int64_t h = 0; h < H; ++h) {
+        const float* kn = qkv + part_stride + (b * H + h) * D;
+        const float* vn = qkv + 2 * part_stride + (b * H + h) * D;
+        KV* kd = k + b * k_cache.stride(0) + h * k_cache.stride(1) + col * k_cache.stride(2);
+        KV* vd = v + b * v_cache.stride(0) + h * v_cache.stride(1) + col * v_cache.stride(2);
+        for (int64_t i = 0; i < D; ++i) narrow_to(kn[i], kd + i);
+        for (int64_t i = 0; i < D; ++i) narrow_to(vn[i], vd + i);
+      }
+    }
+  }
+}
+
+// attend_step: a decode step's whole middle in one call, what split_rotary, the cache's writes,
+// attention_f32 and merge_gelu do as four (plus the slicing between them in Python). Right after
+// the input projection's GEMV has streamed tens of MB through the caches, every separate dispatch
+// runs cold (docs/performance.md); one call pays that once. u (B, 1, N) the input projection's
+// output, cos and sin as split_rotary takes them; k_cache and v_cache (B, H, L, D) a layer's keys and
+// values (views, the last dimension contiguous), both fp32 or both bf16 (bf16 only for a bf16 u: the
+// cache then holds its keys and values exactly); columns int64 (B, C): the columns row b's new key
+// and value are written to (entries < 0: none); the attention then reads columns [0, length) under
+// mask (as attention_f32's). Returns merge_gelu's (B, 1, d + F) in u's dtype.
+at::Tensor attend_step(const at::Tensor& u, const at::Tensor& cos, const at::Tensor& sin, int64_t n_head,
+                       int64_t head_dim, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const at::Tensor& columns, int64_t length, const at::Tensor& mask) {
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.stride(3) == 1 &&
+                  v_cache.stride(3) == 1,
+              "attend_step: k_cache and v_cache must be (B, H, L, D) alike, the last dimension contiguous");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() &&
+                  (k_cache.scalar_type() == at::kFloat ||
+                   (k_cache.scalar_type() == at::kBFloat16 && u.scalar_type() == at::kBFloat16)),
+              "attend_step: the caches must be both fp32, or both bf16 for a bf16 u");
+  const at::Tensor qkv = split_rotary(u, cos, sin, n_head, head_dim);  // checks u, cos and sin
+  const int64_t B = u.size(0), H = n_head, D = head_dim, L = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(1) == H && k_cache.size(3) == D, "attend_step: the caches must be (",
+              B, ", ", H, ", L, ", D, ")");
+  TORCH_CHECK(length >= 1 && length <= L, "attend_step: length must be in [1, ", L, "], got ", length);
+  TORCH_CHECK(columns.scalar_type() == at::kLong && columns.dim() == 2 && columns.size(0) == B,
+              "attend_step: columns must be int64 (", B, ", C)");
+  const at::Tensor cols = columns.contiguous();
+  const int64_t* cp = cols.data_ptr<int64_t>();
+  for (int64_t i = 0; i < cols.numel(); ++i)
+    TORCH_CHECK(cp[i] < L, "attend_step: column ", cp[i], " is past the cache's ", L);
+  const int64_t part = B * H * D;
+  if (k_cache.scalar_type() == at::kFloat) {
+    store_columns(qkv.data_ptr<float>(), part, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), k_cache,
+                  v_cache, cp, cols.size(1), B, H, D);
+  } else {
+    store_columns(qkv.data_ptr<float>(), part, static_cast<uint16_t*>(k_cache.data_ptr()),
+                  static_cast<uint16_t*>(v_cache.data_ptr()), k_cache, v_cache, cp, cols.size(1), B, H, D);
+  }
+  const at::Tensor y = attention_f32(qkv.select(0, 0), k_cache.narrow(2, 0, length), v_cache.narrow(2, 0, length), mask);
+  return merge_gelu(y, u);
+}
+
+// add_layer_norm: a decode step's residual add and the next LayerNorm in one call (the next
+// block's, or the final one): s = x + y rounded to x's dtype (ATen's add: the sum in fp32, rounded
+// once), h = LayerNorm(s) with fp32 statistics (mean, then the variance about it, as two passes
+// over the row), rounded to the dtype once. x (..., d) fp32 or bf16 and y of x's shape and dtype,
+// both contiguous; weight and bias (d) of x's dtype. Returns
+// (s, h). Like split_rotary it runs on the calling thread: a step has a few thousand values a row.
+// The sum of n fp32 values (pass mean = 0) or of their squared distances from mean, in vector lanes.
+inline float row_sum(const float* p, int64_t n, float mean, bool squares) {
+  const vec m = vset1(mean);
+  vec a0 = vzero(), a1 = vzero();
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    const vec x0 = vsub(vload(p + i), m), x1 = vsub(vload(p + i + kLanes), m);
+    a0 = squares ? vfma(x0, x0, a0) : vadd(a0, x0);
+    a1 = squares ? vfma(x1, x1, a1) : vadd(a1, x1);
+  }
+  float total = vsum(vadd(a0, a1));
+  for (; i < n; ++i) total += squares ? (p[i] - mean) * (p[i] - mean) : p[i] - mean;
+  return total;
+}
+
+template <typename T>
+void add_layer_norm_rows(const T* x, const T* y, const T* w, const T* b, T* s, T* h, int64_t rows, int64_t d,
+                         float eps, std::vector<float>& buf) {
+  float* f = buf.data();
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * d;
+    const T* yr = y + r * d;
+    T* sr = s + r * d;
+    T* hr = h + r * d;
+    // Simple loops, each one width in and out where it can, so the compiler vectorizes them.
+    for (int64_t i = 0; i < d; ++i) f[i] = widen(xr[i]) + widen(yr[i]);
+    for (int64_t i = 0; i < d; ++i) narrow_to(f[i], sr + i);
+    for (int64_t i = 0; i < d; ++i) f[i] = widen(sr[i]);
+    const float mean = row_sum(f, d, 0.0f, false) / static_cast<float>(d);
+    const float rstd = 1.0f / std::sqrt(row_sum(f, d, mean, true) / static_cast<float>(d) + eps);
+    for (int64_t i = 0; i < d; ++i) f[i] = (f[i] - mean) * rstd * widen(w[i]) + widen(b[i]);
+    for (int64_t i = 0; i < d; ++i) narrow_to(f[i], hr + i);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
+                                                  const at::Tensor& bias, double eps) {
+  TORCH_CHECK(x.dim() >= 1 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "add_layer_norm: x must be contiguous fp32 or bf16");
+  const int64_t d = x.size(-1), rows = d ? x.numel() / d : 0;
+  TORCH_CHECK(y.sizes() == x.sizes() && y.scalar_type() == x.scalar_type() && y.is_contiguous(),
+              "add_layer_norm: y must be contiguous, of x's shape and dtype");
+  TORCH_CHECK(weight.numel() == d && bias.numel() == d && weight.is_contiguous() && bias.is_contiguous() &&
+                  weight.scalar_type() == x.scalar_type() && bias.scalar_type() == x.scalar_type(),
+              "add_layer_norm: weight and bias must be ", d, " contiguous values of x's dtype");
+  at::Tensor s = at::empty_like(x);
+  at::Tensor h = at::empty_like(x);
+  std::vector<float> buf(d);
+  if (x.scalar_type() == at::kFloat) {
+    add_layer_norm_rows(x.data_ptr<float>(), y.data_ptr<float>(), weight.data_ptr<float>(),
+                        bias.data_ptr<float>(), s.data_ptr<float>(), h.data_ptr<float>(), rows, d,
+                        static_cast<float>(eps), buf);
+  } else {
+    auto bits = [](const at::Tensor& t) { return static_cast<uint16_t*>(t.data_ptr()); };
+    add_layer_norm_rows<uint16_t>(bits(x), bits(y), bits(weight), bits(bias), bits(s), bits(h),
+                                  rows, d, static_cast<float>(eps), buf);
+  }
+  return {s, h};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(PHIBOOK_GEMV_NS, m) {
@@ -459,6 +592,9 @@ TORCH_LIBRARY(PHIBOOK_GEMV_NS, m) {
   m.def("attention_f32(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
   m.def("split_rotary(Tensor u, Tensor cos, Tensor sin, int n_head, int head_dim) -> Tensor");
   m.def("merge_gelu(Tensor y, Tensor u) -> Tensor");
+  m.def("add_layer_norm(Tensor x, Tensor y, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor)");
+  m.def("attend_step(Tensor u, Tensor cos, Tensor sin, int n_head, int head_dim, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, Tensor columns, int length, Tensor mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(PHIBOOK_GEMV_NS, CPU, m) {
@@ -466,4 +602,6 @@ TORCH_LIBRARY_IMPL(PHIBOOK_GEMV_NS, CPU, m) {
   m.impl("attention_f32", &attention_f32);
   m.impl("split_rotary", &split_rotary);
   m.impl("merge_gelu", &merge_gelu);
+  m.impl("attend_step", &attend_step);
+  m.impl("add_layer_norm", &add_layer_norm);
 }
