@@ -322,9 +322,20 @@ at::Tensor attention_f32(const at::Tensor& q, const at::Tensor& k, const at::Ten
 
 // split_rotary and merge_gelu: the elementwise work of a decode step's block between its two
 // GEMVs, which ATen runs as some 20 ops a layer (slices, a negation, concatenations, dtype
-// conversions, the rotary products, GELU), each a dispatch costing more than its arithmetic. Both
-// run on the calling thread (a step has a few thousand elements a row) in plain loops the compiler
-// vectorizes, and read the model's dtype (bf16 or fp32) directly.
+// conversions, the rotary products, GELU), each a dispatch costing more than its arithmetic. One
+// row runs on the calling thread (a few thousand values: waking a thread costs more), a batch's
+// rows are split across torch's threads; plain loops the compiler vectorizes, reading the model's
+// dtype (bf16 or fp32) directly.
+
+// f(b0, b1) over rows [0, B): on the calling thread for one row, else split across torch's threads.
+template <typename F>
+void over_rows(int64_t B, const F& f) {
+  if (B <= 1) {
+    f(0, B);
+  } else {
+    at::parallel_for(0, B, 1, f);
+  }
+}
 
 // bf16 values travel as their bits (uint16_t): the conversions below are plain integer and float
 // operations the compiler vectorizes, where c10::BFloat16's per-value NaN branch stops it.
@@ -357,9 +368,9 @@ inline float round_as(float x) {
 // dtype), v as it is; all widened to fp32 for the cache and attention.
 template <typename T>
 void split_rotary_rows(const T* u, int64_t u_row, const float* cos, const float* sin, int64_t cs_row, float* out,
-                       int64_t B, int64_t H, int64_t D, int64_t R) {
+                       int64_t B, int64_t H, int64_t D, int64_t R, int64_t b0, int64_t b1) {
   const int64_t half = R / 2, d = H * D;
-  for (int64_t b = 0; b < B; ++b) {
+  for (int64_t b = b0; b < b1; ++b) {
     const T* row = u + b * u_row;
     const float* c = cos + b * cs_row;
     const float* s = sin + b * cs_row;
@@ -398,13 +409,15 @@ at::Tensor split_rotary(const at::Tensor& u, const at::Tensor& cos, const at::Te
   TORCH_CHECK(R % 2 == 0 && R <= D, "split_rotary: the rotary width must be even and at most the head size, got ", R);
   at::Tensor out = at::empty({3, B, H, 1, D}, u.options().dtype(at::kFloat));
   const int64_t cs_row = cos.size(0) == 1 ? 0 : cos.stride(0);
-  if (u.scalar_type() == at::kFloat) {
-    split_rotary_rows(u.data_ptr<float>(), u.stride(0), cos.data_ptr<float>(), sin.data_ptr<float>(), cs_row,
-                      out.data_ptr<float>(), B, H, D, R);
-  } else {
-    split_rotary_rows(static_cast<const uint16_t*>(u.data_ptr()), u.stride(0), cos.data_ptr<float>(),
-                      sin.data_ptr<float>(), cs_row, out.data_ptr<float>(), B, H, D, R);
-  }
+  over_rows(B, [&](int64_t b0, int64_t b1) {
+    if (u.scalar_type() == at::kFloat) {
+      split_rotary_rows(u.data_ptr<float>(), u.stride(0), cos.data_ptr<float>(), sin.data_ptr<float>(), cs_row,
+                        out.data_ptr<float>(), B, H, D, R, b0, b1);
+    } else {
+      split_rotary_rows(static_cast<const uint16_t*>(u.data_ptr()), u.stride(0), cos.data_ptr<float>(),
+                        sin.data_ptr<float>(), cs_row, out.data_ptr<float>(), B, H, D, R, b0, b1);
+    }
+  });
   return out;
 }
 
@@ -415,9 +428,9 @@ inline float gelu_tanh(float x) {
 }
 
 template <typename T>
-void merge_gelu_rows(const float* y, int64_t y_row, const T* u, int64_t u_row, T* out, int64_t B, int64_t d,
-                     int64_t ff) {
-  for (int64_t b = 0; b < B; ++b) {
+void merge_gelu_rows(const float* y, int64_t y_row, const T* u, int64_t u_row, T* out, int64_t d, int64_t ff,
+                     int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
     const float* yb = y + b * y_row;
     const T* g = u + b * u_row + 3 * d;
     T* o = out + b * (d + ff);
@@ -446,12 +459,14 @@ at::Tensor merge_gelu(const at::Tensor& y, const at::Tensor& u) {
   const at::Tensor yc = y.contiguous();
   const int64_t ff = u.size(2) - 3 * d;
   at::Tensor out = at::empty({B, 1, d + ff}, u.options().memory_format(at::MemoryFormat::Contiguous));
-  if (u.scalar_type() == at::kFloat) {
-    merge_gelu_rows(yc.data_ptr<float>(), d, u.data_ptr<float>(), u.stride(0), out.data_ptr<float>(), B, d, ff);
-  } else {
-    merge_gelu_rows(yc.data_ptr<float>(), d, static_cast<const uint16_t*>(u.data_ptr()), u.stride(0),
-                    static_cast<uint16_t*>(out.data_ptr()), B, d, ff);
-  }
+  over_rows(B, [&](int64_t b0, int64_t b1) {
+    if (u.scalar_type() == at::kFloat) {
+      merge_gelu_rows(yc.data_ptr<float>(), d, u.data_ptr<float>(), u.stride(0), out.data_ptr<float>(), d, ff, b0, b1);
+    } else {
+      merge_gelu_rows(yc.data_ptr<float>(), d, static_cast<const uint16_t*>(u.data_ptr()), u.stride(0),
+                      static_cast<uint16_t*>(out.data_ptr()), d, ff, b0, b1);
+    }
+  });
   return out;
 }
 
@@ -524,7 +539,7 @@ at::Tensor attend_step(const at::Tensor& u, const at::Tensor& cos, const at::Ten
 // once), h = LayerNorm(s) with fp32 statistics (mean, then the variance about it, as two passes
 // over the row), rounded to the dtype once. x (..., d) fp32 or bf16 and y of x's shape and dtype,
 // both contiguous; weight and bias (d) of x's dtype. Returns
-// (s, h). Like split_rotary it runs on the calling thread: a step has a few thousand values a row.
+// (s, h). Rows as split_rotary's (over_rows).
 // The sum of n fp32 values (pass mean = 0) or of their squared distances from mean, in vector lanes.
 inline float row_sum(const float* p, int64_t n, float mean, bool squares) {
   const vec m = vset1(mean);
@@ -541,10 +556,11 @@ inline float row_sum(const float* p, int64_t n, float mean, bool squares) {
 }
 
 template <typename T>
-void add_layer_norm_rows(const T* x, const T* y, const T* w, const T* b, T* s, T* h, int64_t rows, int64_t d,
-                         float eps, std::vector<float>& buf) {
+void add_layer_norm_rows(const T* x, const T* y, const T* w, const T* b, T* s, T* h, int64_t d,
+                         float eps, int64_t r0, int64_t r1) {
+  std::vector<float> buf(d);
   float* f = buf.data();
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * d;
     const T* yr = y + r * d;
     T* sr = s + r * d;
@@ -572,16 +588,16 @@ std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const at:
               "add_layer_norm: weight and bias must be ", d, " contiguous values of x's dtype");
   at::Tensor s = at::empty_like(x);
   at::Tensor h = at::empty_like(x);
-  std::vector<float> buf(d);
-  if (x.scalar_type() == at::kFloat) {
-    add_layer_norm_rows(x.data_ptr<float>(), y.data_ptr<float>(), weight.data_ptr<float>(),
-                        bias.data_ptr<float>(), s.data_ptr<float>(), h.data_ptr<float>(), rows, d,
-                        static_cast<float>(eps), buf);
-  } else {
-    auto bits = [](const at::Tensor& t) { return static_cast<uint16_t*>(t.data_ptr()); };
-    add_layer_norm_rows<uint16_t>(bits(x), bits(y), bits(weight), bits(bias), bits(s), bits(h),
-                                  rows, d, static_cast<float>(eps), buf);
-  }
+  over_rows(rows, [&](int64_t r0, int64_t r1) {
+    if (x.scalar_type() == at::kFloat) {
+      add_layer_norm_rows(x.data_ptr<float>(), y.data_ptr<float>(), weight.data_ptr<float>(), bias.data_ptr<float>(),
+                          s.data_ptr<float>(), h.data_ptr<float>(), d, static_cast<float>(eps), r0, r1);
+    } else {
+      auto bits = [](const at::Tensor& t) { return static_cast<uint16_t*>(t.data_ptr()); };
+      add_layer_norm_rows<uint16_t>(bits(x), bits(y), bits(weight), bits(bias), bits(s), bits(h), d,
+                                    static_cast<float>(eps), r0, r1);
+    }
+  });
   return {s, h};
 }
 
