@@ -132,7 +132,9 @@ class KVCache:
         self.v = zeros(shape, dtype, device)
         self.max_len = max_len
         self.pos = 0
-        self._columns = torch.empty(0, dtype=torch.long)  # decode_slots' answer, remade when pos moves
+        # decode_slots' answers: each layer's views (made once), the columns (remade when pos moves)
+        self._layers: tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | None = None
+        self._columns, self._columns_pos = torch.empty(0, dtype=torch.long), -1
 
     @property
     def batch(self) -> int:
@@ -143,9 +145,12 @@ class KVCache:
         ``update`` does otherwise): the layer's keys and values (B, H, max_len, D), the columns
         (B, 1) int64 each row's new key and value go to, and how many columns the step's attention
         reads. Every row writes at ``pos``."""
-        if self._columns.numel() != self.batch or int(self._columns[0, 0]) != self.pos:
+        if self._layers is None:
+            self._layers = (self.k.unbind(0), self.v.unbind(0))
+        if self._columns_pos != self.pos:
             self._columns = torch.full((self.batch, 1), self.pos, dtype=torch.long, device=self.k.device)
-        return self.k[layer], self.v[layer], self._columns, self.pos + 1
+            self._columns_pos = self.pos
+        return self._layers[0][layer], self._layers[1][layer], self._columns, self.pos + 1
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v (B, H, T, D) at the current position; return all keys/values so far."""

@@ -95,6 +95,7 @@ class SlotCache:
         self._rows: Tensor | None = None  # decoding slots (index into [0, hi))
         self._cols: Tensor | None = None  # their own next columns
         self._columns: Tensor | None = None  # decode_slots' columns for the bound call
+        self._layers: tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | None = None  # and its rows' layer views
 
     @property
     def batch(self) -> int:
@@ -123,7 +124,7 @@ class SlotCache:
         self._mode, self._slot = "prefill", slot
         self.pos = self.lengths[slot]
         self.reserve(self.pos + tokens)
-        self._columns = None
+        self._columns = self._layers = None
 
     def bind_decode(self, slots: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
         """Set up a decode step for ``slots`` (each writes its next column); return the
@@ -141,6 +142,7 @@ class SlotCache:
         self._columns = torch.full((hi, 2), -1, dtype=torch.long, device=device)
         self._columns[:, 0] = m
         self._columns[self._rows, 1] = self._cols
+        self._layers = None
         positions = torch.zeros((hi, 1), dtype=torch.long, device=device)
         positions[self._rows, 0] = self._cols
         keep = torch.zeros((hi, m + 1), dtype=torch.long, device=device)
@@ -168,13 +170,14 @@ class SlotCache:
         """For a one-token call, where ``update`` would write (the contract is KVCache.decode_slots'):
         the layer's keys and values for the call's rows, the columns each row's new key and value
         go to (-1: none), and how many columns the call's attention reads."""
+        rows = slice(self._slot, self._slot + 1) if self._mode == "prefill" else slice(0, self._hi)
+        if self._layers is None:  # once per bound call, not per layer
+            self._layers = (self.k[:, rows].unbind(0), self.v[:, rows].unbind(0))
         if self._mode == "prefill":
-            s, start = self._slot, self.pos
             if self._columns is None:
-                self._columns = torch.full((1, 1), start, dtype=torch.long, device=self.k.device)
-            return self.k[layer, s : s + 1], self.v[layer, s : s + 1], self._columns, start + 1
-        hi = self._hi
-        return self.k[layer, :hi], self.v[layer, :hi], self._columns, self._m + 1
+                self._columns = torch.full((1, 1), self.pos, dtype=torch.long, device=self.k.device)
+            return self._layers[0][layer], self._layers[1][layer], self._columns, self.pos + 1
+        return self._layers[0][layer], self._layers[1][layer], self._columns, self._m + 1
 
 
 # --------------------------------------------------------------------------- jobs
