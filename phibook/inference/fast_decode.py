@@ -219,7 +219,7 @@ class FastForward:
     """PhiModel.forward over packed, fused weights (see the module docstring)."""
 
     def __init__(self, model: PhiModel, pack: bool | None = None, release_model: bool = False,
-                 gemv: bool | None = None, own_attention: bool | None = None) -> None:
+                 gemv: bool | None = None, own_attention: bool | None = None, step_loop: bool | None = None) -> None:
         from phibook.inference.quant import QuantLinear, quant_mode_of
 
         self.config = model.config
@@ -269,9 +269,10 @@ class FastForward:
                 if release_model:
                     _release(model.lm_head)
         # A decode step's blocks as one loop of step_out and add_layer_norm (the residual add and the
-        # next LayerNorm in one op), where every block has the glue and its one-call ops passed.
+        # next LayerNorm in one op), where every block has the glue and its one-call ops passed;
+        # step_loop=False keeps the block-by-block step (what a benchmark compares it with).
         step_glue = glue if glue is not None and glue.attend_step is not None and glue.add_layer_norm is not None \
-            else None
+            and step_loop is not False else None
         self._step_glue = step_glue if all(block.glue is step_glue for block in self.blocks) else None
         self.own_step = self._step_glue is not None
         self._next_ln = [(b.ln_weight, b.ln_bias, b.eps) for b in self.blocks[1:]] + [self.ln_f]
