@@ -420,6 +420,22 @@ def test_add_layer_norm_is_atens_add_then_layer_norm(dtype: torch.dtype) -> None
         glue.add_layer_norm(x, y[:2], w, b, 1e-5)
 
 
+@torch.inference_mode()
+def test_an_fp16_model_decodes_with_atens_glue() -> None:
+    """The glue ops read fp32 and bf16: an fp16 model's decode steps keep ATen's elementwise ops
+    (and our attention where it runs) and give the eager model's logits."""
+    model = _model(torch.float16)
+    fast = FastForward(model)
+    assert not fast.own_glue and not fast.own_step and all(block.glue is None for block in fast.blocks)
+    caches = [KVCache(model.config, 1, 16, dtype=fast.cache_dtype) for _ in range(2)]
+    tokens = torch.tensor([[5, 17, 3, 9]])
+    for step in range(4):
+        ours = fast(tokens, cache=caches[0])[:, -1].float()
+        want = model(tokens, cache=caches[1])[:, -1].float()
+        assert (ours - want).abs().max().item() <= 0.05, f"step {step}"
+        tokens = want.argmax(-1, keepdim=True)
+
+
 class _CountingCache(KVCache):
     """A KVCache that counts the ``decode_slots`` calls it answers (and changes none)."""
 

@@ -95,6 +95,7 @@ def gemv_op(dtype: torch.dtype, device: torch.device) -> GemvOp | None:
 
 _NO_MASK = torch.empty(0, dtype=torch.bool)  # attention_f32's "no mask", made once, not per layer and step
 OWN_ATTENTION_CACHE = (torch.float32, torch.bfloat16)  # the KV cache dtypes attention_f32 reads
+GLUE_DTYPES = (torch.float32, torch.bfloat16)  # the model dtypes split_rotary and merge_gelu read
 
 
 class _Linear:
@@ -156,8 +157,10 @@ class _FusedBlock:
         self.attention = attention if self.head_dim % ATTENTION_HEAD_MULTIPLE == 0 else None
         self.quantized = isinstance(attn.qkv, QuantLinear)
         # The decode step's elementwise work in two ops (kernels.DecodeGlue), where our attention
-        # runs too; a quantized block keeps ATen's ops (its output projection takes y and g apart).
-        self.glue = glue if self.attention is not None and not self.quantized else None
+        # runs too; a quantized block keeps ATen's ops (its output projection takes y and g apart),
+        # and so does an fp16 one (the glue reads fp32 and bf16).
+        self.glue = glue if self.attention is not None and not self.quantized \
+            and attn.qkv.weight.dtype in GLUE_DTYPES else None
         if self.quantized:
             fused = cat_rows(attn.qkv, mlp.fc1)
             self.proj_in = fused if fused is not None else _Stacked(attn.qkv, mlp.fc1)
@@ -245,7 +248,6 @@ class FastForward:
         self.own_attention = attention is not None
         # With it, the elementwise work around a decode step's attention (kernels.decode_glue).
         glue = decode_glue() if attention is not None else None
-        self.own_glue = glue is not None
         # Shared with the model, never copied: a decode step reads one row of it, so
         # when it is a view of a memory-mapped checkpoint almost none of it is resident.
         self.embed = model.embed.weight.detach()
@@ -274,6 +276,7 @@ class FastForward:
         step_glue = glue if glue is not None and glue.attend_step is not None and glue.add_layer_norm is not None \
             and step_loop is not False else None
         self._step_glue = step_glue if all(block.glue is step_glue for block in self.blocks) else None
+        self.own_glue = glue is not None and all(block.glue is glue for block in self.blocks)
         self.own_step = self._step_glue is not None
         self._next_ln = [(b.ln_weight, b.ln_bias, b.eps) for b in self.blocks[1:]] + [self.ln_f]
         self.released = release_model
