@@ -198,7 +198,6 @@ class _FusedBlock:
             return x + self.out(y) + self.fc2(g)
         return x + self.proj_out(torch.cat([y, g], dim=-1))
 
-
     def step_out(self, h: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, mask: Tensor) -> Tensor:
         """A decode step's block output before the residual add, from h = ln(x): the two GEMVs and
         ``attend_step`` between them, which writes k and v where ``cache.decode_slots`` says."""
@@ -345,7 +344,6 @@ class FastForward:
             x = x[:, -1:]
         w, b, eps = self.ln_f
         return self.lm_head(F.layer_norm(x, (x.shape[-1],), w, b, eps))
-
 
     def _steps_in_one_loop(self, cache: KVCache | None) -> bool:
         """Whether a one-token call over ``cache`` runs as _decode_step: the one-call ops passed, and

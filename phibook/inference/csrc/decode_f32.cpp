@@ -470,7 +470,6 @@ at::Tensor merge_gelu(const at::Tensor& y, const at::Tensor& u) {
   return out;
 }
 
-
 // Writes row b's new key and value (qkv[1], qkv[2]: (B, H, 1, D) fp32 holding values of the cache's
 // dtype) into the layer's cache at each column columns[b, :] lists (entries < 0: none).
 template <typename KV>
@@ -534,12 +533,6 @@ at::Tensor attend_step(const at::Tensor& u, const at::Tensor& cos, const at::Ten
   return merge_gelu(y, u);
 }
 
-// add_layer_norm: a decode step's residual add and the next LayerNorm in one call (the next
-// block's, or the final one): s = x + y rounded to x's dtype (ATen's add: the sum in fp32, rounded
-// once), h = LayerNorm(s) with fp32 statistics (mean, then the variance about it, as two passes
-// over the row), rounded to the dtype once. x (..., d) fp32 or bf16 and y of x's shape and dtype,
-// both contiguous; weight and bias (d) of x's dtype. Returns
-// (s, h). Rows as split_rotary's (over_rows).
 // The sum of n fp32 values (pass mean = 0) or of their squared distances from mean, in vector lanes.
 inline float row_sum(const float* p, int64_t n, float mean, bool squares) {
   const vec m = vset1(mean);
@@ -576,6 +569,12 @@ void add_layer_norm_rows(const T* x, const T* y, const T* w, const T* b, T* s, T
   }
 }
 
+// add_layer_norm: a decode step's residual add and the next LayerNorm in one call (the next
+// block's, or the final one): s = x + y rounded to x's dtype (ATen's add: the sum in fp32, rounded
+// once), h = LayerNorm(s) with fp32 statistics (mean, then the variance about it, as two passes
+// over the row), rounded to the dtype once. x (..., d) fp32 or bf16 and y of x's shape and dtype,
+// both contiguous; weight and bias (d) of x's dtype. Returns (s, h). Rows as split_rotary's
+// (over_rows).
 std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
                                                   const at::Tensor& bias, double eps) {
   TORCH_CHECK(x.dim() >= 1 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
