@@ -445,14 +445,20 @@ def _probe_gemv(dtype: torch.dtype) -> Callable[[], None]:
     return probe
 
 
-def _probe_attention() -> None:
-    """One query's attention against float64 SDPA: a cache view wider than the keys read, batch
-    rows with and without a padding mask, a strided q, head sizes 16-64, fp32 and bf16 caches."""
+def _fp32_build_ops():
+    """The operators of the fp32 build serving this ATen level, loaded (what the attention and glue
+    probes check); Unsupported where none serves it."""
     build, why = gemv_build(torch.float32)
     if build is None:
         raise Unsupported(why)
     load_gemv(build)
-    op = getattr(torch.ops, build.namespace).attention_f32
+    return getattr(torch.ops, build.namespace)
+
+
+def _probe_attention() -> None:
+    """One query's attention against float64 SDPA: a cache view wider than the keys read, batch
+    rows with and without a padding mask, a strided q, head sizes 16-64, fp32 and bf16 caches."""
+    op = _fp32_build_ops().attention_f32
     g = torch.Generator().manual_seed(0)
     shapes = ((1, 2, 1, 16), (1, 32, 130, 64), (3, 4, 33, 32), (2, 3, 700, 64))
     for (batch, heads, seen, dim), cache_dtype in itertools.product(shapes, (torch.float32, torch.bfloat16)):
@@ -478,11 +484,7 @@ def _probe_decode_glue() -> None:
     bf16 and fp32, one and three rows, cos/sin shared and per row, u a strided view."""
     from phibook.model.model import apply_rotary
 
-    build, why = gemv_build(torch.float32)
-    if build is None:
-        raise Unsupported(why)
-    load_gemv(build)
-    ops = getattr(torch.ops, build.namespace)
+    ops = _fp32_build_ops()
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         # rows: positions per batch row (B) or shared (1)
@@ -514,11 +516,7 @@ def _probe_decode_step() -> None:
     each checked against float64 by its own probe): fp32 and bf16 models over fp32 and bf16 caches,
     one and three rows, a mask or none, rows writing one column, two or none. add_layer_norm's sum
     against ATen's add (exactly) and its LayerNorm against float64."""
-    build, why = gemv_build(torch.float32)
-    if build is None:
-        raise Unsupported(why)
-    load_gemv(build)
-    ops = getattr(torch.ops, build.namespace)
+    ops = _fp32_build_ops()
     g = torch.Generator().manual_seed(0)
     for dtype, cache_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                (torch.bfloat16, torch.bfloat16)):
@@ -533,6 +531,8 @@ def _probe_decode_step() -> None:
             columns = torch.full((batch, 2), -1, dtype=torch.long)
             columns[:, 0] = seen - 1
             columns[0, 1] = 1  # a row writing two columns; the others one, the scratch column
+            if batch > 1:
+                columns[-1, 0] = -1  # and a row writing none
             keep = torch.rand(batch, 1, 1, seen, generator=g) > 0.4
             keep[..., -1] = True
             for mask in (torch.empty(0, dtype=torch.bool), keep):
