@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_ours, cpu_flags, git_rev, load_average, machine, median, now, read_bandwidth_gbs  # noqa: E402
+from common import build_ours, median, run_between_bandwidth_probes  # noqa: E402
 
 CACHES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -124,14 +124,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    load = load_average()
-    before = read_bandwidth_gbs(threads=args.threads)
-    table = bench_attention(args) if args.mode == "attention" else bench_steps(args)
-    after = read_bandwidth_gbs(threads=args.threads)
-    print(f"{args.mode}, bf16 model, {args.rounds} alternating rounds, {args.threads} threads")
-    print(f"CPU flags: {cpu_flags()}; read bandwidth before / after: {before:.1f} / {after:.1f} GB/s; load before: {load}")
-    print("\n".join(table))
-    print(f"machine: {machine()}; {now()}; git {git_rev()}; command: python {' '.join(sys.argv)}")
+    title = f"{args.mode}, bf16 model, {args.rounds} alternating rounds, {args.threads} threads"
+    run_between_bandwidth_probes(title, lambda: bench_attention(args) if args.mode == "attention" else bench_steps(args), args.threads)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -208,3 +210,16 @@ def module_bytes_per_token(module) -> int:
         seen.add(key)
         total += nbytes // t.shape[0] if name.startswith("embed.") else nbytes
     return total
+
+
+def run_between_bandwidth_probes(title: str, table: Callable[[], list[str]], threads: int) -> None:
+    """Run ``table()`` (a markdown table's lines) between two read-bandwidth probes and print it under
+    ``title``, with the CPU flags, both bandwidth figures, the load before, the machine and the command."""
+    load = load_average()
+    before = read_bandwidth_gbs(threads=threads)
+    lines = table()
+    after = read_bandwidth_gbs(threads=threads)
+    print(title)
+    print(f"CPU flags: {cpu_flags()}; read bandwidth before / after: {before:.1f} / {after:.1f} GB/s; load before: {load}")
+    print("\n".join(lines))
+    print(f"machine: {machine()}; {now()}; git {git_rev()}; command: python {' '.join(sys.argv)}")
