@@ -470,7 +470,24 @@ def test_one_loop_decode_steps_match_block_by_block_ones(dtype: torch.dtype) -> 
     and caches that agree, step after step."""
     _step_glue_or_skip()
     model = _model(dtype)
+    _one_loop_against_block_by_block(model, FastForward(model), 1e-4 if dtype == torch.float32 else 0.05)
+
+
+@pytest.mark.parametrize("mode", ["int8", "w8a8", "int4"])
+@torch.inference_mode()
+def test_a_quantized_model_decodes_in_the_one_loop(mode: str) -> None:
+    """A quantized model's blocks take the glue and the one loop too: its output projection is two
+    quantized linears, out(y) + fc2(gelu), fed the two halves of attend_step's merged output."""
+    from phibook.inference import quant as Q
+
+    _step_glue_or_skip()
+    model = Q.quantize_(_model(), mode)
     fast = FastForward(model)
+    assert fast.quant_mode == mode and fast.own_glue and fast.own_step and fast.blocks[0].quantized
+    _one_loop_against_block_by_block(model, fast, 1e-4)
+
+
+def _one_loop_against_block_by_block(model: PhiModel, fast: FastForward, tol: float) -> None:
     assert fast.own_step
     prompt = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(23))
     mask = torch.ones(2, 10 + 12, dtype=torch.long)
@@ -478,7 +495,6 @@ def test_one_loop_decode_steps_match_block_by_block_ones(dtype: torch.dtype) -> 
     one_loop = _CountingCache(model.config, 2, 32, dtype=fast.cache_dtype)
     block_by_block = _UpdateOnlyCache(KVCache(model.config, 2, 32, dtype=fast.cache_dtype))
     tokens = prompt
-    tol = 1e-4 if dtype == torch.float32 else 0.05
     for step in range(12):
         width = one_loop.pos + tokens.shape[1]
         a = fast(tokens, cache=one_loop, attention_mask=mask[:, :width])[:, -1].float()

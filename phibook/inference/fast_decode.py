@@ -157,10 +157,9 @@ class _FusedBlock:
         self.attention = attention if self.head_dim % ATTENTION_HEAD_MULTIPLE == 0 else None
         self.quantized = isinstance(attn.qkv, QuantLinear)
         # The decode step's elementwise work in two ops (kernels.DecodeGlue), where our attention
-        # runs too; a quantized block keeps ATen's ops (its output projection takes y and g apart),
-        # and so does an fp16 one (the glue reads fp32 and bf16).
-        self.glue = glue if self.attention is not None and not self.quantized \
-            and attn.qkv.weight.dtype in GLUE_DTYPES else None
+        # runs too; an fp16 block keeps ATen's ops (the glue reads fp32 and bf16). A quantized block's
+        # activations are the model's dtype (its LayerNorm's), whatever its weights hold.
+        self.glue = glue if self.attention is not None and block.ln.weight.dtype in GLUE_DTYPES else None
         if self.quantized:
             fused = cat_rows(attn.qkv, mlp.fc1)
             self.proj_in = fused if fused is not None else _Stacked(attn.qkv, mlp.fc1)
@@ -182,7 +181,7 @@ class _FusedBlock:
             q, k, v = self.glue.split_rotary(u, cos, sin, self.n_head, self.head_dim).unbind(0)
             k, v = cache.update(self.layer, k, v)
             y = self.attention(q, k, v, mask if mask is not None else _NO_MASK)
-            return x + self.proj_out(self.glue.merge_gelu(y, u))
+            return x + self._project_out(self.glue.merge_gelu(y, u))
         qk = apply_rotary(u[..., : 2 * d].view(B, T, 2 * self.n_head, self.head_dim), cos, sin)
         q, k = qk.transpose(1, 2).split(self.n_head, dim=1)  # (B, H, T, D) each
         v = u[..., 2 * d : 3 * d].view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -203,8 +202,15 @@ class _FusedBlock:
         ``attend_step`` between them, which writes k and v where ``cache.decode_slots`` says."""
         u = self.proj_in(h)
         k_all, v_all, columns, length = cache.decode_slots(self.layer)
-        return self.proj_out(self.glue.attend_step(u, cos, sin, self.n_head, self.head_dim, k_all, v_all, columns,
-                                                   length, mask))
+        return self._project_out(self.glue.attend_step(u, cos, sin, self.n_head, self.head_dim, k_all, v_all,
+                                                       columns, length, mask))
+
+    def _project_out(self, merged: Tensor) -> Tensor:
+        """The output projection of [y | gelu(fc1)] (the glue's merged output): one linear, or a
+        quantized block's two, out(y) + fc2(g)."""
+        if self.quantized:
+            return self.out(merged[..., : self.d]) + self.fc2(merged[..., self.d :])
+        return self.proj_out(merged)
 
 
 class _Stacked:
