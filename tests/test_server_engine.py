@@ -240,11 +240,13 @@ def test_failure_in_one_row_fails_only_its_request(generator):
         assert complete(url, "still alive", 3) == greedy(generator, "still alive", 3)
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["model", "fast"])
 @pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_quantized_model_is_served_unchanged(tiny_checkpoint, quant):
+def test_quantized_model_is_served_unchanged(tiny_checkpoint, quant, fast):
     # --quant swaps the linears in place; the engine needs nothing special. fp32 activations and
     # whole-prompt prefill chunks, so the quantized kernels take the same path as Generator.run's.
-    gen = Generator.from_path(tiny_checkpoint, quant=quant, save_quant=False, log=lambda _: None)
+    # fast: FastForward's quantized blocks, whose decode steps take the one loop over the slot cache.
+    gen = Generator.from_path(tiny_checkpoint, quant=quant, save_quant=False, log=lambda _: None, fast=fast)
     prompts = ["def add(a, b):", "Alice and Bob are learning"]
     with serve_in_thread(_app(gen, prefill_chunk=512)) as url:
         threads = [in_thread(complete, url, p, 10) for p in prompts]

@@ -37,7 +37,8 @@ Where the cache says where a step writes (``decode_slots``: KVCache and the serv
 and the ``decode-step`` check passed, a one-token step is one loop of native calls per block
 (``_FusedBlock.step_out``: GEMV, ``attend_step``, GEMV; then ``add_layer_norm``, the residual add
 with the next LayerNorm): after a GEMV has streamed its weight through the CPU caches, each
-separate op pays a cold start, so fewer of them between the GEMVs is time saved.
+separate op pays a cold start, so fewer of them between the GEMVs is time saved. Quantized
+blocks take the glue and the one loop too; their output projection stays two quantized linears.
 
 Where oneDNN cannot take the dtype or device (CUDA, fp16 without AVX512-FP16,
 ``pack=False``), or its prepacked linear failed its check on this CPU
