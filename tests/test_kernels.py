@@ -240,6 +240,30 @@ def test_refused_decode_step_leaves_the_step_to_the_glue_ops(fresh_verdicts: Pat
     assert error <= 1e-4
 
 
+def test_a_changed_kernel_source_is_checked_again(fresh_verdicts: Path, tmp_path: Path, monkeypatch) -> None:
+    """A verdict holds for the kernel sources it was earned on: after an upgrade that changes a
+    kernel, the cached refusal (or approval) of the old source is not read; the probe runs again."""
+    monkeypatch.setenv(K.FAULT_ENV, "int8pack:crash")
+    assert K.kernel_ok("int8pack") is False  # refused and cached under this source
+    monkeypatch.delenv(K.FAULT_ENV)
+    K.forget_verdicts()
+    assert K.kernel_ok("int8pack") is False  # same source: the cached refusal stands
+    sources = tmp_path / "csrc"
+    shutil.copytree(K.CSRC, sources)
+    monkeypatch.setattr(K, "CSRC", sources)
+    K.kernel_sources_digest.cache_clear()
+    try:
+        assert K.verdict_key("int8pack") in K.cached_verdicts()  # a copy of the same bytes: the same key
+        kernel = sources / "decode_f32.cpp"
+        kernel.write_text(kernel.read_text() + "\n// changed\n")
+        K.kernel_sources_digest.cache_clear()
+        K.forget_verdicts()
+        assert K.verdict_key("int8pack") not in K.cached_verdicts()
+        assert K.kernel_ok("int8pack") is True  # probed again, without the fault
+    finally:
+        K.kernel_sources_digest.cache_clear()
+
+
 def test_every_kernel_passes_its_probe_or_is_refused_cleanly(fresh_verdicts: Path) -> None:
     """Each probe runs in a child and ends in a verdict (never a crash of this process); the ones
     phibook relies on by default pass on any x86 CPU PyTorch supports."""

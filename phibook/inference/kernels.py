@@ -638,11 +638,23 @@ def _cpu_flags_digest() -> str:
     return hashlib.sha1(" ".join(sorted(flags)).encode()).hexdigest()[:12]
 
 
+@functools.cache
+def kernel_sources_digest() -> str:
+    """A digest of phibook's kernel sources (csrc/): a changed kernel is checked again, never
+    trusted on the verdict its previous source earned."""
+    digest = hashlib.sha1()
+    for path in sorted(CSRC.glob("*.cpp")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def verdict_key(name: str) -> str:
-    """What a verdict depends on: the kernel, torch's build, the CPU and the ISA caps in force."""
+    """What a verdict depends on: the kernel and its source, torch's build, the CPU and the ISA
+    caps in force."""
     capability = torch.backends.cpu.get_cpu_capability()
     onednn_cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "-"
-    return f"{name}|torch {torch.__version__}|cpu {_cpu_flags_digest()}|aten {capability}|onednn {onednn_cap}"
+    return (f"{name}|torch {torch.__version__}|src {kernel_sources_digest()}|cpu {_cpu_flags_digest()}|aten {capability}"
+            f"|onednn {onednn_cap}")
 
 
 _lock = threading.Lock()
