@@ -6,7 +6,9 @@
 // y[i, r] = sum_k W[r, k] * x[i, k] + bias[r], W (rows, cols) row-major fp32, x (m <= 16, cols)
 // fp32, summed in fp32 with fused multiply-adds. Decode reads every weight once per token, so the
 // speed is how fast W streams from memory: rows are split across torch's own intra-op threads
-// (at::parallel_for) and each weight row is read once for all m input rows.
+// (at::parallel_for) and each weight row is read once for all m input rows. A thread reads its
+// rows as several runs at once (kStreams for one input row, a tile's rows for more), each front
+// to back: one sequential stream per thread left bandwidth unused on an AVX2 EPYC (docs/performance.md).
 //
 // One source, two builds, chosen by phibook.inference.kernels from the CPU's flags and the ISA
 // level ATen runs at: -mavx512f (16 lanes, 32 registers: 4 x 4 tiles) and -mavx2 -mfma (8 lanes,
@@ -85,9 +87,10 @@ constexpr int64_t kMaxRows = 16;  // input rows per call: a batched decode step'
 
 // A tile: R weight rows times MT input rows, R * MT accumulators; per kLanes columns R + MT loads
 // feed R * MT multiply-adds.
+// Weight rows r, r + rs, ..., r + (R - 1) rs: adjacent rows (rs = 1) or one row from each of R runs.
 template <int R, int MT>
 inline void tile(const float* w, const float* x, const float* bias, float* y, int64_t rows, int64_t cols, int64_t r,
-                 int64_t t) {
+                 int64_t rs, int64_t t) {
   vec acc[R][MT];
   for (int j = 0; j < R; ++j)
     for (int i = 0; i < MT; ++i) acc[j][i] = vzero();
@@ -95,53 +98,74 @@ inline void tile(const float* w, const float* x, const float* bias, float* y, in
     vec xv[MT];
     for (int i = 0; i < MT; ++i) xv[i] = vload(x + (t + i) * cols + k);
     for (int j = 0; j < R; ++j) {
-      const vec wv = vload(w + (r + j) * cols + k);
+      const vec wv = vload(w + (r + j * rs) * cols + k);
       for (int i = 0; i < MT; ++i) acc[j][i] = vfma(wv, xv[i], acc[j][i]);
     }
   }
   for (int j = 0; j < R; ++j) {
-    const float b = bias ? bias[r + j] : 0.0f;
-    for (int i = 0; i < MT; ++i) y[(t + i) * rows + r + j] = vsum(acc[j][i]) + b;
+    const float b = bias ? bias[r + j * rs] : 0.0f;
+    for (int i = 0; i < MT; ++i) y[(t + i) * rows + r + j * rs] = vsum(acc[j][i]) + b;
   }
 }
 
 template <int R>
 inline void tiles_for_rows(const float* w, const float* x, const float* bias, float* y, int64_t m, int64_t rows,
-                           int64_t cols, int64_t r) {
+                           int64_t cols, int64_t r, int64_t rs) {
   // The R weight rows stay in L1/L2 while every 4-row tile of x passes over them.
   int64_t t = 0;
-  for (; t + 4 <= m; t += 4) tile<R, 4>(w, x, bias, y, rows, cols, r, t);
+  for (; t + 4 <= m; t += 4) tile<R, 4>(w, x, bias, y, rows, cols, r, rs, t);
   switch (m - t) {
-    case 3: tile<R, 3>(w, x, bias, y, rows, cols, r, t); break;
-    case 2: tile<R, 2>(w, x, bias, y, rows, cols, r, t); break;
-    case 1: tile<R, 1>(w, x, bias, y, rows, cols, r, t); break;
+    case 3: tile<R, 3>(w, x, bias, y, rows, cols, r, rs, t); break;
+    case 2: tile<R, 2>(w, x, bias, y, rows, cols, r, rs, t); break;
+    case 1: tile<R, 1>(w, x, bias, y, rows, cols, r, rs, t); break;
     default: break;
   }
 }
 
+// Rows [r0, r1) as kTileRows runs of q rows: tile i takes row i of every run, so the thread reads
+// kTileRows streams at once; the rows left over (fewer than kTileRows) go one by one.
 void rows_block_many(const float* w, const float* x, const float* bias, float* y, int64_t m, int64_t rows,
                      int64_t cols, int64_t r0, int64_t r1) {
-  int64_t r = r0;
-  for (; r + kTileRows <= r1; r += kTileRows) tiles_for_rows<kTileRows>(w, x, bias, y, m, rows, cols, r);
-  for (; r < r1; ++r) tiles_for_rows<1>(w, x, bias, y, m, rows, cols, r);
+  const int64_t q = (r1 - r0) / kTileRows;
+  for (int64_t i = 0; i < q; ++i) tiles_for_rows<kTileRows>(w, x, bias, y, m, rows, cols, r0 + i, q);
+  for (int64_t r = r0 + kTileRows * q; r < r1; ++r) tiles_for_rows<1>(w, x, bias, y, m, rows, cols, r, 1);
 }
 
-// One input row: four accumulators over k keep the FMA units busy; a thread's rows are one
-// contiguous run of memory, a single forward stream.
+// One input row: rows [r0, r1) as kStreams runs of q rows read side by side (row i of every run at
+// once, two accumulators each over k), then the rows left over one by one.
+constexpr int kStreams = 4;
+
 void rows_block_one(const float* w, const float* x, const float* bias, float* y, int64_t cols, int64_t r0,
                     int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
+  const int64_t q = (r1 - r0) / kStreams;
+  for (int64_t i = 0; i < q; ++i) {
+    const float* wr[kStreams];
+    vec a[kStreams], b[kStreams];
+    for (int s = 0; s < kStreams; ++s) {
+      wr[s] = w + (r0 + s * q + i) * cols;
+      a[s] = vzero();
+      b[s] = vzero();
+    }
+    for (int64_t k = 0; k < cols; k += 2 * kLanes) {  // cols is a multiple of 32 (checked), of 2 * kLanes
+      const vec x0 = vload(x + k), x1 = vload(x + k + kLanes);
+      for (int s = 0; s < kStreams; ++s) {
+        a[s] = vfma(vload(wr[s] + k), x0, a[s]);
+        b[s] = vfma(vload(wr[s] + k + kLanes), x1, b[s]);
+      }
+    }
+    for (int s = 0; s < kStreams; ++s) {
+      const int64_t r = r0 + s * q + i;
+      y[r] = vsum(vadd(a[s], b[s])) + (bias ? bias[r] : 0.0f);
+    }
+  }
+  for (int64_t r = r0 + kStreams * q; r < r1; ++r) {
     const float* wr = w + r * cols;
-    vec a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
-    int64_t k = 0;
-    for (; k + 4 * kLanes <= cols; k += 4 * kLanes) {
+    vec a0 = vzero(), a1 = vzero();
+    for (int64_t k = 0; k < cols; k += 2 * kLanes) {
       a0 = vfma(vload(wr + k), vload(x + k), a0);
       a1 = vfma(vload(wr + k + kLanes), vload(x + k + kLanes), a1);
-      a2 = vfma(vload(wr + k + 2 * kLanes), vload(x + k + 2 * kLanes), a2);
-      a3 = vfma(vload(wr + k + 3 * kLanes), vload(x + k + 3 * kLanes), a3);
     }
-    for (; k < cols; k += kLanes) a0 = vfma(vload(wr + k), vload(x + k), a0);
-    y[r] = vsum(vadd(vadd(a0, a1), vadd(a2, a3))) + (bias ? bias[r] : 0.0f);
+    y[r] = vsum(vadd(a0, a1)) + (bias ? bias[r] : 0.0f);
   }
 }
 
