@@ -131,42 +131,36 @@ void rows_block_many(const float* w, const float* x, const float* bias, float* y
   for (int64_t r = r0 + kTileRows * q; r < r1; ++r) tiles_for_rows<1>(w, x, bias, y, m, rows, cols, r, 1);
 }
 
+// One input row dotted with weight rows r, r + rs, ..., r + (S - 1) rs, two accumulators each over k.
+template <int S>
+inline void dot_rows(const float* w, const float* x, const float* bias, float* y, int64_t cols, int64_t r,
+                     int64_t rs) {
+  const float* wr[S];
+  vec a[S], b[S];
+  for (int s = 0; s < S; ++s) {
+    wr[s] = w + (r + s * rs) * cols;
+    a[s] = vzero();
+    b[s] = vzero();
+  }
+  for (int64_t k = 0; k < cols; k += 2 * kLanes) {  // cols is a multiple of 32 (checked), of 2 * kLanes
+    const vec x0 = vload(x + k), x1 = vload(x + k + kLanes);
+    for (int s = 0; s < S; ++s) {
+      a[s] = vfma(vload(wr[s] + k), x0, a[s]);
+      b[s] = vfma(vload(wr[s] + k + kLanes), x1, b[s]);
+    }
+  }
+  for (int s = 0; s < S; ++s) y[r + s * rs] = vsum(vadd(a[s], b[s])) + (bias ? bias[r + s * rs] : 0.0f);
+}
+
 // One input row: rows [r0, r1) as kStreams runs of q rows read side by side (row i of every run at
-// once, two accumulators each over k), then the rows left over one by one.
+// once), then the rows left over one by one.
 constexpr int kStreams = 4;
 
 void rows_block_one(const float* w, const float* x, const float* bias, float* y, int64_t cols, int64_t r0,
                     int64_t r1) {
   const int64_t q = (r1 - r0) / kStreams;
-  for (int64_t i = 0; i < q; ++i) {
-    const float* wr[kStreams];
-    vec a[kStreams], b[kStreams];
-    for (int s = 0; s < kStreams; ++s) {
-      wr[s] = w + (r0 + s * q + i) * cols;
-      a[s] = vzero();
-      b[s] = vzero();
-    }
-    for (int64_t k = 0; k < cols; k += 2 * kLanes) {  // cols is a multiple of 32 (checked), of 2 * kLanes
-      const vec x0 = vload(x + k), x1 = vload(x + k + kLanes);
-      for (int s = 0; s < kStreams; ++s) {
-        a[s] = vfma(vload(wr[s] + k), x0, a[s]);
-        b[s] = vfma(vload(wr[s] + k + kLanes), x1, b[s]);
-      }
-    }
-    for (int s = 0; s < kStreams; ++s) {
-      const int64_t r = r0 + s * q + i;
-      y[r] = vsum(vadd(a[s], b[s])) + (bias ? bias[r] : 0.0f);
-    }
-  }
-  for (int64_t r = r0 + kStreams * q; r < r1; ++r) {
-    const float* wr = w + r * cols;
-    vec a0 = vzero(), a1 = vzero();
-    for (int64_t k = 0; k < cols; k += 2 * kLanes) {
-      a0 = vfma(vload(wr + k), vload(x + k), a0);
-      a1 = vfma(vload(wr + k + kLanes), vload(x + k + kLanes), a1);
-    }
-    y[r] = vsum(vadd(a0, a1)) + (bias ? bias[r] : 0.0f);
-  }
+  for (int64_t i = 0; i < q; ++i) dot_rows<kStreams>(w, x, bias, y, cols, r0 + i, q);
+  for (int64_t r = r0 + kStreams * q; r < r1; ++r) dot_rows<1>(w, x, bias, y, cols, r, 1);
 }
 
 at::Tensor gemv_f32(const at::Tensor& weight, const at::Tensor& x, const at::Tensor& bias) {
