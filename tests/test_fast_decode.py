@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from phibook.cpu_features import cpu_flags, read_cpuinfo
 from phibook.inference import kernels as K
 from phibook.inference.fast_decode import FastForward, can_pack
 from phibook.inference.generate import Generator, SamplingParams
@@ -237,8 +238,9 @@ def test_gemv_matches_a_double_reference(dtype: torch.dtype) -> None:
 @torch.inference_mode()
 def test_fast_path_decodes_through_the_gemv_as_closely_as_through_onednn(dtype: torch.dtype) -> None:
     """Steps of up to 16 rows go through the GEMV (longer prefills through oneDNN's linear on the
-    same plain weights); teacher-forced, each step's logits are as close to the same weights run
-    in float64 as oneDNN's packed path gets."""
+    same plain weights, or for bf16 where oneDNN lacks it, oneDNN's fp32 linear on them widened);
+    teacher-forced, each step's logits are as close to the same weights run in float64 as the
+    library path gets (oneDNN packed where it takes the dtype, else ATen's F.linear)."""
     _gemv_or_skip(dtype)
     model = _model(dtype)
     model.reset_rope()
@@ -246,7 +248,9 @@ def test_fast_path_decodes_through_the_gemv_as_closely_as_through_onednn(dtype: 
     exact.reset_rope()
     fast, onednn = FastForward(model), FastForward(model, gemv=False)
     assert fast.gemv and fast.blocks[0].proj_in.gemv and fast.lm_head.gemv and not onednn.gemv
-    assert onednn.blocks[0].proj_in.packed and not fast.blocks[0].proj_in.packed
+    assert onednn.blocks[0].proj_in.packed == K.onednn_supports(dtype) and not fast.blocks[0].proj_in.packed
+    assert fast.widened == (K.long_step_dtype(dtype) != dtype) and not onednn.widened
+    assert (fast.blocks[0].proj_in.widened is not None) == fast.widened
     prompt = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(12))
     forced = torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(13))
     errors = {}
@@ -264,6 +268,32 @@ def test_fast_path_decodes_through_the_gemv_as_closely_as_through_onednn(dtype: 
     tol = {"atol": 0.05, "rtol": 0.02} if dtype == torch.bfloat16 else {"atol": 1e-4, "rtol": 1e-4}
     for ids in (torch.cat([prompt, prompt.flip(1)]), torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(14))):
         torch.testing.assert_close(fast(ids).float(), onednn(ids).float(), **tol)
+
+
+def test_widened_linear_is_the_fp32_product_of_the_bf16_weights_whatever_the_chunks() -> None:
+    """A bf16 model's long steps where oneDNN lacks bf16: the weight widened to fp32 a chunk of rows
+    at a time. Chunks of one row, of a count that does not divide the rows, of the whole weight,
+    and smaller than one row; with and without bias and GELU; 2-D and 3-D inputs: each within
+    one bf16 rounding of the float64 product of the same bf16 numbers."""
+    if not K.onednn_supports(torch.float32):
+        pytest.skip("oneDNN's fp32 linear does not run here")
+    from phibook.inference.fast_decode import WidenedLinear
+
+    g = torch.Generator().manual_seed(31)
+    w = (torch.randn(70, 96, generator=g) / 96**0.5).to(torch.bfloat16)
+    bias = torch.randn(70, generator=g)
+    for chunk_values in (96, 7 * 96 + 5, 70 * 96, 10):
+        widened = WidenedLinear(chunk_values)
+        for x in (torch.randn(33, 96, generator=g).to(torch.bfloat16),
+                  torch.randn(2, 20, 96, generator=g).to(torch.bfloat16)):
+            for b, gelu in ((bias, False), (torch.empty(0), False), (bias, True)):
+                got = widened(x, w, b, gelu)
+                want = x.double() @ w.double().T + (b.double() if b.numel() else 0)
+                if gelu:
+                    want = F.gelu(want, approximate="tanh")
+                assert got.dtype == torch.bfloat16 and got.shape == (*x.shape[:-1], 70)
+                bound = want.abs() * 2.0**-8 + (x.double().abs() @ w.double().abs().T) * 1e-5 + 1e-6
+                assert bool(((got.double() - want).abs() <= bound).all()), (chunk_values, x.shape, gelu)
 
 
 def _attention_or_skip() -> K.AttentionOp:
@@ -611,13 +641,18 @@ def test_gemv_follows_the_switch_the_flags_and_the_aten_level(monkeypatch) -> No
         assert FastForward(_model(dtype)).gemv is False
     monkeypatch.delenv(K.GEMV_ENV)
     level = torch.backends.cpu.get_cpu_capability()
-    if level != "AVX512":  # CI's runs at the lower ATen levels
-        assert K.gemv_build(torch.bfloat16)[0] is None
-        assert FastForward(_model(torch.bfloat16)).gemv is False
-    build, why = K.gemv_build(torch.float32)
-    if level == "DEFAULT":
-        assert build is None and "DEFAULT" in why
-        assert FastForward(_model(torch.float32)).gemv is False
-    elif build is not None:  # the build for this level, never another level's
-        assert build.level == level and build.namespace.endswith(level.lower())
+    flags = cpu_flags(read_cpuinfo()) or set()
+    builds = {dtype: K.gemv_build(dtype) for dtype in (torch.bfloat16, torch.float32)}
+    for dtype, (build, why) in builds.items():
+        if level == "DEFAULT":  # CI's run at the lowest ATen level
+            assert build is None and "DEFAULT" in why
+            assert FastForward(_model(dtype)).gemv is False
+        elif build is not None:  # the build for this level, never another level's
+            assert build.level == level and build.namespace.endswith(level.lower())
+    bf16, fp32 = builds[torch.bfloat16][0], builds[torch.float32][0]
+    if bf16 is not None:  # bf16's dot products only where the CPU has them, else the weights widened
+        native = level == "AVX512" and "avx512_bf16" in flags
+        assert bf16.source.name == ("gemv_bf16.cpp" if native else "decode_f32.cpp")
+        if not native and fp32 is not None:  # one library serves both dtypes
+            assert (bf16.namespace, bf16.cflags) == (fp32.namespace, fp32.cflags) and bf16.op != fp32.op
     assert K.gemv_build(torch.float16) == (None, f"no GEMV of phibook's for {torch.float16}")

@@ -65,6 +65,8 @@ from phibook.inference.kernels import (
     decode_glue,
     gemv_kernel,
     kernel_ok,
+    long_step_dtype,
+    onednn_supports,
 )
 from phibook.inference.pages import dontneed, drop_file_pages, file_page_range, huge_page_copy, malloc_trim
 from phibook.model.model import KVCache, PhiModel, apply_rotary, attend, attention_dtype, causal_mask
@@ -73,30 +75,50 @@ from phibook.model.model import KVCache, PhiModel, apply_rotary, attend, attenti
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether oneDNN prepacked linears run for this dtype on this device, and passed their
     check on this CPU (phibook.inference.kernels: probed once, in a child process)."""
-    if device.type != "cpu" or not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):
-        return False
-    if dtype == torch.float32:
-        supported = True
-    elif dtype == torch.bfloat16:
-        supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    elif dtype == torch.float16:
-        supported = bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    else:
-        return False
-    return supported and kernel_ok(f"onednn-{DTYPE_SHORT[dtype]}")
+    return device.type == "cpu" and onednn_supports(dtype) and kernel_ok(f"onednn-{DTYPE_SHORT[dtype]}")
 
 
 def gemv_op(dtype: torch.dtype, device: torch.device) -> GemvOp | None:
-    """phibook's own matrix-vector kernel for steps of 1-16 rows of this dtype, or None: a bf16 model
-    on a CPU with AVX512-BF16 at ATen's AVX512 level, or an fp32 one at the AVX512 or AVX2 level,
-    the build loaded and checked (phibook.inference.kernels, "gemv-bf16" / "gemv-fp32"). Asked only
-    where the flags allow it, so other CPUs never build or probe it."""
+    """phibook's own matrix-vector kernel for steps of 1-16 rows of this dtype, or None: a bf16 or
+    fp32 model at ATen's AVX512 or AVX2 level (bf16 by AVX512-BF16's dot products where the CPU has
+    them, else widened to fp32 as read), the build loaded and checked (phibook.inference.kernels,
+    "gemv-bf16" / "gemv-fp32"). Asked only where the flags allow it, so other CPUs never build or
+    probe it."""
     return gemv_kernel(dtype) if device.type == "cpu" else None
 
 
 _NO_MASK = torch.empty(0, dtype=torch.bool)  # attention_f32's "no mask", made once, not per layer and step
 OWN_ATTENTION_CACHE = (torch.float32, torch.bfloat16)  # the KV cache dtypes attention_f32 reads
 GLUE_DTYPES = (torch.float32, torch.bfloat16)  # the model dtypes split_rotary and merge_gelu read
+
+
+class WidenedLinear:
+    """oneDNN's fp32 linear over a bf16 weight, widened a chunk of rows at a time into one scratch
+    buffer: the longer steps (prefill) of a bf16 model whose oneDNN lacks bf16 (AVX2), where
+    ATen's bf16 matmul ran at a fifth of this speed (docs/performance.md). bf16 to fp32 is exact,
+    so this is the fp32 product of the same numbers, rounded to bf16 once. One per FastForward,
+    shared by its linears (one forward at a time, as every FastForward runs)."""
+
+    def __init__(self, chunk_values: int = 4 << 20) -> None:
+        # fp32 values a chunk of weight rows holds (16 MiB: widened while the CPU's caches keep it)
+        self.chunk_values = chunk_values
+        self.scratch: Tensor | None = None  # allocated by the first long step
+
+    def __call__(self, x: Tensor, weight: Tensor, bias_fp32: Tensor, gelu: bool) -> Tensor:
+        out_features, in_features = weight.shape
+        step = max(1, self.chunk_values // in_features)  # weight rows a chunk
+        if self.scratch is None or self.scratch.numel() < step * in_features:
+            self.scratch = torch.empty(step * in_features, dtype=torch.float32)
+        x32 = x.reshape(-1, in_features).float()
+        y = torch.empty(x32.shape[0], out_features, dtype=weight.dtype)
+        for r0 in range(0, out_features, step):
+            r1 = min(out_features, r0 + step)
+            w32 = self.scratch[: (r1 - r0) * in_features].view(r1 - r0, in_features)
+            w32.copy_(weight[r0:r1])
+            b32 = bias_fp32[r0:r1] if bias_fp32.numel() else None
+            y[:, r0:r1] = torch.ops.mkldnn._linear_pointwise(x32, w32, b32, "gelu" if gelu else "none", [],
+                                                             "tanh" if gelu else "")
+        return y.view(*x.shape[:-1], out_features)
 
 
 class _Linear:
@@ -106,13 +128,16 @@ class _Linear:
     GEMV_MAX_ROWS rows of input (decode steps at batch 1 to 16) go through phibook's GEMV, which
     streams the weight faster than oneDNN's packed inner product does at few rows; more rows
     (prefill) go through oneDNN's linear on the plain weight, as fast as on a packed one there
-    (the gemv probe checks that call too).
+    (the gemv probe checks that call too), or, given ``widened`` (a bf16 weight where oneDNN lacks
+    bf16), oneDNN's fp32 linear on it widened a chunk at a time.
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor, pack: bool, gemv: GemvOp | None = None) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor, pack: bool, gemv: GemvOp | None = None,
+                 widened: WidenedLinear | None = None) -> None:
         self.out_features, self.in_features = weight.shape
         self.bias = bias.detach().contiguous()
         self.gemv = gemv if self.in_features % GEMV_COLS_MULTIPLE == 0 else None
+        self.widened = widened if self.gemv is not None else None
         self.packed = pack and self.gemv is None
         if self.gemv is not None:
             self.weight = huge_page_copy(weight.detach())
@@ -128,6 +153,8 @@ class _Linear:
             y = self.gemv(self.weight, x.reshape(-1, self.in_features), self.bias_fp32)
             y = y.view(*x.shape[:-1], self.out_features)
             return F.gelu(y, approximate="tanh") if gelu else y
+        if self.widened is not None:
+            return self.widened(x, self.weight, self.bias_fp32, gelu)
         if self.packed or self.gemv is not None:  # oneDNN's linear takes a packed or a plain weight
             if gelu:
                 return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], "tanh")
@@ -146,7 +173,8 @@ class _FusedBlock:
     """
 
     def __init__(self, block: torch.nn.Module, pack: bool, gemv: GemvOp | None = None,
-                 attention: AttentionOp | None = None, glue: DecodeGlue | None = None) -> None:
+                 attention: AttentionOp | None = None, glue: DecodeGlue | None = None,
+                 widened: WidenedLinear | None = None) -> None:
         from phibook.inference.quant import QuantLinear, cat_rows
 
         attn, mlp = block.attn, block.mlp
@@ -168,10 +196,10 @@ class _FusedBlock:
             return
         w_in = torch.cat([attn.qkv.weight, mlp.fc1.weight], dim=0)
         b_in = torch.cat([attn.qkv.bias, mlp.fc1.bias], dim=0)
-        self.proj_in = _Linear(w_in, b_in, pack, gemv)
+        self.proj_in = _Linear(w_in, b_in, pack, gemv, widened)
         del w_in, b_in  # the packed copy is all we keep
         w_out = torch.cat([attn.out.weight, mlp.fc2.weight], dim=1)
-        self.proj_out = _Linear(w_out, attn.out.bias + mlp.fc2.bias, pack, gemv)
+        self.proj_out = _Linear(w_out, attn.out.bias + mlp.fc2.bias, pack, gemv, widened)
 
     def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, mask: Tensor | None) -> Tensor:
         B, T, d = x.shape
@@ -235,6 +263,10 @@ class FastForward:
         self.quant_mode = quant_mode_of(model)
         self.dtype = model.embed.weight.dtype
         self.device = model.embed.weight.device
+        # oneDNN for the steps of more rows: in the model's dtype, or (a bf16 model where oneDNN
+        # lacks bf16, unless told pack=False) in fp32 on the weights widened a chunk at a time.
+        long_dtype = long_step_dtype(self.dtype) if self.device.type == "cpu" else self.dtype
+        onednn = can_pack(long_dtype, self.device) and pack is not False
         if pack is None:
             pack = can_pack(self.dtype, self.device)
         elif pack and not can_pack(self.dtype, self.device):
@@ -246,8 +278,10 @@ class FastForward:
         self.packed = pack
         # phibook's GEMV for steps of 1-16 rows (gemv_op): by default wherever a build serves the
         # dtype and its check passed; only where oneDNN runs too (longer prefills), never forced on.
-        op = gemv_op(self.dtype, self.device) if pack and (gemv is None or gemv) else None
+        op = gemv_op(self.dtype, self.device) if onednn and (gemv is None or gemv) else None
         self.gemv = op is not None
+        widened = WidenedLinear() if op is not None and long_dtype != self.dtype else None
+        self.widened = widened is not None
         # phibook's one-query attention for decode steps (kernels.attention_kernel; ATen's SDPA
         # for prefill and where it is refused): by default wherever the fp32 build serves.
         attention = attention_kernel() if self.device.type == "cpu" and own_attention is not False else None
@@ -266,14 +300,14 @@ class FastForward:
         self.blocks: list[_FusedBlock] = []
         with torch.no_grad():
             for block in model.blocks:
-                self.blocks.append(_FusedBlock(block, pack, op, attention, glue))
+                self.blocks.append(_FusedBlock(block, pack, op, attention, glue, widened))
                 if release_model:
                     _release(block)
             self.ln_f = (model.ln_f.weight.detach().clone(), model.ln_f.bias.detach().clone(), model.ln_f.eps)
             if isinstance(model.lm_head, QuantLinear):
                 self.lm_head = model.lm_head  # shared, not copied: quantized weights are already compact
             else:
-                self.lm_head = _Linear(model.lm_head.weight, model.lm_head.bias, pack, op)
+                self.lm_head = _Linear(model.lm_head.weight, model.lm_head.bias, pack, op, widened)
                 if release_model:
                     _release(model.lm_head)
         # A decode step's blocks as one loop of step_out and add_layer_norm (the residual add and the

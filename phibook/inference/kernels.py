@@ -26,8 +26,9 @@ Kernels (``KERNELS``): ``int8pack`` (``_weight_int8pack_mm``), ``w8a8`` (fbgemm'
 (``_convert_weight_to_int4pack_for_cpu`` + ``_weight_int4pack_mm_for_cpu``), ``onednn-fp32`` /
 ``onednn-bf16`` / ``onednn-fp16`` (``mkldnn._reorder_linear_weight`` + ``_linear_pointwise``,
 FastForward's prepacked linears), ``inductor`` (``torch.compile`` on the CPU, ``--compile``),
-``gemv-bf16`` and ``gemv-fp32`` (phibook's own matrix-vector kernels, ``csrc/gemv_bf16.cpp`` and
-``csrc/decode_f32.cpp``, built here with torch.utils.cpp_extension for the ISA level ATen runs at:
+``gemv-bf16`` and ``gemv-fp32`` (phibook's own matrix-vector kernels, ``csrc/gemv_bf16.cpp``
+for AVX512-BF16 and ``csrc/decode_f32.cpp``, which also multiplies bf16 weights widened to fp32 on
+AVX2 and AVX-512F, built here with torch.utils.cpp_extension for the ISA level ATen runs at:
 FastForward's steps of 1 to 16 rows; ``GEMV_BUILDS``) and ``attention-fp32`` (one query's
 attention in fp32 over an fp32 or bf16 KV cache, in the fp32 build: FastForward's decode steps),
 ``decode-glue`` (the elementwise work around it, ``DecodeGlue``) and ``decode-step`` (that work, the
@@ -149,9 +150,11 @@ GEMV_COLS_MULTIPLE = 32  # the input width must be a multiple of this (one bf16 
 
 @dataclass(frozen=True)
 class GemvBuild:
-    """One build of one of phibook's GEMV sources: the dtype it multiplies, the ATen ISA level it
-    serves (a process held at a lower level by ``ATEN_CPU_CAPABILITY`` gets that level's build, or
-    none), the CPU flags it needs and the compiler flags that target them."""
+    """One build of one of phibook's GEMV sources, for one dtype: the dtype it multiplies, the ATen
+    ISA level it serves (a process held at a lower level by ``ATEN_CPU_CAPABILITY`` gets that
+    level's build, or none), the CPU flags it needs and the compiler flags that target them. The
+    entries of one source and flags (decode_f32.cpp's fp32 and bf16) are one library, built and
+    loaded once."""
 
     dtype: torch.dtype
     level: str
@@ -161,28 +164,36 @@ class GemvBuild:
 
     @property
     def namespace(self) -> str:
-        """The operator namespace of this build (``torch.ops.<namespace>``); builds never clash."""
-        return f"phibook_gemv_{DTYPE_SHORT[self.dtype]}_{self.level.lower()}"
+        """The operator namespace of this build's library (``torch.ops.<namespace>``): one per
+        source and level, so builds never clash."""
+        return f"phibook_{self.source.stem}_{self.level.lower()}"
 
     @property
     def op(self) -> str:
         return f"gemv_{'f32' if self.dtype == torch.float32 else 'bf16'}"
 
 
+_AVX512F = (("avx512f", "fma"), ("-mavx512f", "-mfma"))  # decode_f32.cpp's two builds: CPU flags, cflags
+_AVX2 = (("avx2", "fma"), ("-mavx2", "-mfma"))
+# In order of preference: the first whose flags the CPU has, at the level ATen runs at, serves.
+# bf16: AVX512-BF16's dot products where the CPU has them, else the weights widened to fp32 as read.
 GEMV_BUILDS = (
     GemvBuild(torch.bfloat16, "AVX512", CSRC / "gemv_bf16.cpp", ("avx512f", "avx512bw", "avx512_bf16"),
               ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")),
-    GemvBuild(torch.float32, "AVX512", CSRC / "decode_f32.cpp", ("avx512f", "fma"), ("-mavx512f", "-mfma")),
-    GemvBuild(torch.float32, "AVX2", CSRC / "decode_f32.cpp", ("avx2", "fma"), ("-mavx2", "-mfma")),
+    GemvBuild(torch.bfloat16, "AVX512", CSRC / "decode_f32.cpp", *_AVX512F),
+    GemvBuild(torch.bfloat16, "AVX2", CSRC / "decode_f32.cpp", *_AVX2),
+    GemvBuild(torch.float32, "AVX512", CSRC / "decode_f32.cpp", *_AVX512F),
+    GemvBuild(torch.float32, "AVX2", CSRC / "decode_f32.cpp", *_AVX2),
 )
 GEMV_PROBES = {torch.bfloat16: "gemv-bf16", torch.float32: "gemv-fp32"}
 
 
 def gemv_build(dtype: torch.dtype) -> tuple[GemvBuild | None, str | None]:
     """(build, None) when one of phibook's GEMV builds serves ``dtype`` in this process, else (None,
-    why). Decided from the CPU's flags and the ISA level ATen runs at, never a timing: bf16 needs
-    AVX512-BF16 at ATen's AVX512 level; fp32 has an AVX-512F build and an AVX2+FMA build, and a
-    process held at ``ATEN_CPU_CAPABILITY=default`` gets neither (the library kernels its level picks)."""
+    why). Decided from the CPU's flags and the ISA level ATen runs at, never a timing: bf16 takes
+    AVX512-BF16's build at ATen's AVX512 level where the CPU has it, else decode_f32.cpp's (weights
+    widened to fp32); fp32 has an AVX-512F build and an AVX2+FMA build; a process held at
+    ``ATEN_CPU_CAPABILITY=default`` gets none (the library kernels its level picks)."""
     from phibook.cpu_features import cpu_flags, read_cpuinfo
 
     if os.environ.get(GEMV_ENV, "1") == "0":
@@ -202,21 +213,26 @@ def gemv_build(dtype: torch.dtype) -> tuple[GemvBuild | None, str | None]:
     return None, f"ATen runs at {level} here, not {' or '.join(b.level for b in usable)}"
 
 
-@functools.cache
 def load_gemv(build: GemvBuild) -> None:
-    """Build (once a machine, under torch's extensions directory) and load one GEMV build; raises
-    Unsupported with the reason when it cannot be built here (no compiler, no ninja)."""
+    """Build (once a machine, under torch's extensions directory) and load one GEMV build's library
+    (once a process, whichever of its dtypes asks first); raises Unsupported with the reason when it
+    cannot be built here (no compiler, no ninja)."""
+    _load_library(build.source, build.namespace, build.cflags)
+
+
+@functools.cache
+def _load_library(source: Path, namespace: str, cflags: tuple[str, ...]) -> None:
     from torch.utils import cpp_extension
 
     # The name carries the source's and the flags' digest: torch keeps each build under its
     # extensions directory ($TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions) and rebuilds on a change.
-    digest = hashlib.sha1(build.source.read_bytes() + " ".join(build.cflags).encode()).hexdigest()[:12]
+    digest = hashlib.sha1(source.read_bytes() + " ".join(cflags).encode()).hexdigest()[:12]
     try:
-        cpp_extension.load(name=f"{build.namespace}_{digest}", sources=[str(build.source)],
+        cpp_extension.load(name=f"{namespace}_{digest}", sources=[str(source)],
                            # -fopenmp: at::parallel_for is inlined from ATen's headers and runs on
                            # OpenMP; the library's libgomp.so.1 resolves to the copy torch loaded
                            # (one soname, one thread pool, torch's thread count).
-                           extra_cflags=["-O3", "-fopenmp", f"-DPHIBOOK_GEMV_NS={build.namespace}", *build.cflags],
+                           extra_cflags=["-O3", "-fopenmp", f"-DPHIBOOK_GEMV_NS={namespace}", *cflags],
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as exc:  # a missing compiler or ninja is a refusal, not a crash
         raise Unsupported(f"the kernel did not build here ({type(exc).__name__}: {str(exc)[-300:]})") from exc
@@ -225,11 +241,35 @@ def load_gemv(build: GemvBuild) -> None:
 GemvOp = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
+def onednn_supports(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's linear runs ``dtype`` on this CPU at all (its check is kernel_ok's
+    ``onednn-<dtype>``): fp32 always, bf16 and fp16 where oneDNN reports the CPU can."""
+    if not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):
+        return False
+    if dtype == torch.float32:
+        return True
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return False
+
+
+def long_step_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype oneDNN's linear runs a GEMV model's steps of more than GEMV_MAX_ROWS rows in: the
+    model's own where oneDNN takes it here, else fp32 (a bf16 model on AVX2: its weights widened to
+    fp32 a chunk of rows at a time, which is exact; ATen's own bf16 matmul there ran at a fifth of
+    oneDNN's fp32 speed, docs/performance.md)."""
+    return dtype if onednn_supports(dtype) else torch.float32
+
+
 def gemv_kernel(dtype: torch.dtype) -> GemvOp | None:
     """phibook's GEMV for ``dtype`` in this process, or None: a build serves it here (``gemv_build``),
     its check passed on this CPU (in a child, cached) and it loaded. Silent where the flags rule it
     out. The op computes (m, out) = x (m <= GEMV_MAX_ROWS, in) @ weight (out, in)^T + bias_fp32
     (out,) or empty, x and weight in ``dtype``, reading each weight row once for all m rows."""
+    if dtype not in GEMV_PROBES:  # fp16: no build (oneDNN packs it where the CPU has AVX512-FP16)
+        return None
     return _checked_op(dtype, GEMV_PROBES[dtype], None, "oneDNN")
 
 
@@ -381,9 +421,7 @@ def _probe_w8a8() -> None:
 def _probe_onednn(dtype: torch.dtype) -> Callable[[], None]:
     def probe() -> None:
         name = f"onednn-{DTYPE_SHORT[dtype]}"
-        supported = {torch.float32: lambda: True, torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
-                     torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}[dtype]
-        if not (torch.backends.mkldnn.is_available() and supported()):
+        if not onednn_supports(dtype):
             raise Unsupported(f"oneDNN does not support {dtype} on this CPU")
         g = torch.Generator().manual_seed(0)
         for n, k in ((96, 64), (320, 128)):
@@ -405,7 +443,8 @@ def _probe_onednn(dtype: torch.dtype) -> Callable[[], None]:
 
 def _probe_gemv(dtype: torch.dtype) -> Callable[[], None]:
     """The GEMV build serving this process's ATen level, against float64, at the row counts and
-    layouts FastForward passes; and oneDNN's linear on the same plain weights, which takes the
+    layouts FastForward passes; and oneDNN's linear on the same plain weights (in
+    ``long_step_dtype``: a bf16 weight widened to fp32 where oneDNN lacks bf16), which takes the
     steps of more rows (prefill) in that mode."""
     def probe() -> None:
         name = GEMV_PROBES[dtype]
@@ -430,6 +469,7 @@ def _probe_gemv(dtype: torch.dtype) -> Callable[[], None]:
                     terms = x.double().abs() @ w.double().abs().T
                     bound = want.abs() * rel + terms * (1e-5 if dtype == torch.bfloat16 else k * 2.0**-23) + 1e-6
                     _check(name, got, want, bound, f"n={n} k={k} rows={x.shape[0]} bias={bool(bias.numel())}")
+        run = long_step_dtype(dtype)
         for n, k, rows in ((96, 64, 17), (320, 128, 40)):
             w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
             b = torch.randn(n, generator=g).to(dtype)
@@ -437,9 +477,10 @@ def _probe_gemv(dtype: torch.dtype) -> Callable[[], None]:
             want = x.double() @ w.double().T + b.double()
             ulp = 2.0**-7 if dtype != torch.float32 else 2.0**-20
             bound = (x.double().abs() @ w.double().abs().T + b.double().abs()) * ulp * 2 + 1e-5
-            got = torch.ops.mkldnn._linear_pointwise(x, aligned_owned(w), b, "none", [], "")
+            x, w, b = x.to(run), aligned_owned(w.to(run)), b.to(run)
+            got = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
             _check(name, got, want, bound, f"oneDNN plain weight n={n} k={k} rows={rows}")
-            got = torch.ops.mkldnn._linear_pointwise(x, aligned_owned(w), b, "gelu", [], "tanh")
+            got = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "tanh")
             _check(name, got, F.gelu(want, approximate="tanh"), bound * 2 + 1e-3,
                    f"oneDNN plain weight, gelu n={n} k={k} rows={rows}")
     return probe

@@ -1,14 +1,17 @@
-// A decode step's fp32 kernels (phibook.inference.kernels, used by FastForward): the linears at
-// batch 1 to 16 (gemv_f32, the fp32 sibling of gemv_bf16.cpp), one query's attention over the
-// KV cache (attention_f32) and the elementwise work around it (split_rotary, merge_gelu).
+// A decode step's kernels for CPUs without bf16 dot products (phibook.inference.kernels, used by
+// FastForward): the linears at batch 1 to 16 (gemv_f32 for an fp32 model; gemv_bf16 for a bf16
+// one, its weights widened to fp32 as read: the sibling of gemv_bf16.cpp, which needs
+// AVX512-BF16), one query's attention over the KV cache (attention_f32) and the elementwise work
+// around it (split_rotary, merge_gelu, attend_step, add_layer_norm).
 //
-// gemv_f32:
-// y[i, r] = sum_k W[r, k] * x[i, k] + bias[r], W (rows, cols) row-major fp32, x (m <= 16, cols)
-// fp32, summed in fp32 with fused multiply-adds. Decode reads every weight once per token, so the
-// speed is how fast W streams from memory: rows are split across torch's own intra-op threads
-// (at::parallel_for) and each weight row is read once for all m input rows. A thread reads its
-// rows as several runs at once (kStreams for one input row, a tile's rows for more), each front
-// to back: one sequential stream per thread left bandwidth unused on an AVX2 EPYC (docs/performance.md).
+// gemv_f32 / gemv_bf16:
+// y[i, r] = sum_k W[r, k] * x[i, k] + bias[r], W (rows, cols) row-major fp32 or bf16, x (m <= 16,
+// cols) in W's dtype, summed in fp32 with fused multiply-adds. Decode reads every weight once per
+// token, so the speed is how fast W streams from memory: rows are split across torch's own
+// intra-op threads (at::parallel_for) and each weight row is read once for all m input rows. A
+// thread reads its rows as several runs at once (kStreams for one input row, a tile's rows for
+// more), each front to back: one sequential stream per thread left bandwidth unused on an AVX2
+// EPYC (docs/performance.md).
 //
 // One source, two builds, chosen by phibook.inference.kernels from the CPU's flags and the ISA
 // level ATen runs at: -mavx512f (16 lanes, 32 registers: 4 x 4 tiles) and -mavx2 -mfma (8 lanes,
@@ -85,11 +88,33 @@ inline float vhmax(vec v) {
 
 constexpr int64_t kMaxRows = 16;  // input rows per call: a batched decode step's, at most
 
+// bf16 values travel as their bits (uint16_t): the conversions below are plain integer and float
+// operations the compiler vectorizes, where c10::BFloat16's per-value NaN branch stops it.
+inline float widen(float x) { return x; }
+inline float widen(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &wide, sizeof f);
+  return f;
+}
+// To the model's dtype as ATen's .to() rounds: to nearest, ties to even; a NaN stays a (quiet) NaN.
+inline void narrow_to(float x, float* out) { *out = x; }
+inline void narrow_to(float x, uint16_t* out) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  *out = x != x ? static_cast<uint16_t>(0x7fc0) : static_cast<uint16_t>(rounded);
+}
+
+// The GEMV's weights are fp32 (W = float) or bf16 bits (W = uint16_t, widened to fp32 as read:
+// half the bytes to stream, the same fused multiply-adds); its input rows are fp32 (a bf16 input
+// is widened once before the rows are split); its output is the weight's dtype (Y = W).
+
 // A tile: R weight rows times MT input rows, R * MT accumulators; per kLanes columns R + MT loads
 // feed R * MT multiply-adds.
 // Weight rows r, r + rs, ..., r + (R - 1) rs: adjacent rows (rs = 1) or one row from each of R runs.
-template <int R, int MT>
-inline void tile(const float* w, const float* x, const float* bias, float* y, int64_t rows, int64_t cols, int64_t r,
+template <int R, int MT, typename W, typename Y>
+inline void tile(const W* w, const float* x, const float* bias, Y* y, int64_t rows, int64_t cols, int64_t r,
                  int64_t rs, int64_t t) {
   vec acc[R][MT];
   for (int j = 0; j < R; ++j)
@@ -104,12 +129,12 @@ inline void tile(const float* w, const float* x, const float* bias, float* y, in
   }
   for (int j = 0; j < R; ++j) {
     const float b = bias ? bias[r + j * rs] : 0.0f;
-    for (int i = 0; i < MT; ++i) y[(t + i) * rows + r + j * rs] = vsum(acc[j][i]) + b;
+    for (int i = 0; i < MT; ++i) narrow_to(vsum(acc[j][i]) + b, y + (t + i) * rows + r + j * rs);
   }
 }
 
-template <int R>
-inline void tiles_for_rows(const float* w, const float* x, const float* bias, float* y, int64_t m, int64_t rows,
+template <int R, typename W, typename Y>
+inline void tiles_for_rows(const W* w, const float* x, const float* bias, Y* y, int64_t m, int64_t rows,
                            int64_t cols, int64_t r, int64_t rs) {
   // The R weight rows stay in L1/L2 while every 4-row tile of x passes over them.
   int64_t t = 0;
@@ -124,18 +149,18 @@ inline void tiles_for_rows(const float* w, const float* x, const float* bias, fl
 
 // Rows [r0, r1) as kTileRows runs of q rows: tile i takes row i of every run, so the thread reads
 // kTileRows streams at once; the rows left over (fewer than kTileRows) go one by one.
-void rows_block_many(const float* w, const float* x, const float* bias, float* y, int64_t m, int64_t rows,
-                     int64_t cols, int64_t r0, int64_t r1) {
+template <typename W, typename Y>
+void rows_block_many(const W* w, const float* x, const float* bias, Y* y, int64_t m, int64_t rows, int64_t cols,
+                     int64_t r0, int64_t r1) {
   const int64_t q = (r1 - r0) / kTileRows;
   for (int64_t i = 0; i < q; ++i) tiles_for_rows<kTileRows>(w, x, bias, y, m, rows, cols, r0 + i, q);
   for (int64_t r = r0 + kTileRows * q; r < r1; ++r) tiles_for_rows<1>(w, x, bias, y, m, rows, cols, r, 1);
 }
 
 // One input row dotted with weight rows r, r + rs, ..., r + (S - 1) rs, two accumulators each over k.
-template <int S>
-inline void dot_rows(const float* w, const float* x, const float* bias, float* y, int64_t cols, int64_t r,
-                     int64_t rs) {
-  const float* wr[S];
+template <int S, typename W, typename Y>
+inline void dot_rows(const W* w, const float* x, const float* bias, Y* y, int64_t cols, int64_t r, int64_t rs) {
+  const W* wr[S];
   vec a[S], b[S];
   for (int s = 0; s < S; ++s) {
     wr[s] = w + (r + s * rs) * cols;
@@ -149,45 +174,71 @@ inline void dot_rows(const float* w, const float* x, const float* bias, float* y
       b[s] = vfma(vload(wr[s] + k + kLanes), x1, b[s]);
     }
   }
-  for (int s = 0; s < S; ++s) y[r + s * rs] = vsum(vadd(a[s], b[s])) + (bias ? bias[r + s * rs] : 0.0f);
+  for (int s = 0; s < S; ++s) narrow_to(vsum(vadd(a[s], b[s])) + (bias ? bias[r + s * rs] : 0.0f), y + r + s * rs);
 }
 
 // One input row: rows [r0, r1) as kStreams runs of q rows read side by side (row i of every run at
 // once), then the rows left over one by one.
 constexpr int kStreams = 4;
 
-void rows_block_one(const float* w, const float* x, const float* bias, float* y, int64_t cols, int64_t r0,
-                    int64_t r1) {
+template <typename W, typename Y>
+void rows_block_one(const W* w, const float* x, const float* bias, Y* y, int64_t cols, int64_t r0, int64_t r1) {
   const int64_t q = (r1 - r0) / kStreams;
   for (int64_t i = 0; i < q; ++i) dot_rows<kStreams>(w, x, bias, y, cols, r0 + i, q);
   for (int64_t r = r0 + kStreams * q; r < r1; ++r) dot_rows<1>(w, x, bias, y, cols, r, 1);
 }
 
-at::Tensor gemv_f32(const at::Tensor& weight, const at::Tensor& x, const at::Tensor& bias) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_contiguous(),
-              "gemv_f32: weight must be a contiguous 2-D fp32 tensor");
+// The checks both GEMV ops make; returns (rows, cols, m).
+std::tuple<int64_t, int64_t, int64_t> gemv_shapes(const char* op, const char* dtype, at::ScalarType type,
+                                                  const at::Tensor& weight, const at::Tensor& x,
+                                                  const at::Tensor& bias) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == type && weight.is_contiguous(), op,
+              ": weight must be a contiguous 2-D ", dtype, " tensor");
   const int64_t rows = weight.size(0), cols = weight.size(1);
-  TORCH_CHECK(cols % 32 == 0, "gemv_f32: the input width must be a multiple of 32, got ", cols);
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == cols, "gemv_f32: x must be (m, ", cols,
-              ") fp32");
+  TORCH_CHECK(cols % 32 == 0, op, ": the input width must be a multiple of 32, got ", cols);
+  TORCH_CHECK(x.scalar_type() == type && x.dim() == 2 && x.size(1) == cols, op, ": x must be (m, ", cols, ") ",
+              dtype);
   const int64_t m = x.size(0);
-  TORCH_CHECK(m >= 1 && m <= kMaxRows, "gemv_f32: x must have 1 to ", kMaxRows, " rows, got ", m);
+  TORCH_CHECK(m >= 1 && m <= kMaxRows, op, ": x must have 1 to ", kMaxRows, " rows, got ", m);
   TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.numel() == rows && bias.is_contiguous()),
-              "gemv_f32: bias must be empty or ", rows, " contiguous fp32 values");
-  const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty({m, rows}, weight.options());
-  const float* wp = weight.data_ptr<float>();
-  const float* xp = xc.data_ptr<float>();
-  const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
-  // Grain of 32 weight rows (256 KiB of a 2048-wide weight): enough per task that scheduling is noise.
+              op, ": bias must be empty or ", rows, " contiguous fp32 values");
+  return {rows, cols, m};
+}
+
+template <typename W, typename Y>
+void gemv_rows(const W* w, const float* x, const float* bias, Y* y, int64_t m, int64_t rows, int64_t cols) {
+  // Grain of 32 weight rows (256 KiB of a 2048-wide fp32 weight): enough per task that scheduling is noise.
   at::parallel_for(0, rows, 32, [&](int64_t r0, int64_t r1) {
     if (m == 1) {
-      rows_block_one(wp, xp, bp, yp, cols, r0, r1);
+      rows_block_one(w, x, bias, y, cols, r0, r1);
     } else {
-      rows_block_many(wp, xp, bp, yp, m, rows, cols, r0, r1);
+      rows_block_many(w, x, bias, y, m, rows, cols, r0, r1);
     }
   });
+}
+
+at::Tensor gemv_f32(const at::Tensor& weight, const at::Tensor& x, const at::Tensor& bias) {
+  const auto [rows, cols, m] = gemv_shapes("gemv_f32", "fp32", at::kFloat, weight, x, bias);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({m, rows}, weight.options());
+  gemv_rows(weight.data_ptr<float>(), xc.data_ptr<float>(), bias.numel() ? bias.data_ptr<float>() : nullptr,
+            y.data_ptr<float>(), m, rows, cols);
+  return y;
+}
+
+// gemv_bf16: the same for a bf16 model on a CPU without bf16 dot products (AVX2, AVX-512F): W and
+// x bf16, bias fp32 (or empty), y bf16. x is widened to fp32 once; the weight is read as bf16 and
+// widened in registers, products and sums in fp32, y rounded to bf16 once at the end (nearest even).
+at::Tensor gemv_bf16(const at::Tensor& weight, const at::Tensor& x, const at::Tensor& bias) {
+  const auto [rows, cols, m] = gemv_shapes("gemv_bf16", "bf16", at::kBFloat16, weight, x, bias);
+  const at::Tensor xc = x.contiguous();
+  const uint16_t* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  std::vector<float> xf(m * cols);
+  for (int64_t i = 0; i < m * cols; ++i) xf[i] = widen(xb[i]);
+  at::Tensor y = at::empty({m, rows}, weight.options());
+  gemv_rows(reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()), xf.data(),
+            bias.numel() ? bias.data_ptr<float>() : nullptr, reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()),
+            m, rows, cols);
   return y;
 }
 
@@ -355,23 +406,6 @@ void over_rows(int64_t B, const F& f) {
   }
 }
 
-// bf16 values travel as their bits (uint16_t): the conversions below are plain integer and float
-// operations the compiler vectorizes, where c10::BFloat16's per-value NaN branch stops it.
-inline float widen(float x) { return x; }
-inline float widen(uint16_t bits) {
-  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &wide, sizeof f);
-  return f;
-}
-// To the model's dtype as ATen's .to() rounds: to nearest, ties to even; a NaN stays a (quiet) NaN.
-inline void narrow_to(float x, float* out) { *out = x; }
-inline void narrow_to(float x, uint16_t* out) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  *out = x != x ? static_cast<uint16_t>(0x7fc0) : static_cast<uint16_t>(rounded);
-}
 // A value the model's dtype can hold (what apply_rotary's .to(x.dtype) leaves), back in fp32.
 template <typename T>
 inline float round_as(float x) {
@@ -622,6 +656,7 @@ std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const at:
 
 TORCH_LIBRARY(PHIBOOK_GEMV_NS, m) {
   m.def("gemv_f32(Tensor weight, Tensor x, Tensor bias) -> Tensor");
+  m.def("gemv_bf16(Tensor weight, Tensor x, Tensor bias) -> Tensor");
   m.def("attention_f32(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
   m.def("split_rotary(Tensor u, Tensor cos, Tensor sin, int n_head, int head_dim) -> Tensor");
   m.def("merge_gelu(Tensor y, Tensor u) -> Tensor");
@@ -632,6 +667,7 @@ TORCH_LIBRARY(PHIBOOK_GEMV_NS, m) {
 
 TORCH_LIBRARY_IMPL(PHIBOOK_GEMV_NS, CPU, m) {
   m.impl("gemv_f32", &gemv_f32);
+  m.impl("gemv_bf16", &gemv_bf16);
   m.impl("attention_f32", &attention_f32);
   m.impl("split_rotary", &split_rotary);
   m.impl("merge_gelu", &merge_gelu);
