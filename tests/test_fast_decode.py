@@ -273,8 +273,8 @@ def test_fast_path_decodes_through_the_gemv_as_closely_as_through_onednn(dtype: 
 def test_widened_linear_is_the_fp32_product_of_the_bf16_weights_whatever_the_chunks() -> None:
     """A bf16 model's long steps where oneDNN lacks bf16: the weight widened to fp32 a chunk of rows
     at a time. Chunks of one row, of a count that does not divide the rows, of the whole weight,
-    and smaller than one row; with and without bias and GELU; 2-D and 3-D inputs: each within
-    one bf16 rounding of the float64 product of the same bf16 numbers."""
+    smaller than one row, of min_rows rows, and the default; with and without bias and GELU; 2-D
+    and 3-D inputs: each within one bf16 rounding of the float64 product of the same bf16 numbers."""
     if not K.onednn_supports(torch.float32):
         pytest.skip("oneDNN's fp32 linear does not run here")
     from phibook.inference.fast_decode import WidenedLinear
@@ -282,8 +282,8 @@ def test_widened_linear_is_the_fp32_product_of_the_bf16_weights_whatever_the_chu
     g = torch.Generator().manual_seed(31)
     w = (torch.randn(70, 96, generator=g) / 96**0.5).to(torch.bfloat16)
     bias = torch.randn(70, generator=g)
-    for chunk_values in (96, 7 * 96 + 5, 70 * 96, 10):
-        widened = WidenedLinear(chunk_values)
+    for chunk_values, min_rows in ((96, 1), (7 * 96 + 5, 1), (70 * 96, 1), (10, 1), (10, 16), (4 << 20, 2048)):
+        widened = WidenedLinear(chunk_values, min_rows)
         for x in (torch.randn(33, 96, generator=g).to(torch.bfloat16),
                   torch.randn(2, 20, 96, generator=g).to(torch.bfloat16)):
             for b, gelu in ((bias, False), (torch.empty(0), False), (bias, True)):
@@ -293,7 +293,7 @@ def test_widened_linear_is_the_fp32_product_of_the_bf16_weights_whatever_the_chu
                     want = F.gelu(want, approximate="tanh")
                 assert got.dtype == torch.bfloat16 and got.shape == (*x.shape[:-1], 70)
                 bound = want.abs() * 2.0**-8 + (x.double().abs() @ w.double().abs().T) * 1e-5 + 1e-6
-                assert bool(((got.double() - want).abs() <= bound).all()), (chunk_values, x.shape, gelu)
+                assert bool(((got.double() - want).abs() <= bound).all()), (chunk_values, min_rows, x.shape, gelu)
 
 
 def _attention_or_skip() -> K.AttentionOp:

@@ -99,14 +99,18 @@ class WidenedLinear:
     so this is the fp32 product of the same numbers, rounded to bf16 once. One per FastForward,
     shared by its linears (one forward at a time, as every FastForward runs)."""
 
-    def __init__(self, chunk_values: int = 4 << 20) -> None:
-        # fp32 values a chunk of weight rows holds (16 MiB: widened while the CPU's caches keep it)
+    def __init__(self, chunk_values: int = 4 << 20, min_rows: int = 2048) -> None:
+        # A chunk is chunk_values fp32 values of weight rows (16 MiB: phi-1.5's input projection in
+        # 2048-row chunks, widened while the CPU's caches still hold them) or min_rows rows, which
+        # ever is more: oneDNN ran a 96-token prefill 12% slower in chunks of 409 rows of 10240 than
+        # in whole 2048-row ones (BENCHMARKS.md, ninth session). The scratch is the largest chunk.
         self.chunk_values = chunk_values
+        self.min_rows = min_rows
         self.scratch: Tensor | None = None  # allocated by the first long step
 
     def __call__(self, x: Tensor, weight: Tensor, bias_fp32: Tensor, gelu: bool) -> Tensor:
         out_features, in_features = weight.shape
-        step = max(1, self.chunk_values // in_features)  # weight rows a chunk
+        step = max(1, self.min_rows, self.chunk_values // in_features)  # weight rows a chunk
         if self.scratch is None or self.scratch.numel() < step * in_features:
             self.scratch = torch.empty(step * in_features, dtype=torch.float32)
         x32 = x.reshape(-1, in_features).float()
