@@ -25,9 +25,11 @@ packed (peak memory = model + one block, not two models).
 
 Steps of up to 16 rows (decode at batch 1 to 16) run through phibook's own GEMV on plain
 row-major weights in huge pages wherever a build of it serves the dtype on this CPU
-(``gemv_op``; phibook.inference.kernels' ``gemv-bf16``: AVX512-BF16, and ``gemv-fp32``: an
-AVX-512F and an AVX2+FMA build): at few rows it streams the weights faster than oneDNN's packed
-inner product; longer prefills use oneDNN's linear on the same plain weights. Decode steps
+(``gemv_op``; phibook.inference.kernels' ``gemv-bf16``: AVX512-BF16's dot products, else an
+AVX-512F and an AVX2+FMA build that widen the bf16 weights as read, and ``gemv-fp32``: the same
+two builds): at few rows it streams the weights faster than oneDNN's packed inner product;
+longer prefills use oneDNN's linear on the same plain weights, or for a bf16 model where oneDNN
+lacks bf16 (AVX2), oneDNN's fp32 linear on them widened a chunk at a time (``WidenedLinear``). Decode steps
 (one query) run attention through phibook's own kernel where the fp32 build serves
 (``attention-fp32``): ATen's flash attention read a cold cache at half the speed. It reads an fp32
 cache or, for a bf16 model, a bf16 one (``FastForward.cache_dtype``): the same values in half the bytes.

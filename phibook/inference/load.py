@@ -2,8 +2,9 @@
 
 ``choose_dtype("auto", device)`` reads the CPU's features (phibook.cpu_features, the same
 flags the trainer uses; never a timing): bf16 only where AVX512-BF16 or AMX run it natively,
-else fp32 (bf16 there is converted to fp32 inside every kernel: half the bytes to read but
-slower arithmetic; measured in docs/performance.md). ``load_inference_model`` is what
+else fp32. A bf16 model asked for there decodes faster than fp32 (phibook's kernels widen its
+weights as they read them: half the bytes; docs/performance.md), but ``auto`` never rounds a
+model's weights for speed. ``load_inference_model`` is what
 ``Generator.from_path``, ``phibook eval --quant`` and the server use: load, choose the dtype,
 quantize (or read the saved quantized weights), and say once on stderr what was chosen.
 """
