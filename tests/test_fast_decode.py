@@ -251,6 +251,10 @@ def test_fast_path_decodes_through_the_gemv_as_closely_as_through_onednn(dtype: 
     assert onednn.blocks[0].proj_in.packed == K.onednn_supports(dtype) and not fast.blocks[0].proj_in.packed
     assert fast.widened == (K.long_step_dtype(dtype) != dtype) and not onednn.widened
     assert (fast.blocks[0].proj_in.widened is not None) == fast.widened
+    if fast.widened:  # asked to pack what oneDNN cannot: said, and the GEMV still runs
+        with pytest.warns(UserWarning, match="prepacking is not available.*widened weights"):
+            forced = FastForward(model, pack=True)
+        assert forced.gemv and forced.widened and not forced.packed
     prompt = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(12))
     forced = torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(13))
     errors = {}

@@ -273,14 +273,8 @@ class FastForward:
         # lacks bf16, unless told pack=False) in fp32 on the weights widened a chunk at a time.
         long_dtype = long_step_dtype(self.dtype) if self.device.type == "cpu" else self.dtype
         onednn = can_pack(long_dtype, self.device) and pack is not False
-        if pack is None:
-            pack = can_pack(self.dtype, self.device)
-        elif pack and not can_pack(self.dtype, self.device):
-            warnings.warn(
-                f"oneDNN prepacking is not available for {self.dtype} on {self.device}; using plain F.linear",
-                stacklevel=2,
-            )
-            pack = False
+        unpackable = pack is True and not can_pack(self.dtype, self.device)
+        pack = can_pack(self.dtype, self.device) if pack is None else pack and not unpackable
         self.packed = pack
         # phibook's GEMV for steps of 1-16 rows (gemv_op): by default wherever a build serves the
         # dtype and its check passed; only where oneDNN runs too (longer prefills), never forced on.
@@ -288,6 +282,10 @@ class FastForward:
         self.gemv = op is not None
         widened = WidenedLinear() if op is not None and long_dtype != self.dtype else None
         self.widened = widened is not None
+        if unpackable:
+            instead = "phibook's GEMV and oneDNN's fp32 linear on widened weights" if widened else "plain F.linear"
+            warnings.warn(f"oneDNN prepacking is not available for {self.dtype} on {self.device}; using {instead}",
+                          stacklevel=2)
         # phibook's one-query attention for decode steps (kernels.attention_kernel; ATen's SDPA
         # for prefill and where it is refused): by default wherever the fp32 build serves.
         attention = attention_kernel() if self.device.type == "cpu" and own_attention is not False else None
