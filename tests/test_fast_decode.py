@@ -660,3 +660,4 @@ def test_gemv_follows_the_switch_the_flags_and_the_aten_level(monkeypatch) -> No
         if not native and fp32 is not None:  # one library serves both dtypes
             assert (bf16.namespace, bf16.cflags) == (fp32.namespace, fp32.cflags) and bf16.op != fp32.op
     assert K.gemv_build(torch.float16) == (None, f"no GEMV of phibook's for {torch.float16}")
+    assert K.gemv_kernel(torch.float16) is None  # asked where oneDNN packs fp16 (AVX512-FP16): no build, no error
