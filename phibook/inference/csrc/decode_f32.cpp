@@ -1,8 +1,8 @@
-// A decode step's kernels for CPUs without bf16 dot products (phibook.inference.kernels, used by
-// FastForward): the linears at batch 1 to 16 (gemv_f32 for an fp32 model; gemv_bf16 for a bf16
-// one, its weights widened to fp32 as read: the sibling of gemv_bf16.cpp, which needs
-// AVX512-BF16), one query's attention over the KV cache (attention_f32) and the elementwise work
-// around it (split_rotary, merge_gelu, attend_step, add_layer_norm).
+// A decode step's kernels in fp32 arithmetic (phibook.inference.kernels, used by FastForward): the
+// linears at batch 1 to 16 (gemv_f32 for an fp32 model; gemv_bf16 for a bf16 one on a CPU without
+// bf16 dot products, its weights widened to fp32 as read: the sibling of gemv_bf16.cpp, which
+// needs AVX512-BF16), one query's attention over the KV cache (attention_f32) and the elementwise
+// work around it (split_rotary, merge_gelu, attend_step, add_layer_norm).
 //
 // gemv_f32 / gemv_bf16:
 // y[i, r] = sum_k W[r, k] * x[i, k] + bias[r], W (rows, cols) row-major fp32 or bf16, x (m <= 16,
