@@ -34,7 +34,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median, run_between_bandwidth_probes  # noqa: E402
 
-from phibook.cpu_features import cpu_flags, read_cpuinfo  # noqa: E402
 from phibook.inference import kernels as K  # noqa: E402
 from phibook.inference.pages import huge_page_copy  # noqa: E402
 
@@ -43,12 +42,8 @@ SHAPES = ((14336, 2048), (2048, 10240))  # phi-1.5's fused input and output proj
 
 def gemv_systems() -> dict[str, tuple[torch.dtype, K.GemvOp]]:
     """Every GEMV build this CPU runs at ATen's level, loaded: name -> (dtype, op)."""
-    flags = cpu_flags(read_cpuinfo()) or set()
-    level = torch.backends.cpu.get_cpu_capability()
     systems = {}
-    for build in K.GEMV_BUILDS:
-        if build.level != level or not set(build.cpu_flags) <= flags:
-            continue
+    for build in K.gemv_builds_here():
         try:
             K.load_gemv(build)
         except K.Unsupported as exc:
@@ -60,17 +55,14 @@ def gemv_systems() -> dict[str, tuple[torch.dtype, K.GemvOp]]:
 
 
 def checked(name: str, dtype: torch.dtype, op: K.GemvOp, rows: list[int]) -> bool:
-    """Whether ``op`` matches float64 at every row count, within its kernel probe's bound."""
+    """Whether ``op`` matches float64 at every row count, within its kernel probe's bound (gemv_bound)."""
     g = torch.Generator().manual_seed(0)
-    rel = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-20
     for n, k in SHAPES:
         w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
         for m in rows:
             x = torch.randn(m, k, generator=g).to(dtype)
             want = x.double() @ w.double().T
-            terms = x.double().abs() @ w.double().abs().T
-            bound = want.abs() * rel + terms * (1e-5 if dtype == torch.bfloat16 else k * 2.0**-23) + 1e-6
-            if not bool(((op(w, x, torch.empty(0)).double() - want).abs() <= bound).all()):
+            if not bool(((op(w, x, torch.empty(0)).double() - want).abs() <= K.gemv_bound(x, w, want, dtype)).all()):
                 print(f"{name}: wrong result at {m} rows of {n} x {k}; not timed", file=sys.stderr)
                 return False
     return True

@@ -271,10 +271,11 @@ class FastForward:
         self.device = model.embed.weight.device
         # oneDNN for the steps of more rows: in the model's dtype, or (a bf16 model where oneDNN
         # lacks bf16, unless told pack=False) in fp32 on the weights widened a chunk at a time.
+        packable = can_pack(self.dtype, self.device)
         long_dtype = long_step_dtype(self.dtype) if self.device.type == "cpu" else self.dtype
-        onednn = can_pack(long_dtype, self.device) and pack is not False
-        unpackable = pack is True and not can_pack(self.dtype, self.device)
-        pack = can_pack(self.dtype, self.device) if pack is None else pack and not unpackable
+        onednn = pack is not False and (packable if long_dtype == self.dtype else can_pack(long_dtype, self.device))
+        unpackable = pack is True and not packable
+        pack = packable if pack is None else bool(pack) and packable
         self.packed = pack
         # phibook's GEMV for steps of 1-16 rows (gemv_op): by default wherever a build serves the
         # dtype and its check passed; only where oneDNN runs too (longer prefills), never forced on.

@@ -188,6 +188,26 @@ GEMV_BUILDS = (
 GEMV_PROBES = {torch.bfloat16: "gemv-bf16", torch.float32: "gemv-fp32"}
 
 
+def gemv_builds_here() -> list[GemvBuild]:
+    """Every GEMV build this process can run, in GEMV_BUILDS' order of preference: the CPU has its
+    flags and ATen runs at its level (what ``gemv_build`` picks from; a benchmark times them all)."""
+    from phibook.cpu_features import cpu_flags, read_cpuinfo
+
+    flags = cpu_flags(read_cpuinfo()) or set()
+    level = torch.backends.cpu.get_cpu_capability()
+    return [b for b in GEMV_BUILDS if set(b.cpu_flags) <= flags and b.level == level]
+
+
+def gemv_bound(x: Tensor, w: Tensor, want: Tensor, dtype: torch.dtype) -> Tensor:
+    """Elementwise bound on |GEMV(x, w) - want| (want: the float64 product plus bias): bf16 products
+    are exact in fp32, so the fp32 sum and one bf16 rounding of the result are the error; fp32 is
+    the sum's rounding, in another order than the reference's."""
+    terms = x.double().abs() @ w.double().abs().T
+    if dtype == torch.bfloat16:
+        return want.abs() * 2.0**-8 + terms * 1e-5 + 1e-6
+    return want.abs() * 2.0**-20 + terms * (w.shape[1] * 2.0**-23) + 1e-6
+
+
 def gemv_build(dtype: torch.dtype) -> tuple[GemvBuild | None, str | None]:
     """(build, None) when one of phibook's GEMV builds serves ``dtype`` in this process, else (None,
     why). Decided from the CPU's flags and the ISA level ATen runs at, never a timing: bf16 takes
@@ -201,15 +221,15 @@ def gemv_build(dtype: torch.dtype) -> tuple[GemvBuild | None, str | None]:
     builds = [b for b in GEMV_BUILDS if b.dtype == dtype]
     if not builds:
         return None, f"no GEMV of phibook's for {dtype}"
+    for build in gemv_builds_here():
+        if build.dtype == dtype:
+            return build, None
     flags = cpu_flags(read_cpuinfo()) or set()
     usable = [b for b in builds if set(b.cpu_flags) <= flags]
     if not usable:
         missing = sorted(set(builds[-1].cpu_flags) - flags)
         return None, f"the CPU lacks {', '.join(missing)}"
     level = torch.backends.cpu.get_cpu_capability()
-    for build in usable:
-        if build.level == level:
-            return build, None
     return None, f"ATen runs at {level} here, not {' or '.join(b.level for b in usable)}"
 
 
@@ -453,9 +473,6 @@ def _probe_gemv(dtype: torch.dtype) -> Callable[[], None]:
             raise Unsupported(why)
         load_gemv(build)
         op = getattr(getattr(torch.ops, build.namespace), build.op)
-        # bf16: products are exact in fp32, the fp32 sum and one bf16 rounding of the result are the
-        # error. fp32: the sum's rounding, in a different order than the reference.
-        rel = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-20
         g = torch.Generator().manual_seed(0)
         for n, k in ((1, 32), (7, 64), (130, 96), (64, 2048), (200, 10240)):
             w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
@@ -466,9 +483,8 @@ def _probe_gemv(dtype: torch.dtype) -> Callable[[], None]:
                           torch.randn(GEMV_MAX_ROWS, k, generator=g).to(dtype)):
                     got = op(aligned_owned(w), x, bias)
                     want = x.double() @ w.double().T + (bias.double() if bias.numel() else 0)
-                    terms = x.double().abs() @ w.double().abs().T
-                    bound = want.abs() * rel + terms * (1e-5 if dtype == torch.bfloat16 else k * 2.0**-23) + 1e-6
-                    _check(name, got, want, bound, f"n={n} k={k} rows={x.shape[0]} bias={bool(bias.numel())}")
+                    _check(name, got, want, gemv_bound(x, w, want, dtype),
+                           f"n={n} k={k} rows={x.shape[0]} bias={bool(bias.numel())}")
         run = long_step_dtype(dtype)
         for n, k, rows in ((96, 64, 17), (320, 128, 40)):
             w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
