@@ -58,6 +58,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -161,12 +162,13 @@ class GemvBuild:
     source: Path
     cpu_flags: tuple[str, ...]
     cflags: tuple[str, ...]
+    emulated: bool = False  # the level's branch run in software (``emulated_builds``): checks only
 
     @property
     def namespace(self) -> str:
         """The operator namespace of this build's library (``torch.ops.<namespace>``): one per
-        source and level, so builds never clash."""
-        return f"phibook_{self.source.stem}_{self.level.lower()}"
+        source and level (and emulation), so builds never clash."""
+        return f"phibook_{self.source.stem}_{self.level.lower()}{'_emulated' if self.emulated else ''}"
 
     @property
     def op(self) -> str:
@@ -186,6 +188,38 @@ GEMV_BUILDS = (
     GemvBuild(torch.float32, "AVX2", CSRC / "decode_f32.cpp", *_AVX2),
 )
 GEMV_PROBES = {torch.bfloat16: "gemv-bf16", torch.float32: "gemv-fp32"}
+
+
+SIMDE_ENV = "PHIBOOK_SIMDE_INCLUDE"  # a directory holding simde/x86/avx512.h, if not a system one
+
+
+def simde_include_dir() -> Path | None:
+    """The include directory of SIMDe's headers (``$PHIBOOK_SIMDE_INCLUDE``, else /usr/include or
+    /usr/local/include, where Debian's libsimde-dev puts them), or None."""
+    env = os.environ.get(SIMDE_ENV)
+    for base in ([env] if env else ["/usr/include", "/usr/local/include"]):
+        if (Path(base) / "simde" / "x86" / "avx512.h").is_file():
+            return Path(base)
+    return None
+
+
+def emulated_builds() -> list[GemvBuild]:
+    """The AVX-512 builds (decode_f32.cpp's AVX-512F branch, fp32 and bf16; gemv_bf16.cpp's
+    AVX512-BF16 kernel) compiled for AVX2 + FMA with their AVX-512 intrinsics emulated by SIMDe
+    (``csrc/emulated_avx512.h``), so a CPU without AVX-512 runs them against the same references
+    as the probes (tests/test_emulated_avx512.py). Never in GEMV_BUILDS, never serving a model:
+    they check logic, not speed. Raises Unsupported (with the reason) without SIMDe or AVX2 + FMA."""
+    from phibook.cpu_features import cpu_flags, read_cpuinfo
+
+    include = simde_include_dir()
+    if include is None:
+        raise Unsupported(f"SIMDe's headers are not installed (Debian: apt-get install libsimde-dev; or set {SIMDE_ENV})")
+    flags = cpu_flags(read_cpuinfo()) or set()
+    if not {"avx2", "fma"} <= flags:
+        raise Unsupported(f"the emulated builds target AVX2 + FMA; the CPU lacks {', '.join(sorted({'avx2', 'fma'} - flags))}")
+    cflags = ("-mavx2", "-mfma", "-DPHIBOOK_EMULATE_AVX512", f"-I{include}")
+    return [GemvBuild(b.dtype, b.level, b.source, ("avx2", "fma"), cflags, emulated=True)
+            for b in GEMV_BUILDS if b.level == "AVX512"]
 
 
 def gemv_builds_here() -> list[GemvBuild]:
@@ -244,9 +278,11 @@ def load_gemv(build: GemvBuild) -> None:
 def _load_library(source: Path, namespace: str, cflags: tuple[str, ...]) -> None:
     from torch.utils import cpp_extension
 
-    # The name carries the source's and the flags' digest: torch keeps each build under its
-    # extensions directory ($TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions) and rebuilds on a change.
-    digest = hashlib.sha1(source.read_bytes() + " ".join(cflags).encode()).hexdigest()[:12]
+    # The name carries the digest of the source, the headers beside it and the flags: torch keeps
+    # each build under its extensions directory ($TORCH_EXTENSIONS_DIR, else
+    # ~/.cache/torch_extensions) and rebuilds on a change.
+    headers = b"".join(path.read_bytes() for path in sorted(source.parent.glob("*.h")))
+    digest = hashlib.sha1(source.read_bytes() + headers + " ".join(cflags).encode()).hexdigest()[:12]
     try:
         cpp_extension.load(name=f"{namespace}_{digest}", sources=[str(source)],
                            # -fopenmp: at::parallel_for is inlined from ATen's headers and runs on
@@ -461,30 +497,39 @@ def _probe_onednn(dtype: torch.dtype) -> Callable[[], None]:
     return probe
 
 
+def check_gemv(op: GemvOp, dtype: torch.dtype, rows: tuple[int, ...] = (1, 3, GEMV_MAX_ROWS)) -> None:
+    """A GEMV build's operator against float64 at the shapes and layouts FastForward passes: widths
+    from one vector to 10240, weight rows that fill no tile or stream evenly, ``rows`` input rows
+    (between 1 and 16 rows: a strided view), with and without bias. Raises AssertionError naming
+    the case."""
+    name = GEMV_PROBES[dtype]
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((1, 32), (7, 64), (130, 96), (64, 2048), (200, 10240)):
+        w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
+        b = torch.randn(n, generator=g)
+        for bias in (b, torch.empty(0)):
+            for m in rows:
+                strided = 1 < m < GEMV_MAX_ROWS  # every other row of a wider tensor
+                x = torch.randn(m, 2, k, generator=g).to(dtype)[:, 1] if strided else \
+                    torch.randn(m, k, generator=g).to(dtype)
+                got = op(aligned_owned(w), x, bias)
+                want = x.double() @ w.double().T + (bias.double() if bias.numel() else 0)
+                _check(name, got, want, gemv_bound(x, w, want, dtype),
+                       f"n={n} k={k} rows={x.shape[0]} bias={bool(bias.numel())}")
+
+
 def _probe_gemv(dtype: torch.dtype) -> Callable[[], None]:
-    """The GEMV build serving this process's ATen level, against float64, at the row counts and
-    layouts FastForward passes; and oneDNN's linear on the same plain weights (in
-    ``long_step_dtype``: a bf16 weight widened to fp32 where oneDNN lacks bf16), which takes the
-    steps of more rows (prefill) in that mode."""
+    """The GEMV build serving this process's ATen level, against float64 (``check_gemv``); and
+    oneDNN's linear on the same plain weights (in ``long_step_dtype``: a bf16 weight widened to
+    fp32 where oneDNN lacks bf16), which takes the steps of more rows (prefill) in that mode."""
     def probe() -> None:
         name = GEMV_PROBES[dtype]
         build, why = gemv_build(dtype)
         if build is None:
             raise Unsupported(why)
         load_gemv(build)
-        op = getattr(getattr(torch.ops, build.namespace), build.op)
+        check_gemv(getattr(getattr(torch.ops, build.namespace), build.op), dtype)
         g = torch.Generator().manual_seed(0)
-        for n, k in ((1, 32), (7, 64), (130, 96), (64, 2048), (200, 10240)):
-            w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
-            b = torch.randn(n, generator=g)
-            for bias in (b, torch.empty(0)):
-                for x in (torch.randn(1, k, generator=g).to(dtype),
-                          torch.randn(3, 2, k, generator=g).to(dtype)[:, 1],  # a strided view
-                          torch.randn(GEMV_MAX_ROWS, k, generator=g).to(dtype)):
-                    got = op(aligned_owned(w), x, bias)
-                    want = x.double() @ w.double().T + (bias.double() if bias.numel() else 0)
-                    _check(name, got, want, gemv_bound(x, w, want, dtype),
-                           f"n={n} k={k} rows={x.shape[0]} bias={bool(bias.numel())}")
         run = long_step_dtype(dtype)
         for n, k, rows in ((96, 64, 17), (320, 128, 40)):
             w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
@@ -502,7 +547,12 @@ def _probe_gemv(dtype: torch.dtype) -> Callable[[], None]:
     return probe
 
 
-def _fp32_build_ops():
+# torch.ops.<namespace> of one decode_f32.cpp build: attention_f32, split_rotary, merge_gelu,
+# attend_step, add_layer_norm, as the source's TORCH_LIBRARY block declares them.
+DecodeOps = Any
+
+
+def _fp32_build_ops() -> DecodeOps:
     """The operators of the fp32 build serving this ATen level, loaded (what the attention and glue
     probes check); Unsupported where none serves it."""
     build, why = gemv_build(torch.float32)
@@ -512,10 +562,10 @@ def _fp32_build_ops():
     return getattr(torch.ops, build.namespace)
 
 
-def _probe_attention() -> None:
+def check_attention(ops: DecodeOps) -> None:
     """One query's attention against float64 SDPA: a cache view wider than the keys read, batch
     rows with and without a padding mask, a strided q, head sizes 16-64, fp32 and bf16 caches."""
-    op = _fp32_build_ops().attention_f32
+    op = ops.attention_f32
     g = torch.Generator().manual_seed(0)
     shapes = ((1, 2, 1, 16), (1, 32, 130, 64), (3, 4, 33, 32), (2, 3, 700, 64))
     for (batch, heads, seen, dim), cache_dtype in itertools.product(shapes, (torch.float32, torch.bfloat16)):
@@ -536,12 +586,11 @@ def _probe_attention() -> None:
                    f"mask={bool(mask.numel())}")
 
 
-def _probe_decode_glue() -> None:
+def check_decode_glue(ops: DecodeOps) -> None:
     """split_rotary and merge_gelu against ATen's ops (model.apply_rotary, F.gelu) in float64:
     bf16 and fp32, one and three rows, cos/sin shared and per row, u a strided view."""
     from phibook.model.model import apply_rotary
 
-    ops = _fp32_build_ops()
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         # rows: positions per batch row (B) or shared (1)
@@ -568,12 +617,11 @@ def _probe_decode_glue() -> None:
             _check(GLUE_PROBE, got, want, ulp * (1 + want.abs()), f"merge_gelu {dtype} batch={batch} heads={heads}")
 
 
-def _probe_decode_step() -> None:
+def check_decode_step(ops: DecodeOps) -> None:
     """attend_step against the ops it joins (split_rotary, the writes, attention_f32, merge_gelu;
     each checked against float64 by its own probe): fp32 and bf16 models over fp32 and bf16 caches,
     one and three rows, a mask or none, rows writing one column, two or none. add_layer_norm's sum
     against ATen's add (exactly) and its LayerNorm against float64."""
-    ops = _fp32_build_ops()
     g = torch.Generator().manual_seed(0)
     for dtype, cache_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                (torch.bfloat16, torch.bfloat16)):
@@ -656,9 +704,9 @@ KERNELS: dict[str, Callable[[], None]] = {
     "inductor": _probe_inductor,
     "gemv-bf16": _probe_gemv(torch.bfloat16),
     "gemv-fp32": _probe_gemv(torch.float32),
-    ATTENTION_PROBE: _probe_attention,
-    GLUE_PROBE: _probe_decode_glue,
-    STEP_PROBE: _probe_decode_step,
+    ATTENTION_PROBE: lambda: check_attention(_fp32_build_ops()),
+    GLUE_PROBE: lambda: check_decode_glue(_fp32_build_ops()),
+    STEP_PROBE: lambda: check_decode_step(_fp32_build_ops()),
 }
 
 
@@ -700,7 +748,7 @@ def kernel_sources_digest() -> str:
     """A digest of phibook's kernel sources (csrc/): a changed kernel is checked again, never
     trusted on the verdict its previous source earned."""
     digest = hashlib.sha1()
-    for path in sorted(CSRC.glob("*.cpp")):
+    for path in sorted([*CSRC.glob("*.cpp"), *CSRC.glob("*.h")]):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 

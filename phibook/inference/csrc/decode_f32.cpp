@@ -16,11 +16,16 @@
 // One source, two builds, chosen by phibook.inference.kernels from the CPU's flags and the ISA
 // level ATen runs at: -mavx512f (16 lanes, 32 registers: 4 x 4 tiles) and -mavx2 -mfma (8 lanes,
 // 16 registers: 2 x 4 tiles). PHIBOOK_GEMV_NS names the operator namespace of each build, so the
-// two never clash in one process.
+// two never clash in one process. A third build, -mavx2 -mfma -DPHIBOOK_EMULATE_AVX512, runs the
+// AVX-512 branch in software (emulated_avx512.h) so CPUs without AVX-512 check it too; tests only.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#ifdef PHIBOOK_EMULATE_AVX512
+#include "emulated_avx512.h"  // AVX-512 in software: a check of this file's logic on any x86 CPU
+#else
 #include <immintrin.h>
+#endif
 #include <torch/library.h>
 
 #include <algorithm>
@@ -37,7 +42,7 @@
 
 namespace {
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(PHIBOOK_EMULATE_AVX512)
 using vec = __m512;
 constexpr int64_t kLanes = 16;
 constexpr int kTileRows = 4;  // weight rows per tile: 4 x 4 accumulators + 4 inputs + 1 weight of 32 registers
@@ -652,9 +657,14 @@ std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const at:
   return {s, h};
 }
 
+// lanes: the fp32 lanes of the vectors this build computes in, 16 (-mavx512f, or its emulation) or 8
+// (-mavx2): which branch of this file a library was built from.
+int64_t lanes() { return kLanes; }
+
 }  // namespace
 
 TORCH_LIBRARY(PHIBOOK_GEMV_NS, m) {
+  m.def("lanes() -> int", &lanes);  // no tensors to dispatch on: one kernel for every backend
   m.def("gemv_f32(Tensor weight, Tensor x, Tensor bias) -> Tensor");
   m.def("gemv_bf16(Tensor weight, Tensor x, Tensor bias) -> Tensor");
   m.def("attention_f32(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");

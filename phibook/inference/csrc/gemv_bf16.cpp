@@ -8,12 +8,18 @@
 // intra-op threads (at::parallel_for) and each weight row is read once for all m input rows.
 //
 // Built by torch.utils.cpp_extension with -mavx512bf16 and called only where the CPU has the
-// flag and the kernel passed its check (phibook.inference.kernels, probe "gemv-bf16").
+// flag and the kernel passed its check (phibook.inference.kernels, probe "gemv-bf16"). Built with
+// -mavx2 -mfma -DPHIBOOK_EMULATE_AVX512 instead, it runs in software (emulated_avx512.h), so a CPU
+// without AVX512-BF16 checks its logic too (tests only).
 // PHIBOOK_GEMV_NS names the operator namespace (kernels.GemvBuild.namespace).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#ifdef PHIBOOK_EMULATE_AVX512
+#include "emulated_avx512.h"  // AVX-512 in software: a check of this file's logic on any x86 CPU
+#else
 #include <immintrin.h>
+#endif
 #include <torch/library.h>
 
 #include <cstdint>

@@ -1,0 +1,70 @@
+"""The AVX-512 kernels checked on every x86 CPU, AVX-512 or not.
+
+decode_f32.cpp's AVX-512F branch serves fp32 (and bf16 without AVX512-BF16) decode on AVX-512
+CPUs, and gemv_bf16.cpp serves bf16 decode on AVX512-BF16 ones; a machine without those flags
+never runs either, so a slip in their tiles, tails or reductions would first show on a user's
+machine (as a refused probe: lost speed). Here they are built for AVX2 + FMA with their AVX-512
+intrinsics emulated by SIMDe (kernels.emulated_builds, csrc/emulated_avx512.h) and held to the
+same float64 references as the probes on a real AVX-512 CPU. The emulation checks logic, not
+speed, and never serves a model.
+
+Needs SIMDe's headers (Debian: libsimde-dev, which .ci/run installs), a C++ compiler and ninja;
+skips with the reason where one is missing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from phibook.inference import kernels as K
+
+
+@pytest.fixture(scope="module")
+def emulated() -> dict[tuple[str, torch.dtype], K.GemvBuild]:
+    try:
+        builds = K.emulated_builds()
+        for build in builds:
+            K.load_gemv(build)
+    except K.Unsupported as exc:
+        pytest.skip(f"the emulated AVX-512 builds cannot run here: {exc}")
+    return {(b.source.name, b.dtype): b for b in builds}
+
+
+def _ops(build: K.GemvBuild):
+    return getattr(torch.ops, build.namespace)
+
+
+def test_the_emulated_builds_are_the_avx512_ones_and_never_serve(emulated) -> None:
+    assert set(emulated) == {("gemv_bf16.cpp", torch.bfloat16), ("decode_f32.cpp", torch.bfloat16),
+                             ("decode_f32.cpp", torch.float32)}
+    # the AVX-512 branch of decode_f32.cpp (16 lanes), not the AVX2 one the compiler targets (8)
+    assert _ops(emulated["decode_f32.cpp", torch.float32]).lanes() == 16
+    real = {b.namespace for b in K.GEMV_BUILDS}
+    assert all(b.namespace not in real and b.namespace.endswith("_emulated") for b in emulated.values())
+    for dtype in (torch.float32, torch.bfloat16):
+        build, _why = K.gemv_build(dtype)
+        assert build is None or not build.emulated
+        if build is not None and build.source.name == "decode_f32.cpp" and build.level == "AVX2":
+            K.load_gemv(build)
+            assert _ops(build).lanes() == 8  # the op tells the branches apart
+
+
+@pytest.mark.parametrize("key", [("gemv_bf16.cpp", torch.bfloat16), ("decode_f32.cpp", torch.bfloat16),
+                                 ("decode_f32.cpp", torch.float32)], ids=["gemv_bf16-bf16", "decode_f32-bf16",
+                                                                          "decode_f32-fp32"])
+def test_emulated_gemv_matches_a_double_reference(emulated, key) -> None:
+    """Every input-row count a tile or its tail takes (1-5, 8, 15, 16), at widths and weight rows
+    that fill no tile or stream evenly."""
+    build = emulated[key]
+    K.check_gemv(getattr(_ops(build), build.op), build.dtype, rows=(1, 2, 3, 4, 5, 8, 15, 16))
+
+
+def test_emulated_attention_matches_sdpa(emulated) -> None:
+    K.check_attention(_ops(emulated["decode_f32.cpp", torch.float32]))
+
+
+def test_emulated_decode_glue_and_step_match_their_references(emulated) -> None:
+    ops = _ops(emulated["decode_f32.cpp", torch.float32])
+    K.check_decode_glue(ops)
+    K.check_decode_step(ops)
