@@ -8,8 +8,10 @@ A decode step at batch 1-16 is these matrix products: each of a layer's two fuse
 process, every system over the same numbers:
 
 - every build of phibook's GEMV this CPU runs at ATen's level (``kernels.GEMV_BUILDS``), not
-  only the one FastForward picks: on an AVX512-BF16 CPU both ``gemv_bf16.cpp`` (``vdpbf16ps``)
-  and ``decode_f32.cpp``'s bf16 (weights widened to fp32 as read); on an AVX2 one the latter;
+  only the one FastForward picks, and the candidates that never serve until a run like this one
+  says they should (``kernels.GEMV_CANDIDATES``): on an AVX512-BF16 CPU ``gemv_bf16.cpp``
+  (``vdpbf16ps``) with one stream a thread and with four ("streams4"), and ``decode_f32.cpp``'s
+  bf16 (weights widened to fp32 as read); on an AVX2 one the latter;
 - the library path a user would get instead: oneDNN's inner product on a weight reordered once
   (``mkldnn._reorder_linear_weight``, what FastForward packs where it runs no GEMV) in each dtype
   oneDNN takes here and whose check passed, else ATen's ``F.linear`` (bf16 on AVX2).
@@ -41,15 +43,15 @@ SHAPES = ((14336, 2048), (2048, 10240))  # phi-1.5's fused input and output proj
 
 
 def gemv_systems() -> dict[str, tuple[torch.dtype, K.GemvOp]]:
-    """Every GEMV build this CPU runs at ATen's level, loaded: name -> (dtype, op)."""
+    """Every GEMV build and candidate this CPU runs at ATen's level, loaded: name -> (dtype, op)."""
     systems = {}
-    for build in K.gemv_builds_here():
+    for build in K.gemv_builds_here(candidates=True):
         try:
             K.load_gemv(build)
         except K.Unsupported as exc:
             print(f"skipped {build.source.name} ({K.DTYPE_SHORT[build.dtype]}): {exc}", file=sys.stderr)
             continue
-        name = f"gemv {K.DTYPE_SHORT[build.dtype]} {build.source.name} {build.level}"
+        name = f"gemv {build.label}"
         systems[name] = (build.dtype, getattr(getattr(torch.ops, build.namespace), build.op))
     return systems
 

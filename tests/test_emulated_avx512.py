@@ -19,16 +19,20 @@ import torch
 
 from phibook.inference import kernels as K
 
+DECODE_FP32 = "fp32 decode_f32.cpp AVX512"
+BUILDS = ["bf16 gemv_bf16.cpp AVX512", "bf16 decode_f32.cpp AVX512", DECODE_FP32,
+          "bf16 gemv_bf16.cpp AVX512 streams4"]
+
 
 @pytest.fixture(scope="module")
-def emulated() -> dict[tuple[str, torch.dtype], K.GemvBuild]:
+def emulated() -> dict[str, K.GemvBuild]:
     try:
         builds = K.emulated_builds()
         for build in builds:
             K.load_gemv(build)
     except K.Unsupported as exc:
         pytest.skip(f"the emulated AVX-512 builds cannot run here: {exc}")
-    return {(b.source.name, b.dtype): b for b in builds}
+    return {b.label: b for b in builds}
 
 
 def _ops(build: K.GemvBuild):
@@ -36,11 +40,11 @@ def _ops(build: K.GemvBuild):
 
 
 def test_the_emulated_builds_are_the_avx512_ones_and_never_serve(emulated) -> None:
-    assert set(emulated) == {("gemv_bf16.cpp", torch.bfloat16), ("decode_f32.cpp", torch.bfloat16),
-                             ("decode_f32.cpp", torch.float32)}
+    assert set(emulated) == set(BUILDS)
     # the AVX-512 branch of decode_f32.cpp (16 lanes), not the AVX2 one the compiler targets (8)
-    assert _ops(emulated["decode_f32.cpp", torch.float32]).lanes() == 16
-    real = {b.namespace for b in K.GEMV_BUILDS}
+    assert _ops(emulated[DECODE_FP32]).lanes() == 16
+    assert "-DPHIBOOK_GEMV_STREAMS=4" in emulated["bf16 gemv_bf16.cpp AVX512 streams4"].cflags
+    real = {b.namespace for b in (*K.GEMV_BUILDS, *K.GEMV_CANDIDATES)}
     assert all(b.namespace not in real and b.namespace.endswith("_emulated") for b in emulated.values())
     for dtype in (torch.float32, torch.bfloat16):
         build, _why = K.gemv_build(dtype)
@@ -50,21 +54,19 @@ def test_the_emulated_builds_are_the_avx512_ones_and_never_serve(emulated) -> No
             assert _ops(build).lanes() == 8  # the op tells the branches apart
 
 
-@pytest.mark.parametrize("key", [("gemv_bf16.cpp", torch.bfloat16), ("decode_f32.cpp", torch.bfloat16),
-                                 ("decode_f32.cpp", torch.float32)], ids=["gemv_bf16-bf16", "decode_f32-bf16",
-                                                                          "decode_f32-fp32"])
-def test_emulated_gemv_matches_a_double_reference(emulated, key) -> None:
+@pytest.mark.parametrize("label", BUILDS)
+def test_emulated_gemv_matches_a_double_reference(emulated, label: str) -> None:
     """Every input-row count a tile or its tail takes (1-5, 8, 15, 16), at widths and weight rows
     that fill no tile or stream evenly."""
-    build = emulated[key]
+    build = emulated[label]
     K.check_gemv(getattr(_ops(build), build.op), build.dtype, rows=(1, 2, 3, 4, 5, 8, 15, 16))
 
 
 def test_emulated_attention_matches_sdpa(emulated) -> None:
-    K.check_attention(_ops(emulated["decode_f32.cpp", torch.float32]))
+    K.check_attention(_ops(emulated[DECODE_FP32]))
 
 
 def test_emulated_decode_glue_and_step_match_their_references(emulated) -> None:
-    ops = _ops(emulated["decode_f32.cpp", torch.float32])
+    ops = _ops(emulated[DECODE_FP32])
     K.check_decode_glue(ops)
     K.check_decode_step(ops)

@@ -163,12 +163,19 @@ class GemvBuild:
     cpu_flags: tuple[str, ...]
     cflags: tuple[str, ...]
     emulated: bool = False  # the level's branch run in software (``emulated_builds``): checks only
+    variant: str = ""  # names a build of the same source and level with other cflags (GEMV_CANDIDATES)
 
     @property
     def namespace(self) -> str:
         """The operator namespace of this build's library (``torch.ops.<namespace>``): one per
-        source and level (and emulation), so builds never clash."""
-        return f"phibook_{self.source.stem}_{self.level.lower()}{'_emulated' if self.emulated else ''}"
+        source, level, variant and emulation, so builds never clash."""
+        variant = f"_{self.variant}" if self.variant else ""
+        return f"phibook_{self.source.stem}_{self.level.lower()}{variant}{'_emulated' if self.emulated else ''}"
+
+    @property
+    def label(self) -> str:
+        """How benchmarks and tests name the build: dtype, source, level and variant."""
+        return " ".join(filter(None, (DTYPE_SHORT[self.dtype], self.source.name, self.level, self.variant)))
 
     @property
     def op(self) -> str:
@@ -177,15 +184,23 @@ class GemvBuild:
 
 _AVX512F = (("avx512f", "fma"), ("-mavx512f", "-mfma"))  # decode_f32.cpp's two builds: CPU flags, cflags
 _AVX2 = (("avx2", "fma"), ("-mavx2", "-mfma"))
+_AVX512_BF16 = (("avx512f", "avx512bw", "avx512_bf16"), ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"))
 # In order of preference: the first whose flags the CPU has, at the level ATen runs at, serves.
 # bf16: AVX512-BF16's dot products where the CPU has them, else the weights widened to fp32 as read.
 GEMV_BUILDS = (
-    GemvBuild(torch.bfloat16, "AVX512", CSRC / "gemv_bf16.cpp", ("avx512f", "avx512bw", "avx512_bf16"),
-              ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")),
+    GemvBuild(torch.bfloat16, "AVX512", CSRC / "gemv_bf16.cpp", *_AVX512_BF16),
     GemvBuild(torch.bfloat16, "AVX512", CSRC / "decode_f32.cpp", *_AVX512F),
     GemvBuild(torch.bfloat16, "AVX2", CSRC / "decode_f32.cpp", *_AVX2),
     GemvBuild(torch.float32, "AVX512", CSRC / "decode_f32.cpp", *_AVX512F),
     GemvBuild(torch.float32, "AVX2", CSRC / "decode_f32.cpp", *_AVX2),
+)
+# Builds that never serve: bench/bench_gemv.py times them beside GEMV_BUILDS' on a CPU that runs
+# them, so a measurement, not a guess, decides whether one earns a place in GEMV_BUILDS.
+# gemv_bf16.cpp reading four runs of weight rows a thread at one input row, as decode_f32.cpp does:
+# on the AVX2 EPYC four streams a thread read 1.11x faster than one; no AVX512-BF16 CPU has timed it.
+GEMV_CANDIDATES = (
+    GemvBuild(torch.bfloat16, "AVX512", CSRC / "gemv_bf16.cpp", _AVX512_BF16[0],
+              (*_AVX512_BF16[1], "-DPHIBOOK_GEMV_STREAMS=4"), variant="streams4"),
 )
 GEMV_PROBES = {torch.bfloat16: "gemv-bf16", torch.float32: "gemv-fp32"}
 
@@ -218,18 +233,22 @@ def emulated_builds() -> list[GemvBuild]:
     if not {"avx2", "fma"} <= flags:
         raise Unsupported(f"the emulated builds target AVX2 + FMA; the CPU lacks {', '.join(sorted({'avx2', 'fma'} - flags))}")
     cflags = ("-mavx2", "-mfma", "-DPHIBOOK_EMULATE_AVX512", f"-I{include}")
-    return [GemvBuild(b.dtype, b.level, b.source, ("avx2", "fma"), cflags, emulated=True)
-            for b in GEMV_BUILDS if b.level == "AVX512"]
+    # a variant's own define (-D...) goes with it; the AVX-512 target flags do not
+    return [GemvBuild(b.dtype, b.level, b.source, ("avx2", "fma"),
+                      cflags + tuple(f for f in b.cflags if f.startswith("-D")), emulated=True, variant=b.variant)
+            for b in (*GEMV_BUILDS, *GEMV_CANDIDATES) if b.level == "AVX512"]
 
 
-def gemv_builds_here() -> list[GemvBuild]:
-    """Every GEMV build this process can run, in GEMV_BUILDS' order of preference: the CPU has its
-    flags and ATen runs at its level (what ``gemv_build`` picks from; a benchmark times them all)."""
+def gemv_builds_here(candidates: bool = False) -> list[GemvBuild]:
+    """Every GEMV build this process can run, in GEMV_BUILDS' order of preference (then
+    GEMV_CANDIDATES' with ``candidates``): the CPU has its flags and ATen runs at its level (what
+    ``gemv_build`` picks from; a benchmark times them all)."""
     from phibook.cpu_features import cpu_flags, read_cpuinfo
 
     flags = cpu_flags(read_cpuinfo()) or set()
     level = torch.backends.cpu.get_cpu_capability()
-    return [b for b in GEMV_BUILDS if set(b.cpu_flags) <= flags and b.level == level]
+    return [b for b in (*GEMV_BUILDS, *(GEMV_CANDIDATES if candidates else ()))
+            if set(b.cpu_flags) <= flags and b.level == level]
 
 
 def gemv_bound(x: Tensor, w: Tensor, want: Tensor, dtype: torch.dtype) -> Tensor:

@@ -12,6 +12,11 @@
 // -mavx2 -mfma -DPHIBOOK_EMULATE_AVX512 instead, it runs in software (emulated_avx512.h), so a CPU
 // without AVX512-BF16 checks its logic too (tests only).
 // PHIBOOK_GEMV_NS names the operator namespace (kernels.GemvBuild.namespace).
+//
+// PHIBOOK_GEMV_STREAMS (default 1) is how many runs of weight rows a thread reads side by side for
+// one input row. 1 is the build that serves (measured on an AVX-512 Xeon, sixth session); 4, as
+// decode_f32.cpp reads, is a candidate bench/bench_gemv.py times beside it (kernels.GEMV_CANDIDATES):
+// several streams a thread read faster than one on an AVX2 EPYC, and this CPU family is unmeasured.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -27,6 +32,9 @@
 
 #ifndef PHIBOOK_GEMV_NS
 #error "build with -DPHIBOOK_GEMV_NS=<operator namespace>"
+#endif
+#ifndef PHIBOOK_GEMV_STREAMS
+#define PHIBOOK_GEMV_STREAMS 1
 #endif
 
 namespace {
@@ -88,10 +96,49 @@ void rows_block_many(const uint16_t* w, const uint16_t* x, const float* bias, ui
   for (; r < r1; ++r) tiles_for_rows<1>(w, x, bias, y, m, rows, cols, r);
 }
 
-// One input row: four accumulators over k keep the dot-product units busy; the rows of a
-// thread's share are one contiguous run of memory, a single forward stream.
+// One input row dotted with weight rows r, r + rs, ..., r + (S - 1) rs (one from each of S runs),
+// two accumulators each over k.
+template <int S>
+inline void dot_rows(const uint16_t* w, const uint16_t* x, const float* bias, uint16_t* y, int64_t cols, int64_t r,
+                     int64_t rs) {
+  const uint16_t* wr[S];
+  __m512 a[S], b[S];
+  for (int s = 0; s < S; ++s) {
+    wr[s] = w + (r + s * rs) * cols;
+    a[s] = _mm512_setzero_ps();
+    b[s] = _mm512_setzero_ps();
+  }
+  int64_t k = 0;
+  for (; k + 64 <= cols; k += 64) {
+    const __m512bh x0 = load_bh(x + k), x1 = load_bh(x + k + 32);
+    for (int s = 0; s < S; ++s) {
+      a[s] = _mm512_dpbf16_ps(a[s], load_bh(wr[s] + k), x0);
+      b[s] = _mm512_dpbf16_ps(b[s], load_bh(wr[s] + k + 32), x1);
+    }
+  }
+  if (k < cols) {  // cols is a multiple of 32: one vector left
+    const __m512bh x0 = load_bh(x + k);
+    for (int s = 0; s < S; ++s) a[s] = _mm512_dpbf16_ps(a[s], load_bh(wr[s] + k), x0);
+  }
+  for (int s = 0; s < S; ++s)
+    y[r + s * rs] = to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(a[s], b[s])) + (bias ? bias[r + s * rs] : 0.0f));
+}
+
+constexpr int kStreams = PHIBOOK_GEMV_STREAMS;
+static_assert(kStreams >= 1 && kStreams <= 8, "PHIBOOK_GEMV_STREAMS: 1 to 8 runs a thread");
+
+// One input row. kStreams > 1: rows [r0, r1) as kStreams runs of q rows read side by side (row i of
+// every run at once), then the rows left over one by one. kStreams == 1: four accumulators over k
+// keep the dot-product units busy; the rows of a thread's share are one contiguous run of memory, a
+// single forward stream.
 void rows_block_one(const uint16_t* w, const uint16_t* x, const float* bias, uint16_t* y, int64_t cols,
                     int64_t r0, int64_t r1) {
+  if (kStreams > 1) {
+    const int64_t q = (r1 - r0) / kStreams;
+    for (int64_t i = 0; i < q; ++i) dot_rows<kStreams>(w, x, bias, y, cols, r0 + i, q);
+    for (int64_t r = r0 + kStreams * q; r < r1; ++r) dot_rows<1>(w, x, bias, y, cols, r, 1);
+    return;
+  }
   for (int64_t r = r0; r < r1; ++r) {
     const uint16_t* wr = w + r * cols;
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
