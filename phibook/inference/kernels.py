@@ -34,6 +34,10 @@ attention in fp32 over an fp32 or bf16 KV cache, in the fp32 build: FastForward'
 ``decode-glue`` (the elementwise work around it, ``DecodeGlue``) and ``decode-step`` (that work, the
 cache writes and the attention in one call).
 
+The AVX-512 builds are checked on CPUs without AVX-512 too: ``emulated_builds`` compiles them for
+AVX2 with their intrinsics emulated in software (SIMDe), and ``check_emulated`` (``python -m
+phibook.inference.kernels --emulated``) holds them to the probes' references; logic, not speed.
+
 Test hook: ``PHIBOOK_KERNEL_PROBE_FAULT=name:crash`` (or ``name:wrong``) makes that kernel's
 probe child die with SIGSEGV (or see a wrong result), as a broken kernel would.
 
@@ -880,14 +884,50 @@ def cached_verdicts() -> dict[str, dict]:
     return _read_cache(cache_dir() / CACHE_FILE)
 
 
+def check_emulated(log: Callable[[str], None] = print) -> int:
+    """Every emulated AVX-512 build (``emulated_builds``) against the probes' references, one line
+    each; 0 when all match, 1 on a wrong result, 2 when they cannot be built here."""
+    try:
+        builds = emulated_builds()
+    except Unsupported as exc:
+        log(f"emulated AVX-512 builds: not run ({exc})")
+        return 2
+    failed = 0
+    for build in builds:
+        try:
+            load_gemv(build)
+            ops = getattr(torch.ops, build.namespace)
+            check_gemv(getattr(ops, build.op), build.dtype, rows=(1, 2, 3, 4, 5, 8, 15, GEMV_MAX_ROWS))
+            checks = ["gemv"]
+            if build.source.name == "decode_f32.cpp" and build.dtype == torch.float32:
+                check_attention(ops)
+                check_decode_glue(ops)
+                check_decode_step(ops)
+                checks += [ATTENTION_PROBE, GLUE_PROBE, STEP_PROBE]
+        except Unsupported as exc:
+            log(f"{build.label} (emulated): not run ({exc})")
+            return 2
+        except AssertionError as exc:
+            log(f"{build.label} (emulated): WRONG ({exc})")
+            failed += 1
+            continue
+        log(f"{build.label} (emulated): ok ({', '.join(checks)})")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Check a native kernel against a plain reference on this CPU.")
     ap.add_argument("--probe", choices=sorted(KERNELS), help="run one probe in this process and print its verdict")
     ap.add_argument("--all", action="store_true", help="check every kernel (each in a child) and print the verdicts")
+    ap.add_argument("--emulated", action="store_true",
+                    help="build the AVX-512 kernels for AVX2 with their intrinsics emulated (SIMDe) and check them "
+                         "against the probes' references: their logic, on a CPU without AVX-512 (exit 1 on a miss)")
     args = ap.parse_args(argv)
     if args.probe:
         print(json.dumps(run_probe(args.probe)), flush=True)
         return 0
+    if args.emulated:
+        return check_emulated()
     for name in KERNELS:
         ok = kernel_ok(name, log=lambda _m: None)
         entry = cached_verdicts().get(verdict_key(name), {})
