@@ -201,7 +201,8 @@ GEMV_BUILDS = (
 # Builds that never serve: bench/bench_gemv.py times them beside GEMV_BUILDS' on a CPU that runs
 # them, so a measurement, not a guess, decides whether one earns a place in GEMV_BUILDS.
 # gemv_bf16.cpp reading four runs of weight rows a thread at one input row, as decode_f32.cpp does:
-# on the AVX2 EPYC four streams a thread read 1.11x faster than one; no AVX512-BF16 CPU has timed it.
+# on the AVX2 EPYC four streams a thread read 1.11x faster than one (eighth session); on the Zen 4
+# EPYC two changed nothing in this kernel (sixth session); four have not run on an AVX512-BF16 CPU.
 GEMV_CANDIDATES = (
     GemvBuild(torch.bfloat16, "AVX512", CSRC / "gemv_bf16.cpp", _AVX512_BF16[0],
               (*_AVX512_BF16[1], "-DPHIBOOK_GEMV_STREAMS=4"), variant="streams4"),

@@ -16,7 +16,8 @@
 // PHIBOOK_GEMV_STREAMS (default 1) is how many runs of weight rows a thread reads side by side for
 // one input row. 1 is the build that serves (measured on an AVX-512 Xeon, sixth session); 4, as
 // decode_f32.cpp reads, is a candidate bench/bench_gemv.py times beside it (kernels.GEMV_CANDIDATES):
-// several streams a thread read faster than one on an AVX2 EPYC, and this CPU family is unmeasured.
+// four streams a thread read faster than one on an AVX2 EPYC; two changed nothing here on a Zen 4
+// EPYC; four are untimed on any AVX512-BF16 CPU.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
