@@ -134,7 +134,7 @@ static_assert(kStreams >= 1 && kStreams <= 8, "PHIBOOK_GEMV_STREAMS: 1 to 8 runs
 // single forward stream.
 void rows_block_one(const uint16_t* w, const uint16_t* x, const float* bias, uint16_t* y, int64_t cols,
                     int64_t r0, int64_t r1) {
-  if (kStreams > 1) {
+  if constexpr (kStreams > 1) {
     const int64_t q = (r1 - r0) / kStreams;
     for (int64_t i = 0; i < q; ++i) dot_rows<kStreams>(w, x, bias, y, cols, r0 + i, q);
     for (int64_t r = r0 + kStreams * q; r < r1; ++r) dot_rows<1>(w, x, bias, y, cols, r, 1);
