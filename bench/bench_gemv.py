@@ -17,11 +17,11 @@ process, every system over the same numbers:
   oneDNN takes here and whose check passed, else ATen's ``F.linear`` (bf16 on AVX2).
 
 Each GEMV is first checked on this CPU against float64 at every row count (its kernel probe's
-check, ``kernels.check_gemv``); a build that misses is reported and not timed. Systems run in alternating rounds
-(the order flips each round); a round times ``--passes`` passes over all layers. Reported: ms a
-pass (median, range) and GB/s of the weights' own bytes, with the read-bandwidth probe before and
-after and the load before. The probe reads one stream a thread, so a GEMV that reads several can
-pass it (docs/performance.md).
+check, ``kernels.check_gemv``); a build that misses is reported and not timed. Systems run in
+alternating rounds (the order flips each round); a round times ``--passes`` passes over all
+layers. Reported: ms a pass (median, range) and GB/s of the weights' own bytes, with the
+read-bandwidth probe before and after and the load before. The probe reads one stream a thread,
+so a GEMV that reads several can pass it (docs/performance.md).
 """
 
 from __future__ import annotations
